@@ -1,0 +1,95 @@
+"""The one validated configuration that flows from the user (or the handler) down to every part."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs; validated on construction (ValueError names the field).
+
+    Pool sizing: give ``num_kv_blocks`` or ``kv_cache_memory_bytes`` (not both); with neither, the
+    pool gets ``DEFAULT_KV_FRACTION`` of the bytes the weights take, at least enough for one
+    ``max_model_len`` sequence.
+    """
+
+    model: str
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    swap_space_bytes: int = 256 * 1024 * 1024
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
+    preemption_mode: Literal["recompute", "swap", "auto"] = "auto"
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    seed: int = 0
+    attention_backend: str | None = None  # None: by device; "torch" or "triton" to force
+    device: str = "cpu"
+    max_waiting_requests: int = 1024
+    request_timeout_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise ValueError(f"model must be a checkpoint directory path, got {self.model!r}")
+        self.model = str(self.model)
+        positive_int("block_size", self.block_size)
+        if self.block_size > 256:
+            raise ValueError(f"block_size must be <= 256, got {self.block_size}")
+        positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
+        positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            raise ValueError("give num_kv_blocks or kv_cache_memory_bytes, not both")
+        if isinstance(self.swap_space_bytes, bool) or not isinstance(self.swap_space_bytes, int) \
+                or self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be an integer >= 0, got {self.swap_space_bytes!r}")
+        positive_int("max_num_seqs", self.max_num_seqs)
+        positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        positive_int("max_model_len", self.max_model_len, allow_none=True)
+        positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        positive_int("max_waiting_requests", self.max_waiting_requests)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in (None, "torch", "triton"):
+            raise ValueError(f"attention_backend must be None, 'torch' or 'triton', got {self.attention_backend!r}")
+        if self.request_timeout_s is not None and (
+                isinstance(self.request_timeout_s, bool) or not isinstance(self.request_timeout_s, (int, float))
+                or self.request_timeout_s <= 0):
+            raise ValueError(f"request_timeout_s must be a positive number or None, got {self.request_timeout_s!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":
+        """Build from a plain mapping (e.g. the handler section of model-config.yaml).
+
+        Unknown keys are an error, so a typo in a config file fails the load loudly.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -1,0 +1,45 @@
+"""What the engine hands back to callers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request.
+
+    Invariant: across the outputs of one request over time, ``text`` and ``token_ids`` only grow
+    by appending (text withheld while it could still be the start of a stop string), so a streamer
+    can send ``text[len(already_sent):]``.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, chosen first
+    finish_reason: str | None = None  # None while running, "stop" | "length" | "abort" | "timeout"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    extra: dict = field(default_factory=dict)
