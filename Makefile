@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR := model-store/tiny-llama
 
-.PHONY: install test model mar serve bench bench-serve bench-kernels clean
+.PHONY: install test model clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) model-store/tiny-llama model-store/*.mar
+
+# Serving targets (mar, serve, bench-serve) and benchmark targets (bench, ...) live beside their code.
+-include handler/handler.mk
+-include bench/bench.mk

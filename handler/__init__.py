@@ -1,0 +1,1 @@
+"""TorchServe handler for the paged engine."""

@@ -1,0 +1,98 @@
+"""The torch implementation of the kernels contract: the serving path on CPU.
+
+Decode tokens (q_len 1) of all sequences run as one batched, masked attention over K/V gathered
+through the block tables; each sequence with several new tokens (prefill, chunked prefill,
+prefill over cached prefix blocks) runs one SDPA call, whose compute dwarfs the loop overhead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def torch_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into flat slots; slot -1 is skipped."""
+    if key.shape[0] == 0:
+        return
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
+    slots = slot_mapping.to(device=key.device, dtype=torch.long)
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        slots, key, value = slots[keep], key[keep], value[keep]
+    flat_keys.index_copy_(0, slots, key.to(key_cache.dtype))
+    flat_values.index_copy_(0, slots, value.to(value_cache.dtype))
+
+
+def _gather_dense(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[..., num_blocks] block ids -> [..., num_blocks * block_size, num_kv_heads, head_dim]."""
+    gathered = cache[block_table[..., :num_blocks].long()]
+    return gathered.flatten(-4, -3)
+
+
+def _batched_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
+                    scale: float) -> torch.Tensor:
+    """One query token per sequence: query [S, H, D] -> [S, H, D]."""
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_blocks = -(-max_len // block_size)
+    keys = _gather_dense(key_cache, block_tables, num_blocks).transpose(1, 2)  # [S, KVH, L, D]
+    values = _gather_dense(value_cache, block_tables, num_blocks).transpose(1, 2)
+    group = num_heads // num_kv_heads
+    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [S, KVH, G, L]
+    positions = torch.arange(keys.shape[2], device=query.device)
+    invalid = positions[None, :] >= seq_lens.to(query.device).long()[:, None]  # [S, L]
+    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(num_seqs, num_heads, head_dim)
+
+
+def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                 block_table: torch.Tensor, kv_len: int, scale: float) -> torch.Tensor:
+    """The q_len new tokens of one sequence (its last positions) over kv_len keys, causal."""
+    q_len, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_blocks = -(-kv_len // block_size)
+    keys = _gather_dense(key_cache, block_table, num_blocks)[:kv_len].transpose(0, 1)  # [KVH, L, D]
+    values = _gather_dense(value_cache, block_table, num_blocks)[:kv_len].transpose(0, 1)
+    q = query.transpose(0, 1)  # [H, Q, D]
+    if q_len == kv_len:
+        mask, causal = None, True
+    else:
+        query_positions = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        mask = torch.arange(kv_len, device=query.device)[None, :] <= query_positions[:, None]
+        causal = False
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=num_heads != num_kv_heads)
+    return out.transpose(0, 1)
+
+
+def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                          query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """See ``kernels.paged_attention``."""
+    out = torch.empty_like(query)
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or query.shape[0] == 0:
+        return out
+    starts = query_start_loc.tolist()
+    kv_lens = seq_lens.tolist()
+    q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
+    if query.shape[0] == num_seqs and all(q == 1 for q in q_lens):
+        return _batched_decode(query, key_cache, value_cache, block_tables, seq_lens, max(kv_lens), scale)
+    decode_seqs = [i for i in range(num_seqs) if q_lens[i] == 1]
+    if decode_seqs:
+        index = torch.tensor(decode_seqs, device=query.device)
+        token_index = torch.tensor([starts[i] for i in decode_seqs], device=query.device)
+        out[token_index] = _batched_decode(query[token_index], key_cache, value_cache, block_tables[index],
+                                           seq_lens[index], max(kv_lens[i] for i in decode_seqs), scale)
+    for i in range(num_seqs):
+        if q_lens[i] > 1:
+            start, end = starts[i], starts[i + 1]
+            out[start:end] = _prefill_one(query[start:end], key_cache, value_cache, block_tables[i],
+                                          kv_lens[i], scale)
+    return out
