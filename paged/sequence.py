@@ -1,0 +1,94 @@
+"""Sequences and requests (sequence groups): the unit the scheduler and block manager track."""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from paged.outputs import RequestMetrics
+from paged.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"    # no KV in the pool (new, or preempted by recompute)
+    RUNNING = "running"    # its KV lives in the device pool
+    SWAPPED = "swapped"    # its KV lives in the CPU swap pool
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One token stream. Invariant: the KV of ``token_ids[:num_computed_tokens]`` is in the cache;
+    the scheduler makes ``num_computed_tokens`` chase ``num_tokens`` (prefill, chunked prefill,
+    recompute after preemption and decode are all the same move)."""
+
+    def __init__(self, seq_id: int, prompt_token_ids: list[int], group: "SequenceGroup"):
+        self.seq_id = seq_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+        self.group = group
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] = []
+        self.finish_reason: str | None = None
+        # Detokenizer state: text decoded so far and the token window offsets.
+        self.text = ""
+        self.prefix_offset = max(0, self.num_prompt_tokens - 6)
+        self.read_offset = self.num_prompt_tokens
+        self.visible_text_len = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def fork(self, seq_id: int) -> "Sequence":
+        child = Sequence.__new__(Sequence)
+        child.__dict__.update(self.__dict__)
+        child.seq_id = seq_id
+        child.token_ids = list(self.token_ids)
+        child.logprobs = list(self.logprobs)
+        return child
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"status={self.status.value})")
+
+
+class SequenceGroup:
+    """A request: its sampling params and the sequences generated for it (``best_of`` samples fork
+    from one prompt sequence once the prompt is computed, sharing its blocks)."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, first_seq_id: int, arrival_time: float | None,
+                 generator: torch.Generator | None, deadline: float | None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.seqs = [Sequence(first_seq_id, prompt_token_ids, self)]
+        self.metrics = RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time)
+        self.generator = generator
+        self.deadline = deadline
+        self.forked = params.num_seqs == 1
+        self.num_cached_tokens = 0
+        self.timed_out = False
+
+    def seqs_with_status(self, status: SequenceStatus) -> list[Sequence]:
+        return [seq for seq in self.seqs if seq.status == status]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
