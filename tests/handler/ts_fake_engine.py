@@ -1,0 +1,67 @@
+"""A tiny stand-in for paged.engine.LLMEngine: deterministic, no torch, for async-engine tests."""
+from __future__ import annotations
+
+import time
+
+from paged.errors import EngineOverloadedError
+from paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+class FakeEngine:
+    vocab_size = 100
+    max_model_len = 64
+    tokenizer = None
+
+    def __init__(self, config, fail_after_steps: int | None = None, step_sleep_s: float = 0.0):
+        self.config = config
+        self.fail_after_steps = fail_after_steps
+        self.step_sleep_s = step_sleep_s
+        self.steps = 0
+        self.reqs: dict[str, dict] = {}
+        self.aborted: list[str] = []
+
+    def add_request(self, request_id, prompt, params, arrival_time=None):
+        if request_id in self.reqs:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if isinstance(prompt, str):
+            prompt = [ord(c) % self.vocab_size for c in prompt]
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if any(t < 0 or t >= self.vocab_size for t in prompt):
+            raise ValueError("prompt token ids outside the vocabulary")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError("prompt + max_tokens longer than max_model_len")
+        if len(self.reqs) >= self.config.max_waiting_requests:
+            raise EngineOverloadedError("too many waiting requests")
+        self.reqs[request_id] = dict(prompt=list(prompt), params=params, out=[],
+                                     metrics=RequestMetrics(arrival_time or time.time()))
+
+    def abort_request(self, request_id):
+        if self.reqs.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.reqs)
+
+    def step(self):
+        self.steps += 1
+        if self.fail_after_steps is not None and self.steps > self.fail_after_steps:
+            raise RuntimeError("boom in step")
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
+        outs = []
+        for rid, r in list(self.reqs.items()):
+            tok = (sum(r["prompt"]) + len(r["out"])) % self.vocab_size
+            r["out"].append(tok)
+            done = len(r["out"]) >= r["params"].max_tokens
+            text = "".join(f"t{t} " for t in r["out"])
+            co = CompletionOutput(0, text, r["out"], finish_reason="length" if done else None)
+            outs.append(RequestOutput(rid, None, r["prompt"], [co], done, r["metrics"]))
+            if done:
+                del self.reqs[rid]
+        return outs
+
+    def kv_stats(self):
+        return {"num_blocks": 10, "free_blocks": 10 - len(self.reqs), "num_running": len(self.reqs),
+                "num_waiting": 0, "num_swapped": 0, "kv_usage": len(self.reqs) / 10,
+                "prefix_hits": 0, "prefix_queries": 0, "prefix_hit_rate": 0.0}
