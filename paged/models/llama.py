@@ -1,0 +1,281 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2) as plain PyTorch over a paged KV cache.
+
+Weights come from an HF checkpoint directory (config.json + *.safetensors; no pickle, no remote
+code). The forward pass takes one flat batch: the scheduled tokens of every sequence back to back,
+with the attention metadata that the kernels contract needs. The arithmetic follows the HF
+reference op for op (RMSNorm in fp32, rotate-half RoPE), so greedy outputs match it exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import kernels
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    sliding_window: int | None
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path) -> "ModelArgs":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"no config.json in {model_dir!s}: not an HF checkpoint directory")
+        cfg = json.loads(path.read_text())
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r} (only silu)")
+        # transformers 5 keeps rope settings in rope_parameters; 4.x in rope_theta / rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        num_heads = cfg["num_attention_heads"]
+        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        eos = cfg.get("eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            sliding_window=sliding,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, per byte of element size."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        blend = (original / wavelength - low) / (high - low)
+        smoothed = (1 - blend) * scaled / factor + blend * scaled
+        in_between = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(in_between, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class AttentionMetadata:
+    """The flat batch's view of the paged cache (see kernels.paged_attention)."""
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    backend: str | None = None
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.scale = args.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        key_cache, value_cache = kv_cache
+        kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend=meta.backend)
+        out = kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                      meta.query_start_loc, self.scale, backend=meta.backend)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(args), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states after the final norm for every token of the flat batch."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> "LlamaForCausalLM":
+        args = ModelArgs.from_checkpoint(model_dir)
+        with torch.device("meta"):
+            model = cls(args)
+        model.to_empty(device=device)
+        if args.tie_word_embeddings:  # to_empty materializes tied parameters separately
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inverse_frequencies(args).to(device)
+        model.load_hf_weights(model_dir, dtype)
+        return model.eval()
+
+    def load_hf_weights(self, model_dir: str | Path, dtype: torch.dtype) -> None:
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors weights in {model_dir!s} (pickle checkpoints are not loaded)")
+        tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in reader.keys():
+                    tensors[name] = reader.get_tensor(name)
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def put(target: str, value: torch.Tensor) -> None:
+            param = params[target]
+            if param.shape != value.shape:
+                raise ValueError(f"weight {target}: checkpoint shape {tuple(value.shape)} != {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(value.to(dtype))
+            loaded.add(target)
+
+        def take(name: str) -> torch.Tensor:
+            if name not in tensors:
+                raise ValueError(f"checkpoint {model_dir!s} lacks weight {name}")
+            return tensors.pop(name)
+
+        put("embed_tokens.weight", take("model.embed_tokens.weight"))
+        put("norm.weight", take("model.norm.weight"))
+        if not self.args.tie_word_embeddings:
+            put("lm_head.weight", take("lm_head.weight"))
+        tensors.pop("lm_head.weight", None)
+        for i in range(self.args.num_layers):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            put(dst + "input_layernorm.weight", take(src + "input_layernorm.weight"))
+            put(dst + "post_attention_layernorm.weight", take(src + "post_attention_layernorm.weight"))
+            put(dst + "self_attn.qkv_proj.weight", torch.cat(
+                [take(src + f"self_attn.{p}_proj.weight") for p in "qkv"]))
+            if self.args.attention_bias:
+                put(dst + "self_attn.qkv_proj.bias", torch.cat(
+                    [take(src + f"self_attn.{p}_proj.bias") for p in "qkv"]))
+            put(dst + "self_attn.o_proj.weight", take(src + "self_attn.o_proj.weight"))
+            put(dst + "mlp.gate_up_proj.weight", torch.cat(
+                [take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")]))
+            put(dst + "mlp.down_proj.weight", take(src + "mlp.down_proj.weight"))
+        leftovers = [n for n in tensors if not n.endswith("rotary_emb.inv_freq")]
+        if leftovers:
+            raise ValueError(f"checkpoint has weights this model does not use: {leftovers[:5]}")
+        missing = set(params) - loaded - ({"lm_head.weight"} if self.args.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"weights not loaded: {sorted(missing)[:5]}")
