@@ -1,0 +1,87 @@
+"""Engine and request metrics through TorchServe's metrics API (shown on the Prometheus endpoint).
+
+The backend logs ``[METRICS]`` lines; the frontend turns the ones declared in the metrics config
+(handler/metrics.yaml) into Prometheus series on the metrics port. Gauges are refreshed from the
+engine's published stats by a periodic task while there is traffic, and once more when it goes
+idle so they fall back to zero. Never raises: metrics must not break a request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+
+logger = logging.getLogger(__name__)
+
+GAUGES = {  # name -> (unit, kv_stats key, scale)
+    "PagedKVCacheUsagePercent": ("Percent", "kv_usage", 100.0),
+    "PagedNumRequestsRunning": ("Count", "num_running", 1.0),
+    "PagedNumRequestsWaiting": ("Count", "num_waiting", 1.0),
+    "PagedNumRequestsSwapped": ("Count", "num_swapped", 1.0),
+    "PagedPrefixCacheHitRatePercent": ("Percent", "prefix_hit_rate", 100.0),
+}
+
+
+class ServingMetrics:
+    def __init__(self, metrics_cache, model_name: str, interval_s: float = 1.0):
+        self.cache = metrics_cache
+        self.model_name = model_name
+        self.interval_s = interval_s
+        self._task: asyncio.Task | None = None
+        self.enabled = metrics_cache is not None
+
+    def _dims(self):
+        return [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+
+    def _emit(self, name: str, value: float, unit: str, mtype: MetricTypes) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.cache.add_metric(name, value, unit, None, self._dims(), mtype)
+        except Exception:  # noqa: BLE001
+            logger.debug("metric %s failed", name, exc_info=True)
+
+    # -------------------------------------------------------------- per request
+    def request_finished(self, prompt_tokens: int, generated_tokens: int,
+                         ttft_s: float | None, tpot_s: float | None) -> None:
+        self._emit("PagedPromptTokensTotal", prompt_tokens, "Count", MetricTypes.COUNTER)
+        self._emit("PagedGenerationTokensTotal", generated_tokens, "Count", MetricTypes.COUNTER)
+        self._emit("PagedRequestsFinishedTotal", 1, "Count", MetricTypes.COUNTER)
+        if ttft_s is not None:
+            self._emit("PagedTimeToFirstTokenMs", round(ttft_s * 1000, 3), "ms", MetricTypes.GAUGE)
+            self._emit("PagedTimeToFirstTokenMsSum", round(ttft_s * 1000, 3), "ms", MetricTypes.COUNTER)
+            self._emit("PagedTimeToFirstTokenSeconds", round(ttft_s, 6), "s", MetricTypes.HISTOGRAM)
+        if tpot_s is not None:
+            self._emit("PagedTimePerOutputTokenMs", round(tpot_s * 1000, 3), "ms", MetricTypes.GAUGE)
+            self._emit("PagedTimePerOutputTokenMsSum", round(tpot_s * 1000, 3), "ms", MetricTypes.COUNTER)
+            self._emit("PagedTimePerOutputTokenSeconds", round(tpot_s, 6), "s", MetricTypes.HISTOGRAM)
+
+    def request_rejected(self) -> None:
+        self._emit("PagedRequestsRejectedTotal", 1, "Count", MetricTypes.COUNTER)
+
+    # -------------------------------------------------------------- engine gauges
+    def emit_gauges(self, stats: dict) -> None:
+        for name, (unit, key, scale) in GAUGES.items():
+            value = stats.get(key)
+            if value is None:
+                continue
+            try:
+                self._emit(name, round(float(value) * scale, 4), unit, MetricTypes.GAUGE)
+            except (TypeError, ValueError):
+                pass
+
+    def touch(self, engine) -> None:
+        """Called on every request: make sure the periodic gauge task runs on this loop."""
+        if not self.enabled:
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._gauge_loop(engine))
+
+    async def _gauge_loop(self, engine) -> None:
+        idle_rounds = 0
+        while idle_rounds < 3:  # a few idle rounds so gauges settle at their idle values
+            await asyncio.sleep(self.interval_s)
+            self.emit_gauges(engine.stats_snapshot())
+            idle_rounds = 0 if engine.num_inflight() else idle_rounds + 1

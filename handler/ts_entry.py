@@ -1,0 +1,15 @@
+"""The handler file packed into the .mar: a thin shim over the installed ``handler`` package.
+
+TorchServe's loader wants exactly one class defined in this module; it subclasses the real one.
+"""
+try:
+    from handler.llm_handler import LLMHandler as _LLMHandler
+except ImportError as exc:  # pragma: no cover - a clear message in the worker log
+    raise ImportError(
+        "cannot import the 'handler' package of paged-serve in the TorchServe worker: install the "
+        "project into the Python that runs torchserve (make install) or put the repository root on "
+        f"PYTHONPATH ({exc})") from exc
+
+
+class PagedLLMHandler(_LLMHandler):
+    pass
