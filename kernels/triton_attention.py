@@ -42,6 +42,7 @@ the fp32 path matches the reference tightly.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -259,6 +260,43 @@ def choose_num_splits(num_programs: int, max_kv_len: int, num_sms: int) -> int:
     return max(1, splits)
 
 
+class LaunchPlan(NamedTuple):
+    group: int        # query heads per KV head
+    group_pad: int    # next power of two
+    dim_pad: int      # head_dim padded to a power of two >= 16
+    block_q: int      # query tokens per tile
+    block_m: int      # rows per tile: max(16, block_q * group_pad)
+    block_n: int      # keys per inner step
+    num_tiles: int    # grid dimension 0 (an upper bound; surplus programs exit at once)
+    num_splits: int   # split-K factor (1 = single pass, no merge kernel)
+
+
+def plan_launch(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                block_size: int, max_blocks_per_seq: int, device: torch.device, *,
+                num_splits: int | None = None, block_q: int | None = None,
+                block_n: int | None = None) -> LaunchPlan:
+    """Tile sizes, grid and split-K factor from shapes alone (no device sync)."""
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if block_q is None:
+        block_q = choose_block_q(num_tokens, num_seqs, group)
+    if block_q < 1 or block_q & (block_q - 1):
+        raise ValueError(f"block_q must be a power of two, got {block_q}")
+    block_m = max(16, block_q * group_pad)
+    if block_n is None:
+        block_n = 32 if dim_pad >= 256 else 64
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    num_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
+    if num_splits is None:
+        num_splits = choose_num_splits(num_tiles * num_kv_heads, max_blocks_per_seq * block_size,
+                                       _num_sms(device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    return LaunchPlan(group, group_pad, dim_pad, block_q, block_m, block_n, num_tiles, num_splits)
+
+
 def _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc):
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
@@ -301,26 +339,11 @@ def triton_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     seq_lens = seq_lens.to(torch.int32)
     query_start_loc = query_start_loc.to(torch.int32)
 
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    dim_pad = max(16, triton.next_power_of_2(head_dim))
-    if block_q is None:
-        block_q = choose_block_q(num_tokens, num_seqs, group)
-    if block_q < 1 or block_q & (block_q - 1):
-        raise ValueError(f"block_q must be a power of two, got {block_q}")
-    block_m = max(16, block_q * group_pad)
-    if block_n is None:
-        block_n = 32 if dim_pad >= 256 else 64
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
-
-    num_tiles = num_tokens if block_q == 1 else num_tokens // block_q + num_seqs
-    if num_splits is None:
-        max_kv_len = block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(num_tiles * num_kv_heads, max_kv_len, _num_sms(query.device))
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    is_split = num_splits > 1
+    plan = plan_launch(num_tokens, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                       block_tables.shape[1], query.device, num_splits=num_splits, block_q=block_q,
+                       block_n=block_n)
+    group, group_pad, dim_pad = plan.group, plan.group_pad, plan.dim_pad
+    num_splits, is_split = plan.num_splits, plan.num_splits > 1
 
     if is_split:
         part_acc = torch.empty((num_tokens, num_heads, num_splits, dim_pad), dtype=torch.float32,
@@ -332,12 +355,12 @@ def triton_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
 
     dot_fp32, ieee_dot = dot_mode(query.dtype, _interpreting())
     if query.is_cuda:
-        num_warps = 8 if block_m * dim_pad >= 128 * 128 else 4
+        num_warps = 8 if plan.block_m * dim_pad >= 128 * 128 else 4
         launch = dict(num_warps=num_warps, num_stages=2)
     else:
         launch = {}
 
-    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+    _paged_attention_kernel[(plan.num_tiles, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out,
         part_acc, part_m, part_l,
         block_tables, seq_lens, query_start_loc,
@@ -346,7 +369,7 @@ def triton_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *out.stride(),
         block_tables.stride(0),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         IS_SPLIT=is_split, DOT_FP32=dot_fp32, IEEE_DOT=ieee_dot,
         **launch,
     )
