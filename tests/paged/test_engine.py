@@ -1,0 +1,168 @@
+"""LLMEngine behaviour: admission, abort, deadlines, seeded sampling, stop conditions, forks."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from paged import LLM, EngineConfig, EngineOverloadedError, LLMEngine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256, max_model_len=512)
+
+
+def pool_is_whole(engine: LLMEngine) -> bool:
+    engine.block_manager.check_invariants()
+    return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_request_longer_than_max_model_len_is_refused_with_the_excess(llm):
+    with pytest.raises(ValueError, match=r"exceeds max_model_len 512 by 10"):
+        llm.engine.add_request("too-long", [5] * 500, SamplingParams(max_tokens=22))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_request_larger_than_the_pool_is_refused(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=8, block_size=16))
+    with pytest.raises(ValueError, match=r"whole pool has 8"):
+        engine.add_request("big", [5] * 100, SamplingParams(max_tokens=60))
+
+
+@pytest.mark.parametrize("prompt", [[], "", [-1], [10**9], ["a"], [1.5], None])
+def test_bad_prompts_are_refused(llm, prompt):
+    with pytest.raises(ValueError):
+        llm.engine.add_request("bad", prompt, SamplingParams())
+    assert "bad" not in llm.engine.requests
+
+
+def test_duplicate_request_id_is_refused(llm):
+    engine = llm.engine
+    engine.add_request("same", "hello", SamplingParams(max_tokens=2))
+    try:
+        with pytest.raises(ValueError, match="already in use"):
+            engine.add_request("same", "hello", SamplingParams(max_tokens=2))
+    finally:
+        engine.abort_request("same")
+    assert pool_is_whole(engine)
+
+
+def test_full_waiting_queue_raises_overloaded(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_waiting_requests=2))
+    engine.add_request("a", "one", SamplingParams(max_tokens=2))
+    engine.add_request("b", "two", SamplingParams(max_tokens=2))
+    with pytest.raises(EngineOverloadedError):
+        engine.add_request("c", "three", SamplingParams(max_tokens=2))
+
+
+def test_abort_mid_generation_frees_every_block(llm):
+    engine = llm.engine
+    engine.add_request("keep", "def main():", SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.add_request("drop", "import os", SamplingParams(max_tokens=30, ignore_eos=True, n=2))
+    for _ in range(5):
+        engine.step()
+    engine.abort_request("drop")
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert "drop" not in outputs and outputs["keep"].finished
+    assert pool_is_whole(engine)
+
+
+def test_request_past_its_deadline_finishes_with_timeout(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, request_timeout_s=0.05))
+    engine.add_request("slow", "hello", SamplingParams(max_tokens=500, ignore_eos=True))
+    engine.step()
+    time.sleep(0.1)
+    outputs = engine.step()
+    assert [o.outputs[0].finish_reason for o in outputs] == ["timeout"]
+    assert outputs[0].finished and not engine.has_unfinished_requests()
+    assert pool_is_whole(engine)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    alone = llm.generate(["def main():"], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(max_tokens=12, temperature=1.0, seed=7)
+    batch = llm.generate(["import sys", "def main():", "x = [1, 2, 3]"], [others, params, others],
+                         use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+    assert pool_is_whole(llm.engine)
+
+
+def test_different_seeds_give_different_samples(llm):
+    a = llm.generate(["def main():"], SamplingParams(max_tokens=16, temperature=1.0, seed=1), use_tqdm=False)
+    b = llm.generate(["def main():"], SamplingParams(max_tokens=16, temperature=1.0, seed=2), use_tqdm=False)
+    assert a[0].outputs[0].token_ids != b[0].outputs[0].token_ids
+
+
+def test_stop_string_ends_the_text_before_it(llm):
+    greedy = llm.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0.0), use_tqdm=False)
+    text = greedy[0].outputs[0].text
+    stop = text[5:8]
+    assert stop and stop in text
+    out = llm.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0.0, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.index(stop)]
+
+
+def test_stop_token_id_ends_generation(llm):
+    greedy = llm.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0.0), use_tqdm=False)
+    tokens = greedy[0].outputs[0].token_ids
+    out = llm.generate(["def main():"], SamplingParams(max_tokens=20, temperature=0.0,
+                                                       stop_token_ids=[tokens[4]]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids == tokens[:tokens.index(tokens[4]) + 1]
+
+
+def test_max_tokens_ends_with_length(llm):
+    out = llm.generate(["hello"], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+def test_best_of_returns_the_n_most_likely_samples(llm):
+    out = llm.generate(["def main():"], SamplingParams(max_tokens=8, n=2, best_of=5, temperature=1.0, seed=3,
+                                                       ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs) == 2
+    assert out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
+    assert pool_is_whole(llm.engine)
+
+
+def test_parallel_samples_differ_and_share_prompt_blocks(llm):
+    engine = llm.engine
+    engine.add_request("par", "def main():\n    " * 10, SamplingParams(max_tokens=10, n=4, temperature=1.0, seed=5,
+                                                                      ignore_eos=True))
+    engine.step()  # prefill, then fork into 4 samples sharing the prompt's blocks
+    tables = [engine.block_manager.block_table(s.seq_id) for s in engine.requests["par"].seqs]
+    assert len(tables) == 4 and all(t[:-1] == tables[0][:-1] for t in tables)
+    outputs = None
+    while engine.has_unfinished_requests():
+        outputs = engine.step() or outputs
+    assert len({tuple(o.token_ids) for o in outputs[0].outputs}) > 1
+    assert pool_is_whole(engine)
+
+
+def test_logprobs_are_returned_for_each_chosen_token(llm):
+    out = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert next(iter(entry)) == token and len(entry) >= 3
+        assert all(value <= 0.0 for value in entry.values())
+
+
+def test_beam_search_is_refused_clearly(llm):
+    with pytest.raises(ValueError, match="beam"):
+        llm.engine.add_request("beam", "hello", SamplingParams(beam_width=2, temperature=0.0))
+
+
+def test_tensor_parallel_is_refused_clearly(tiny_llama_dir):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLMEngine(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=2))
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        LLMEngine(EngineConfig(model=str(tmp_path)))
