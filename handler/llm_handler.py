@@ -38,6 +38,7 @@ HANDLER_DEFAULTS = {
     "load_timeout_s": 1800,
 }
 ALIASES = {"request_timeout": "request_timeout_s"}
+_DEBUG_HEADERS = os.environ.get("PAGED_DEBUG_HEADERS") == "1"
 
 
 def parse_handler_config(section: dict | None, model_dir: str) -> tuple[EngineConfig, dict]:
@@ -63,8 +64,13 @@ def parse_handler_config(section: dict | None, model_dir: str) -> tuple[EngineCo
     return EngineConfig.from_dict(section), settings
 
 
-class _Abort(Exception):
-    """An error after the stream has started: end it with an error chunk."""
+def _is_grpc(context) -> bool:
+    """REST requests carry a ``url_path`` header (possibly empty); gRPC ones carry none."""
+    try:
+        return context.get_request_header(0, "url_path") is None and \
+            context.get_request_header(0, "describe") is None
+    except Exception:  # noqa: BLE001
+        return False
 
 
 class LLMHandler:
@@ -121,12 +127,20 @@ class LLMHandler:
     # ------------------------------------------------------------------ entry
     async def handle(self, data, context):
         try:
-            return await self._handle(data, context)
+            result = await self._handle(data, context)
         except RequestError as exc:
-            return self._error(context, exc)
+            result = self._error(context, exc)
         except Exception as exc:  # noqa: BLE001 - never raise out of handle (kills every request)
             logger.exception("unexpected handler error")
-            return self._error(context, RequestError(f"internal error: {exc!r}", 500, "internal_error"))
+            result = self._error(context, RequestError(f"internal error: {exc!r}", 500, "internal_error"))
+        if _is_grpc(context):
+            # gRPC StreamPredictions reads this header of the final response unconditionally (a
+            # missing one throws in the frontend and restarts the worker); unary calls ignore it.
+            try:
+                context.set_response_header(0, "ts_stream_next", "false")
+            except Exception:  # noqa: BLE001
+                pass
+        return result
 
     def _error(self, context, exc: RequestError):
         if exc.status in (429, 503) and self.metrics:
@@ -139,6 +153,9 @@ class LLMHandler:
         return [oa.dumps(exc.body())]
 
     async def _handle(self, data, context):
+        if _DEBUG_HEADERS:
+            logger.info("request headers: %s; data keys: %s", context.get_all_request_header(0),
+                        [list(r) for r in data] if data else data)
         if context.get_request_header(0, "describe") == "True":
             return [oa.dumps(await self.describe())]
         if self.engine is None:
