@@ -196,6 +196,9 @@ class BlockManager:
     def num_blocks_to_swap_in(self, seq_ids: list[int]) -> int:
         return len(self._distinct(self.cpu_block_tables[s] for s in seq_ids))
 
+    def num_swapped_blocks(self, seq_id: int) -> int:
+        return len(self.cpu_block_tables.get(seq_id, []))
+
     def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Bring swapped sequences back; returns (cpu block, device block) copies."""
         mapping: dict[int, int] = {}

@@ -152,8 +152,11 @@ class Scheduler:
             seqs = group.seqs_with_status(SequenceStatus.SWAPPED)
             if len(self.running) + len(seqs) > self.config.max_num_seqs or budget < len(seqs):
                 break
-            # Room for the blocks and for every sequence's next token.
-            if bm.num_blocks_to_swap_in([s.seq_id for s in seqs]) + len(seqs) > bm.num_free_blocks:
+            # Room for the blocks, for every sequence's next tokens (a prompt swapped out
+            # mid-prefill has many) and for one copy-on-write each.
+            growth = sum(max(0, -(-(s.num_computed_tokens + min(s.num_tokens - s.num_computed_tokens, budget))
+                                  // bm.block_size) - bm.num_swapped_blocks(s.seq_id)) + 1 for s in seqs)
+            if bm.num_blocks_to_swap_in([s.seq_id for s in seqs]) + growth > bm.num_free_blocks:
                 break
             self.swapped.pop(0)
             out.swap_in.extend(bm.swap_in([s.seq_id for s in seqs]))
