@@ -1,0 +1,289 @@
+"""Serving benchmark: the engine benchmark's workload through TorchServe vs. the in-process engine.
+
+    python bench/serve.py [--profile alpaca -n 200] [--profile2 sharegpt --scale2 0.5 -n2 64]
+                          [--repeats 2] [--out bench/results/serve.json]
+
+For each workload (bench/workload.py: token-id prompts, greedy, EOS ignored so output lengths
+are fixed) and each repeat, interleaved:
+
+- in-process: a fresh subprocess builds ``paged.LLMEngine`` on its main thread, adds every request
+  at t0 and steps until done; TTFT / TPOT come from the engine's own per-request timestamps.
+- served: a private TorchServe (free loopback ports, this repo's handler) gets every request at
+  t0 from concurrent streaming clients (one asyncio client process, raw HTTP/1.1 chunked reads,
+  no per-request threads); TTFT = first chunk with tokens - send time, TPOT = (last - first) /
+  (tokens - 1), as a client sees them.
+
+Same engine settings on both sides (fp32, block 16, prefix caching off, the same KV bytes,
+max_num_seqs, max_num_batched_tokens). Prints a table and writes JSON. The machine has 2 cores
+shared by TorchServe's Java frontend, the worker and the client: that overhead is part of what
+is measured. Quote medians over repeats; the machine is noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from workload import Workload, workload_for_model  # noqa: E402
+
+
+def engine_settings(args) -> dict:
+    return {"block_size": 16, "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": False,
+            "dtype": "float32", "seed": 0, "max_waiting_requests": 100000, "preemption_mode": "auto"}
+
+
+def pct(xs, q):
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, int(round(q / 100 * (len(xs) - 1)))))
+    return xs[k]
+
+
+def summarize(elapsed, ntoks, ttfts, tpots) -> dict:
+    n = len(ntoks)
+    return {"elapsed_s": round(elapsed, 3), "requests": n, "output_tokens": sum(ntoks),
+            "requests_per_s": round(n / elapsed, 3), "output_tokens_per_s": round(sum(ntoks) / elapsed, 1),
+            "ttft_p50_ms": _ms(pct(ttfts, 50)), "ttft_p99_ms": _ms(pct(ttfts, 99)),
+            "tpot_p50_ms": _ms(pct(tpots, 50)), "tpot_p99_ms": _ms(pct(tpots, 99))}
+
+
+def _ms(x):
+    return None if x is None else round(x * 1000, 2)
+
+
+# ------------------------------------------------------------------------------------ in-process
+def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
+    """Runs in its own process: everything on the main thread (the CPU_NOTES rule)."""
+    from paged import EngineConfig, LLMEngine, SamplingParams
+
+    wl = Workload.load(wl_path)
+    eng = LLMEngine(EngineConfig(model=model, **settings))
+    # warm-up on a few short requests
+    for i in range(4):
+        eng.add_request(f"w{i}", wl.prompts[i][:32], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    t0 = time.time()
+    for i, (p, L) in enumerate(zip(wl.prompts, wl.output_lens)):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=L, temperature=0.0, ignore_eos=True), arrival_time=t0)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    elapsed = time.time() - t0
+    ntoks, ttfts, tpots = [], [], []
+    for out in done.values():
+        n = len(out.outputs[0].token_ids)
+        ntoks.append(n)
+        m = out.metrics
+        if m.first_token_time:
+            ttfts.append(m.first_token_time - t0)
+            if n > 1 and m.finished_time:
+                tpots.append((m.finished_time - m.first_token_time) / (n - 1))
+    assert len(done) == wl.num_requests and ntoks and all(n == L for n, L in
+                                                             zip([len(done[str(i)].outputs[0].token_ids) for i in range(wl.num_requests)], wl.output_lens))
+    print(json.dumps(summarize(elapsed, ntoks, ttfts, tpots)))
+
+
+def run_inproc(args, wl_path: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run([sys.executable, __file__, "--inproc-worker", wl_path, "--model", args.model,
+                        "--settings", json.dumps(engine_settings(args))],
+                       capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"in-process run failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ served
+async def _one_stream(port: int, body: bytes, t0: float) -> tuple[int, float | None, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    writer.write(b"POST /predictions/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    await writer.drain()
+    status = await reader.readline()
+    if b" 200 " not in status:
+        rest = await reader.read()
+        raise RuntimeError(f"HTTP error: {status!r} {rest[-500:]!r}")
+    chunked = False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+            chunked = True
+    ntok, first, buf = 0, None, b""
+    if not chunked:
+        raise RuntimeError("expected a chunked streaming answer")
+    while True:
+        size_line = await reader.readline()
+        size = int(size_line.strip().split(b";")[0], 16)
+        if size == 0:
+            break
+        data = await reader.readexactly(size + 2)
+        buf += data[:-2]
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "error" in obj:
+                raise RuntimeError(f"stream error: {obj}")
+            k = sum(len(c["token_ids"]) for c in obj["choices"])
+            if k and first is None:
+                first = time.time()
+            ntok += k
+    end = time.time()
+    writer.close()
+    return ntok, first, end
+
+
+async def _drive(port: int, wl: Workload) -> dict:
+    bodies = [json.dumps({"prompt": p, "max_tokens": L, "temperature": 0.0, "ignore_eos": True,
+                          "stream": True}).encode() for p, L in zip(wl.prompts, wl.output_lens)]
+    t0 = time.time()
+    res = await asyncio.gather(*[_one_stream(port, b, t0) for b in bodies])
+    elapsed = max(r[2] for r in res) - t0
+    ntoks = [r[0] for r in res]
+    bad = [(i, n, L) for i, (n, L) in enumerate(zip(ntoks, wl.output_lens)) if n != L]
+    if bad:
+        raise RuntimeError(f"wrong output lengths (index, got, want): {bad[:5]}")
+    ttfts = [r[1] - t0 for r in res if r[1]]
+    tpots = [(r[2] - r[1]) / (r[0] - 1) for r in res if r[1] and r[0] > 1]
+    return summarize(elapsed, ntoks, ttfts, tpots)
+
+
+def client_worker(port: int, wl_path: str) -> None:
+    print(json.dumps(asyncio.run(_drive(port, Workload.load(wl_path)))))
+
+
+def run_served(ts, wl_path: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--client-worker", wl_path, "--port", str(ts.http)],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"client failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def start_server(args, work: Path):
+    from handler.ts_launcher import TorchServe, build_model_folder, free_ports
+
+    ts = TorchServe(work, free_ports(5))
+    ts.store.mkdir(parents=True, exist_ok=True)
+    settings = dict(engine_settings(args), request_timeout=3000)
+    build_model_folder(ts.store, "llm", Path(args.model).resolve(), settings)
+    ts.env["OMP_NUM_THREADS"] = str(args.threads)
+    ts.env["TOKENIZERS_PARALLELISM"] = "false"
+    ts.start("llm=llm")
+    ts.wait_ready("llm", timeout=900)
+    return ts
+
+
+def warm_served(ts, wl: Workload) -> None:
+    small = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
+                     prompts=[p[:32] for p in wl.prompts[:4]], output_lens=[8] * min(4, wl.num_requests))
+    asyncio.run(_drive(ts.http, small))
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "model-store" / "tiny-llama"))
+    ap.add_argument("--mar", default=None, help="(unused: the benchmark serves the checkpoint as a model folder)")
+    ap.add_argument("--workload", action="append", default=None,
+                    help="PROFILE:N[:SCALE], repeatable; default alpaca:200 and sharegpt:64:0.5")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-bytes", type=int, default=1 << 30)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    ap.add_argument("--inproc-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--client-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--settings", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.inproc_worker:
+        return inproc_worker(args.model, args.inproc_worker, json.loads(args.settings))
+    if args.client_worker:
+        return client_worker(args.port, args.client_worker)
+
+    specs = args.workload or ["alpaca:200", "sharegpt:64:0.5"]
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    wls = []
+    for spec in specs:
+        parts = spec.split(":")
+        profile, n = parts[0], int(parts[1])
+        scale = float(parts[2]) if len(parts) > 2 else 1.0
+        wl = workload_for_model(args.model, profile, n, scale)
+        path = work / f"{wl.name}-{n}.json"
+        wl.save(str(path))
+        wls.append((wl, str(path)))
+
+    print(f"starting TorchServe in {work} ...", flush=True)
+    ts = start_server(args, work)
+    runs: dict[str, dict[str, list]] = {wl.name: {"inproc": [], "served": []} for wl, _ in wls}
+    try:
+        warm_served(ts, wls[0][0])
+        for rep in range(args.repeats):
+            for wl, path in wls:
+                for mode in (("inproc", "served") if rep % 2 == 0 else ("served", "inproc")):
+                    res = run_inproc(args, path) if mode == "inproc" else run_served(ts, path)
+                    runs[wl.name][mode].append(res)
+                    print(f"  rep {rep} {wl.name:>16} {mode:>7}: {res['output_tokens_per_s']:8.1f} out tok/s, "
+                          f"TTFT p50 {res['ttft_p50_ms']} ms, TPOT p50 {res['tpot_p50_ms']} ms", flush=True)
+        describe = ts.describe()
+    finally:
+        ts.stop()
+
+    table = []
+    summary = {}
+    for wl, _ in wls:
+        row = {}
+        for mode in ("inproc", "served"):
+            rs = runs[wl.name][mode]
+            med = {k: statistics.median([r[k] for r in rs if r[k] is not None])
+                   for k in rs[0] if isinstance(rs[0][k], (int, float)) and any(r[k] is not None for r in rs)}
+            row[mode] = med
+        ratio = row["served"]["output_tokens_per_s"] / row["inproc"]["output_tokens_per_s"]
+        summary[wl.name] = {"workload": wl.summary(), "inproc_median": row["inproc"], "served_median": row["served"],
+                            "served_over_inproc_throughput": round(ratio, 3),
+                            "runs": runs[wl.name]}
+        table.append((wl.name, row, ratio))
+
+    hdr = f"{'workload':>16} {'mode':>8} {'req/s':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9}"
+    print("\n" + hdr)
+    print("-" * len(hdr))
+    for name, row, ratio in table:
+        for mode in ("inproc", "served"):
+            r = row[mode]
+            print(f"{name:>16} {mode:>8} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:10.1f} "
+                  f"{r.get('ttft_p50_ms', 0):9.1f} {r.get('ttft_p99_ms', 0):9.1f} "
+                  f"{r.get('tpot_p50_ms', 0):9.2f} {r.get('tpot_p99_ms', 0):9.2f}")
+        print(f"{'':>16} served/in-process throughput: {ratio:.1%} (target >= 90%)")
+    out = {"settings": engine_settings(args), "threads": args.threads, "repeats": args.repeats,
+           "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+           "engine_thread_probe": describe.get("engine_thread_probe"), "results": summary,
+           "note": "medians over repeats; TTFT/TPOT in ms; served = TorchServe + handler + client on the same cores"}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Management API against the test server: register (synchronous), scale, unregister, no leftovers.
+
+The second model is small on purpose (1 running sequence, 1 waiting slot, 3 s deadline), so the
+same test also covers admission control (503) and the per-request deadline.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import requests
+
+from handler.ts_launcher import build_model_folder
+
+SMALL = {"block_size": 16, "num_kv_blocks": 64, "max_num_seqs": 1, "max_num_batched_tokens": 512,
+         "max_waiting_requests": 1, "request_timeout": 3, "enable_prefix_caching": False}
+
+
+def _workers(ts, name):
+    r = requests.get(f"{ts.mgmt_url}/models/{name}", timeout=30)
+    return r.json()[0]["workers"] if r.status_code == 200 else None
+
+
+def test_register_scale_unregister(torchserve, ts_model_dir):
+    ts = torchserve
+    build_model_folder(ts.store, "llm2", ts_model_dir, SMALL)
+    before = set(ts.descendants())
+    r = requests.post(f"{ts.mgmt_url}/models", params={"url": "llm2", "initial_workers": 1, "synchronous": "true"},
+                      timeout=900)
+    assert r.status_code == 200, r.text
+    workers = _workers(ts, "llm2")
+    assert len(workers) == 1 and workers[0]["status"] == "READY"
+    pid = workers[0]["pid"]
+    assert psutil.pid_exists(pid)
+
+    # admission control: one runs, one waits, the rest get 503 with a JSON error
+    url = f"{ts.base}/predictions/llm2"
+
+    def call(i):
+        return requests.post(url, json={"prompt": [5, 6, 7, i + 10], "max_tokens": 30, "temperature": 0,
+                                        "ignore_eos": True}, timeout=300)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(call, range(6)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(200) >= 2 and 503 in codes, codes
+    assert all(a.json()["error"]["type"] == "overloaded" for a in answers if a.status_code == 503)
+
+    # the per-request deadline ends a long request and frees its blocks
+    r = requests.post(url, json={"prompt": [5, 6, 7], "max_tokens": 1900, "temperature": 0, "ignore_eos": True},
+                      timeout=300)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "timeout", r.text
+    d = ts.describe("llm2")
+    assert d["kv_stats"]["free_blocks"] == d["kv_stats"]["num_blocks"]
+
+    # scale down to zero (the worker process goes away), then back up
+    r = requests.put(f"{ts.mgmt_url}/models/llm2", params={"min_worker": 0, "max_worker": 0, "synchronous": "true"},
+                     timeout=300)
+    assert r.status_code == 200, r.text
+    _wait_gone([pid])
+    r = requests.put(f"{ts.mgmt_url}/models/llm2", params={"min_worker": 1, "max_worker": 1, "synchronous": "true"},
+                     timeout=900)
+    assert r.status_code == 200, r.text
+    workers = _workers(ts, "llm2")
+    assert workers and workers[0]["status"] == "READY"
+    pid2 = workers[0]["pid"]
+    ok = requests.post(url, json={"prompt": "x", "max_tokens": 3, "temperature": 0}, timeout=300)
+    assert ok.status_code == 200
+
+    r = requests.delete(f"{ts.mgmt_url}/models/llm2/1.0", timeout=300)
+    assert r.status_code == 200, r.text
+    assert _workers(ts, "llm2") is None
+    _wait_gone([pid2])
+    leftover = set(ts.descendants()) - before
+    assert not [p for p in leftover if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    # the main model is unaffected
+    assert _workers(ts, "llm")[0]["status"] == "READY"
+
+
+def _wait_gone(pids, timeout=60):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"processes still alive: {alive}")
