@@ -280,7 +280,8 @@ def plan_launch(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: in
     group_pad = triton.next_power_of_2(group)
     dim_pad = max(16, triton.next_power_of_2(head_dim))
     if block_q is None:
-        block_q = choose_block_q(num_tokens, num_seqs, group)
+        # head_dim 256: half the rows, so the fp32 accumulator stays in registers
+        block_q = choose_block_q(num_tokens, num_seqs, group, max_rows=32 if dim_pad >= 256 else 64)
     if block_q < 1 or block_q & (block_q - 1):
         raise ValueError(f"block_q must be a power of two, got {block_q}")
     block_m = max(16, block_q * group_pad)

@@ -8,7 +8,7 @@ import torch
 
 from kernels import triton_attention
 from kernels.reference import reference_paged_attention
-from kernels.triton_attention import choose_num_splits, dot_mode, triton_paged_attention
+from kernels.triton_attention import choose_num_splits, dot_mode, plan_launch, triton_paged_attention
 from paged_cases import ATTENTION_CASES, DTYPES, assert_close_to_reference, make_batch
 
 
@@ -121,3 +121,16 @@ def test_heuristic_does_not_split_a_launch_that_fills_the_gpu():
 def test_heuristic_splits_fewer_as_programs_grow():
     # 40 programs: ceil(264 / 40) = 7 splits reach about two programs per SM.
     assert choose_num_splits(num_programs=40, max_kv_len=32768, num_sms=132) == 7
+
+
+def test_decode_batch_uses_one_token_tiles():
+    plan = plan_launch(num_tokens=8, num_seqs=8, num_heads=32, num_kv_heads=8, head_dim=128,
+                       block_size=16, max_blocks_per_seq=4, device=torch.device("cpu"))
+    assert (plan.block_q, plan.block_m, plan.num_tiles, plan.num_splits) == (1, 16, 8, 1)
+
+
+def test_prefill_tiles_follow_the_mean_query_length():
+    # mean q_len 50 -> 64, capped at 64 rows / 4 heads per KV head = 16 tokens per tile.
+    plan = plan_launch(num_tokens=100, num_seqs=2, num_heads=32, num_kv_heads=8, head_dim=80,
+                       block_size=16, max_blocks_per_seq=4, device=torch.device("cpu"))
+    assert (plan.block_q, plan.block_m, plan.dim_pad, plan.num_tiles) == (16, 64, 128, 100 // 16 + 2)
