@@ -35,20 +35,31 @@ def _gather_dense(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: in
 def _batched_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
                     scale: float) -> torch.Tensor:
-    """One query token per sequence: query [S, H, D] -> [S, H, D]."""
+    """One query token per sequence: query [S, H, D] -> [S, H, D].
+
+    K/V are gathered one KV head at a time with ``index_select`` into contiguous [S, L, D]
+    tensors, the layout ``bmm`` takes without further copies; the query heads of a KV head
+    (its GQA group) share that one gather.
+    """
     num_seqs, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    num_blocks = -(-max_len // block_size)
-    keys = _gather_dense(key_cache, block_tables, num_blocks).transpose(1, 2)  # [S, KVH, L, D]
-    values = _gather_dense(value_cache, block_tables, num_blocks).transpose(1, 2)
     group = num_heads // num_kv_heads
+    num_blocks = -(-max_len // block_size)
+    positions = torch.arange(num_blocks * block_size, device=query.device)
+    slots = (block_tables[:, :num_blocks].long()[:, positions // block_size] * block_size
+             + positions % block_size).reshape(-1)  # [S * L]
+    invalid = (positions[None, :] >= seq_lens.to(query.device).long()[:, None])[:, None, :]  # [S, 1, L]
+    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     q = query.view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale  # [S, KVH, G, L]
-    positions = torch.arange(keys.shape[2], device=query.device)
-    invalid = positions[None, :] >= seq_lens.to(query.device).long()[:, None]  # [S, L]
-    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(num_seqs, num_heads, head_dim)
+    out = torch.empty(num_seqs, num_kv_heads, group, head_dim, dtype=query.dtype, device=query.device)
+    for head in range(num_kv_heads):
+        keys = flat_keys[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
+        values = flat_values[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
+        scores = torch.bmm(q[:, head], keys.transpose(1, 2)).float() * scale  # [S, G, L]
+        scores.masked_fill_(invalid, float("-inf"))
+        out[:, head] = torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)
+    return out.view(num_seqs, num_heads, head_dim)
 
 
 def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
