@@ -56,6 +56,9 @@ def _batched_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     for head in range(num_kv_heads):
         keys = flat_keys[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
         values = flat_values[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
+        # Slots past a sequence's end may hold anything (even NaN from an earlier owner): a zero
+        # probability times NaN would still poison the sum, so those rows are zeroed.
+        values.masked_fill_(invalid.transpose(1, 2), 0.0)
         scores = torch.bmm(q[:, head], keys.transpose(1, 2)).float() * scale  # [S, G, L]
         scores.masked_fill_(invalid, float("-inf"))
         out[:, head] = torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)
