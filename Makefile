@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR := model-store/tiny-llama
 
-.PHONY: install test model clean
+.PHONY: install test model bench-kernels clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ model: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Triton kernel timings vs SDPA; on a machine without a GPU it says so and exits 0.
+bench-kernels: $(STAMP)
+	$(PY) bench/kernels.py
 
 clean:
 	rm -rf $(VENV) model-store/tiny-llama model-store/*.mar

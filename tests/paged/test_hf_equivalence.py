@@ -143,3 +143,13 @@ def test_bfloat16_stays_close_to_hf_bfloat16(tiny_llama_dir):
     first_tokens_equal = sum(out.outputs[0].token_ids[:1] == ref[:1] for out, ref in zip(outputs, reference))
     assert first_tokens_equal >= 6
     assert_pool_whole(llm)
+
+
+def test_greedy_equals_hf_with_triton_backend_interpreted(tiny_llama3_dir):
+    """The Triton kernels (run by Triton's CPU interpreter here) serve the whole engine too."""
+    prompts, max_tokens = PROMPTS[:4], [6, 4, 5, 3]
+    reference = hf_greedy(str(tiny_llama3_dir), prompts, max_tokens)
+    llm, outputs = run_engine(tiny_llama3_dir, prompts=prompts, max_tokens=max_tokens, block_size=16,
+                              num_kv_blocks=64, max_num_batched_tokens=32, attention_backend="triton")
+    assert_equal_to_reference(outputs, reference)
+    assert_pool_whole(llm)
