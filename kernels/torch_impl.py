@@ -49,16 +49,17 @@ def _batched_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     slots = (block_tables[:, :num_blocks].long()[:, positions // block_size] * block_size
              + positions % block_size).reshape(-1)  # [S * L]
     invalid = (positions[None, :] >= seq_lens.to(query.device).long()[:, None])[:, None, :]  # [S, 1, L]
+    invalid_rows = invalid.reshape(-1).nonzero().squeeze(1)  # positions past each sequence's end
     flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
     flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     q = query.view(num_seqs, num_kv_heads, group, head_dim)
     out = torch.empty(num_seqs, num_kv_heads, group, head_dim, dtype=query.dtype, device=query.device)
     for head in range(num_kv_heads):
         keys = flat_keys[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
-        values = flat_values[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
+        values = flat_values[:, head].index_select(0, slots)
         # Slots past a sequence's end may hold anything (even NaN from an earlier owner): a zero
         # probability times NaN would still poison the sum, so those rows are zeroed.
-        values.masked_fill_(invalid.transpose(1, 2), 0.0)
+        values = values.index_fill_(0, invalid_rows, 0.0).view(num_seqs, -1, head_dim)
         scores = torch.bmm(q[:, head], keys.transpose(1, 2)).float() * scale  # [S, G, L]
         scores.masked_fill_(invalid, float("-inf"))
         out[:, head] = torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)
