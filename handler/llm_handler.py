@@ -133,13 +133,38 @@ class LLMHandler:
         except Exception as exc:  # noqa: BLE001 - never raise out of handle (kills every request)
             logger.exception("unexpected handler error")
             result = self._error(context, RequestError(f"internal error: {exc!r}", 500, "internal_error"))
-        if _is_grpc(context):
-            # gRPC StreamPredictions reads this header of the final response unconditionally (a
-            # missing one throws in the frontend and restarts the worker); unary calls ignore it.
-            try:
-                context.set_response_header(0, "ts_stream_next", "false")
-            except Exception:  # noqa: BLE001
-                pass
+        return self._finish(context, result)
+
+    def _finish(self, context, result):
+        """Make the final response end the job in TorchServe's frontend.
+
+        In asyncCommunication mode the frontend forgets a job only when its final response carries
+        ``ts_stream_next: false``; otherwise the job stays in its in-backend map for ever (a leak,
+        and every such job is re-sent to the next worker after a restart). gRPC StreamPredictions
+        even throws (and restarts the worker) without the header. But REST turns a *first*
+        response marked ``false`` into headers that are never sent (the client hangs). So: REST
+        answers that have not streamed yet send their first character as an intermediate chunk
+        (the body bytes are unchanged, only the framing becomes chunked), then the rest as final.
+        Answers >= 400 cannot be chunked (the frontend closes the connection after their head), so
+        they stay plain and their jobs stay in that map: a TorchServe 0.12 limitation.
+        """
+        try:
+            describe = context.get_request_header(0, "describe") == "True"
+            if describe:
+                return result
+            streamed = getattr(context, "_paged_streamed", False)
+            status = context.get_response_status(0)[0] or 200
+            if not _is_grpc(context) and not streamed:
+                body = result[0] if isinstance(result, list) and result else None
+                if status >= 400 or not isinstance(body, str) or len(body) < 2:
+                    # TorchServe closes the connection after the head of a >= 400 answer, so it
+                    # cannot be chunked: a plain answer (the frontend keeps that job; see docs)
+                    return result
+                self._send(context, body[0])
+                result = [body[1:]]
+            context.set_response_header(0, "ts_stream_next", "false")
+        except Exception:  # noqa: BLE001 - never raise out of handle
+            logger.exception("could not finish the response framing")
         return result
 
     def _error(self, context, exc: RequestError):
@@ -276,6 +301,7 @@ class LLMHandler:
         from ts.handler_utils.utils import send_intermediate_predict_response
 
         send_intermediate_predict_response([chunk], context.request_ids, "Intermediate", 200, context)
+        context._paged_streamed = True
 
     # ------------------------------------------------------------------ OpenAI routes
     async def _openai(self, raw, context, chat: bool):

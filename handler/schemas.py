@@ -6,6 +6,7 @@ fields are rejected so a typo (``max_token``) is not silently ignored. Pure Pyth
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -244,10 +245,11 @@ def guess_param(message: str) -> str | None:
     first = low.split(" ", 1)[0].strip("'\"():,")
     if first in _PARAM_NAMES:
         return first
-    if "prompt" in low or "token id" in low or "vocab" in low or "max_model_len" in low:
+    if "prompt" in low or "token id" in low or "vocab" in low or "max_model_len" in low \
+            or "kv block" in low or "pool" in low:
         return "prompt" if "max_tokens" not in low else "max_tokens"
     for name in _PARAM_NAMES:
-        if name in low:
+        if re.search(rf"\b{re.escape(name)}\b", low):
             return name
     return None
 

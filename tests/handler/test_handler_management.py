@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import requests
 
-from handler.ts_launcher import build_model_folder
+from handler.ts_launcher import _alive, build_model_folder
 
 SMALL = {"block_size": 16, "num_kv_blocks": 64, "max_num_seqs": 1, "max_num_batched_tokens": 512,
          "max_waiting_requests": 1, "request_timeout": 3, "enable_prefix_caching": False}
@@ -47,7 +47,7 @@ def test_register_scale_unregister(torchserve, ts_model_dir):
     assert all(a.json()["error"]["type"] == "overloaded" for a in answers if a.status_code == 503)
 
     # the per-request deadline ends a long request and frees its blocks
-    r = requests.post(url, json={"prompt": [5, 6, 7], "max_tokens": 1900, "temperature": 0, "ignore_eos": True},
+    r = requests.post(url, json={"prompt": [5, 6, 7], "max_tokens": 900, "temperature": 0, "ignore_eos": True},
                       timeout=300)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "timeout", r.text
     d = ts.describe("llm2")
@@ -64,15 +64,21 @@ def test_register_scale_unregister(torchserve, ts_model_dir):
     workers = _workers(ts, "llm2")
     assert workers and workers[0]["status"] == "READY"
     pid2 = workers[0]["pid"]
-    ok = requests.post(url, json={"prompt": "x", "max_tokens": 3, "temperature": 0}, timeout=300)
-    assert ok.status_code == 200
+    # TorchServe 0.12 re-sends the jobs it still holds (the ones answered >= 400, see
+    # docs/serving.md) to a new worker; they are short here, so the new worker is soon free
+    for _ in range(30):
+        ok = requests.post(url, json={"prompt": "x", "max_tokens": 3, "temperature": 0}, timeout=300)
+        if ok.status_code != 503:
+            break
+        time.sleep(1)
+    assert ok.status_code == 200, (ok.status_code, ok.text, _workers(ts, "llm2"))
 
     r = requests.delete(f"{ts.mgmt_url}/models/llm2/1.0", timeout=300)
     assert r.status_code == 200, r.text
     assert _workers(ts, "llm2") is None
     _wait_gone([pid2])
     leftover = set(ts.descendants()) - before
-    assert not [p for p in leftover if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in leftover if _alive(p)]
     # the main model is unaffected
     assert _workers(ts, "llm")[0]["status"] == "READY"
 
@@ -80,7 +86,7 @@ def test_register_scale_unregister(torchserve, ts_model_dir):
 def _wait_gone(pids, timeout=60):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in pids if _alive(p)]
         if not alive:
             return
         time.sleep(0.5)
