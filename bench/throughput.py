@@ -1,0 +1,383 @@
+"""Offline throughput: our engine against HF static batching, HF continuous batching and vLLM CPU.
+
+Every engine gets the same checkpoint, the same prompts (token ids), the same per-request output
+lengths (EOS ignored), fp32, greedy decoding, prefix caching off, the same KV memory budget
+(--kv-mib) and the same number of threads (--threads). Each engine runs in its own process
+(bench/peers/<engine>.py) that loads the model (load_s, not counted), warms up, then runs every
+workload once and reports wall time from first request in to last token out. Runs are
+interleaved (repeat 1: every engine, repeat 2: every engine in a rotated order, ...) because the
+machine is noisy; the table shows medians over --repeats, the ratio of our median output tokens/s
+to each peer's, and the range of the per-repeat (paired) ratios.
+
+HF static sweeps --hf-static-batch-sizes on the first repeat and reuses the best size per
+workload afterwards. vLLM runs with .venv-vllm's interpreter (make venv-vllm); when it cannot be
+found or fails, its row says "unavailable (<reason>)".
+
+    python bench/throughput.py                       # both workloads, all engines, 3 repeats
+    python bench/throughput.py --engines ours,hf_static --workloads alpaca:1:50 --repeats 1
+
+Results: bench/results/throughput.json (everything, per run) and bench/results/throughput.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+
+from workload import workload_for_model  # noqa: E402
+
+ENGINES = ("ours", "hf_static", "hf_cb", "vllm")
+LABELS = {"ours": "ours (paged)", "hf_static": "HF static", "hf_cb": "HF CB", "vllm": "vLLM CPU"}
+SCRIPTS = {"ours": "ours.py", "hf_static": "hf_static.py", "hf_cb": "hf_cb.py", "vllm": "vllm_cpu.py"}
+TARGETS = {"hf_static": 3.0, "hf_cb": 2.0, "vllm": 0.8}
+KV_UTIL_TARGET = 0.95
+DEFAULT_WORKLOADS = "sharegpt:0.5:64,alpaca:1:200"
+
+
+def parse_workloads(spec: str) -> list[tuple[str, float, int]]:
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3:
+            raise SystemExit(f"--workloads items are profile:scale:num_requests, got {item!r}")
+        out.append((parts[0], float(parts[1]), int(parts[2])))
+    return out
+
+
+def load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def check_vllm(python: str) -> str | None:
+    """None when vLLM can be imported by `python`, else the reason it cannot."""
+    if not os.path.exists(python):
+        return f"{python} not found (make venv-vllm creates it)"
+    try:
+        p = subprocess.run([python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+                           capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "importing vllm took over 600 s"
+    if p.returncode != 0:
+        lines = [ln for ln in (p.stderr or "").strip().splitlines() if ln.strip()]
+        return f"import vllm failed: {lines[-1] if lines else 'exit ' + str(p.returncode)}"
+    return None
+
+
+def last_error_line(log_path: str) -> str:
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return "no log"
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln or "Exception" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_engine(engine: str, args, wl_paths: list[str], out_path: str, log_path: str,
+               hf_sizes: dict[str, int] | None) -> tuple[dict | None, str | None]:
+    py = args.vllm_python if engine == "vllm" else sys.executable
+    cmd = [py, os.path.join(BENCH, "peers", SCRIPTS[engine]), "--model", args.model,
+           "--workloads", *wl_paths, "--out", out_path, "--threads", str(args.threads),
+           "--kv-bytes", str(args.kv_mib << 20), "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if engine != "vllm" or args.vllm_block_size:
+        cmd += ["--block-size", str(args.vllm_block_size if engine == "vllm" else args.block_size)]
+    if engine == "hf_static":
+        cmd += ["--batch-sizes", args.hf_static_batch_sizes]
+        for name, bs in (hf_sizes or {}).items():
+            cmd += ["--batch-size-for", f"{name}={bs}"]
+    if engine == "hf_cb":
+        cmd += ["--attn", args.hf_cb_attn]
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if engine == "vllm":
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        env.pop("PYTHONPATH")  # vLLM's venv must not see the project's packages
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        try:
+            p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                               timeout=args.run_timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {args.run_timeout} s"
+    if rc != 0 or not os.path.exists(out_path):
+        return None, f"exit {rc}: {last_error_line(log_path)}"
+    with open(out_path) as f:
+        return json.load(f), None
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> str:
+    n = min(len(a), len(b))
+    return f"{sum(1 for x, y in zip(a, b) if x == y)}/{n}"
+
+
+def med(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def aggregate(runs: dict[str, list[dict]], wl_names: list[str]) -> dict[str, Any]:
+    """Per workload and engine: medians over repeats; ratios of ours to each peer."""
+    summary: dict[str, Any] = {}
+    for name in wl_names:
+        rows: dict[str, Any] = {}
+        for engine, rs in runs.items():
+            recs = [r["results"][name] for r in rs if r and name in r.get("results", {})]
+            if not recs:
+                continue
+            rows[engine] = {
+                "repeats": len(recs),
+                "output_tokens_per_s": med([x["output_tokens_per_s"] for x in recs]),
+                "requests_per_s": med([x["requests_per_s"] for x in recs]),
+                "total_tokens_per_s": med([x["total_tokens_per_s"] for x in recs]),
+                "elapsed_s": med([x["elapsed_s"] for x in recs]),
+                "mean_kv_utilization": med([x.get("mean_kv_utilization") for x in recs]),
+                "load_s": med([r["load_s"] for r in rs if r]),
+                "warmup_s": med([r["warmup_s"] for r in rs if r]),
+                "all_output_tokens_per_s": [x["output_tokens_per_s"] for x in recs],
+                "batch_size": recs[0].get("batch_size"),
+                "sweep": recs[0].get("sweep"),
+            }
+        ours = rows.get("ours")
+        if ours:
+            ref = [r["results"][name]["sample_outputs"] for r in runs.get("ours", []) if r]
+            for engine, row in rows.items():
+                if engine == "ours":
+                    continue
+                row["ratio_ours_over"] = ours["output_tokens_per_s"] / row["output_tokens_per_s"]
+                paired = [o["results"][name]["output_tokens_per_s"] / p["results"][name]["output_tokens_per_s"]
+                          for o, p in zip(runs["ours"], runs[engine]) if o and p]
+                row["paired_ratio_range"] = [min(paired), max(paired)] if paired else None
+                other = [r["results"][name]["sample_outputs"] for r in runs[engine] if r]
+                if ref and other:
+                    row["greedy_agreement_with_ours"] = agreement(ref[0], other[0])
+        summary[name] = rows
+    return summary
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def render(summary: dict, unavailable: dict[str, str], engines: list[str], meta: dict) -> tuple[str, str]:
+    """(plain table for the terminal, markdown for the README)."""
+    head = ["workload", "engine", "req/s", "out tok/s", "KV util", "ours / peer", "paired range",
+            "greedy = ours", "load s"]
+    rows_out = []
+    for name, rows in summary.items():
+        for engine in engines:
+            label = LABELS[engine]
+            if engine in unavailable and engine not in rows:
+                rows_out.append([name, label, "unavailable (see below)"] + [""] * 6)
+                continue
+            r = rows.get(engine)
+            if r is None:
+                continue
+            if engine == "hf_static" and r.get("batch_size"):
+                label += f" (batch {r['batch_size']})"
+            util = r["mean_kv_utilization"]
+            ratio = r.get("ratio_ours_over")
+            pr = r.get("paired_ratio_range")
+            rows_out.append([
+                name, label, fmt(r["requests_per_s"], 2), fmt(r["output_tokens_per_s"]),
+                "n/a" if util is None else f"{100 * util:.1f}%",
+                "" if ratio is None else f"{ratio:.2f}x" + (
+                    "" if engine not in TARGETS else (" ok" if ratio >= TARGETS[engine] else
+                                                      f" (< {TARGETS[engine]}x)")),
+                "" if not pr else f"{pr[0]:.2f}-{pr[1]:.2f}",
+                r.get("greedy_agreement_with_ours", ""), fmt(r["load_s"], 0),
+            ])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows_out)] if rows_out else []
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    plain = "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows_out])
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows_out]
+    notes = [
+        "",
+        f"Model `{meta['model']}`, fp32, greedy, EOS ignored (fixed output lengths), prefix caching off, "
+        f"KV budget {meta['kv_mib']} MiB for every engine ({meta['kv_tokens']:,} token slots at "
+        f"{meta['kv_bytes_per_token']} B/token), {meta['threads']} threads each, {meta['repeats']} interleaved "
+        f"repeats, medians. Throughput excludes model load / compile (`load s`) and warm-up. "
+        f"ours / peer: ratio of median output tokens/s; paired range: min-max of per-repeat ratios. "
+        f"KV util: live token slots / allocated slots, averaged over steps (n/a: the engine does not expose it). "
+        f"greedy = ours: of the first requests, how many got exactly our tokens. "
+        f"Machine: {meta['cpu']}, {meta['nproc']} CPUs, load average {meta['loadavg_start']} at start, "
+        f"{meta['loadavg_end']} at end. Command: `{meta['command']}`.",
+    ]
+    notes += [f"\n{LABELS[e]}: unavailable ({why})" for e, why in unavailable.items()]
+    return plain, "\n".join(md + notes) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "model-store", "tiny-llama"))
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS, help="profile:scale:num_requests,...")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-mib", type=int, default=256, help="KV cache budget for every engine (MiB)")
+    ap.add_argument("--block-size", type=int, default=16, help="ours and HF CB page size")
+    ap.add_argument("--vllm-block-size", type=int, default=0, help="0: vLLM's CPU default (128)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--hf-static-batch-sizes", default="16,32,64",
+                    help="swept on the first repeat; the best per workload is reused")
+    ap.add_argument("--hf-cb-attn", default="sdpa", help="HF CB attention: sdpa | paged|eager")
+    ap.add_argument("--vllm-python", default=os.path.join(ROOT, ".venv-vllm", "bin", "python"))
+    ap.add_argument("--run-timeout", type=int, default=1800, help="seconds per engine process")
+    ap.add_argument("--results-dir", default=os.path.join(BENCH, "results"))
+    ap.add_argument("--name", default="throughput", help="output files: <results-dir>/<name>.json/.md")
+    args = ap.parse_args()
+    from tqdm import tqdm
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for e in engines:
+        if e not in ENGINES:
+            raise SystemExit(f"unknown engine {e!r}; choose from {ENGINES}")
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"model dir {args.model} not found (make model)")
+    wl_dir = os.path.join(args.results_dir, "workloads")
+    run_dir = os.path.join(args.results_dir, "runs", args.name)
+    os.makedirs(wl_dir, exist_ok=True)
+    os.makedirs(run_dir, exist_ok=True)
+
+    wl_paths, wl_names, wl_summaries = [], [], []
+    for profile, scale, n in parse_workloads(args.workloads):
+        wl = workload_for_model(args.model, profile, n, scale, args.seed)
+        wl.name = f"{wl.name}-n{n}"
+        path = os.path.join(wl_dir, f"{wl.name}-seed{args.seed}.json")
+        wl.save(path)
+        wl_paths.append(path)
+        wl_names.append(wl.name)
+        wl_summaries.append(wl.summary())
+        print(f"workload {wl.name}: {json.dumps(wl.summary())}", flush=True)
+
+    unavailable: dict[str, str] = {}
+    if "vllm" in engines:
+        reason = check_vllm(args.vllm_python)
+        if reason:
+            unavailable["vllm"] = reason
+            print(f"vLLM CPU: unavailable ({reason})", flush=True)
+
+    sys.path.insert(0, os.path.join(BENCH, "peers"))
+    import common
+    per_tok = common.kv_bytes_per_token(args.model)
+    meta = {"model": os.path.relpath(args.model, ROOT), "kv_mib": args.kv_mib,
+            "kv_bytes_per_token": per_tok, "kv_tokens": (args.kv_mib << 20) // per_tok,
+            "threads": args.threads, "repeats": args.repeats, "cpu": cpu_model(),
+            "nproc": os.cpu_count(), "loadavg_start": load_avg(),
+            "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
+                                 else "python", os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    active = [e for e in engines if e not in unavailable]
+    runs: dict[str, list[dict | None]] = {e: [] for e in active}
+    errors: dict[str, list[str]] = {e: [] for e in active}
+    hf_sizes: dict[str, int] | None = None
+    t_start = time.perf_counter()
+    bar = tqdm(total=args.repeats * len(active), desc="bench runs", unit="run")
+    for rep in range(args.repeats):
+        order = active[rep % len(active):] + active[:rep % len(active)] if active else []
+        for engine in order:
+            bar.set_postfix_str(f"repeat {rep + 1}: {engine}")
+            out = os.path.join(run_dir, f"{engine}-r{rep + 1}.json")
+            log = os.path.join(run_dir, f"{engine}-r{rep + 1}.log")
+            res, err = run_engine(engine, args, wl_paths, out, log, hf_sizes if engine == "hf_static" else None)
+            if err:
+                errors[engine].append(f"repeat {rep + 1}: {err} (log: {os.path.relpath(log, ROOT)})")
+                tqdm.write(f"{engine} repeat {rep + 1} failed: {err}")
+            else:
+                for name in wl_names:
+                    r = res["results"][name]
+                    tqdm.write(f"  r{rep + 1} {engine:9s} {name}: {r['output_tokens_per_s']:8.1f} out tok/s "
+                               f"({r['elapsed_s']:.1f} s)  load {res['load_s']:.1f} s")
+                if engine == "hf_static" and hf_sizes is None:
+                    hf_sizes = {name: res["results"][name]["batch_size"] for name in wl_names}
+            runs[engine].append(res)
+            bar.update(1)
+    bar.close()
+    for engine, errs in errors.items():
+        if errs and not any(runs[engine]):
+            unavailable[engine] = errs[0]
+    meta["loadavg_end"] = load_avg()
+    meta["wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    # Align repeats for paired ratios (a failed run is None in its slot).
+    summary = aggregate(runs, wl_names)
+    plain, md = render(summary, unavailable, engines, meta)
+    print()
+    print(plain)
+    checks = []
+    for name, rows in summary.items():
+        ours = rows.get("ours")
+        if not ours:
+            continue
+        for engine, target in TARGETS.items():
+            r = rows.get(engine)
+            if r and r.get("ratio_ours_over") is not None:
+                checks.append({"workload": name, "check": f"ours >= {target}x {LABELS[engine]}",
+                               "value": round(r["ratio_ours_over"], 3), "pass": r["ratio_ours_over"] >= target})
+        u = ours.get("mean_kv_utilization")
+        if u is not None:
+            checks.append({"workload": name, "check": f"our KV utilization >= {KV_UTIL_TARGET:.0%}",
+                           "value": round(u, 4), "pass": u >= KV_UTIL_TARGET})
+    print()
+    for c in checks:
+        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['workload']}: {c['check']} (got {c['value']})")
+    for engine, reason in unavailable.items():
+        print(f"{LABELS[engine]}: unavailable ({reason})")
+    for engine, errs in errors.items():
+        for e in errs:
+            print(f"{LABELS[engine]} error: {e}")
+
+    os.makedirs(args.results_dir, exist_ok=True)
+    out_json = os.path.join(args.results_dir, f"{args.name}.json")
+    with open(out_json, "w") as f:
+        json.dump({"meta": meta, "args": vars(args), "workloads": wl_summaries, "summary": summary,
+                   "checks": checks, "unavailable": unavailable, "errors": errors,
+                   "runs": {e: [None if r is None else {k: v for k, v in r.items()} for r in rs]
+                            for e, rs in runs.items()}}, f, indent=1)
+    out_md = os.path.join(args.results_dir, f"{args.name}.md")
+    with open(out_md, "w") as f:
+        f.write(md)
+    print(f"\nwrote {os.path.relpath(out_json, ROOT)} and {os.path.relpath(out_md, ROOT)} "
+          f"({meta['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
