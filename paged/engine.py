@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from paged import beam_search
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
 from paged.detokenizer import Detokenizer
@@ -113,8 +114,6 @@ class LLMEngine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.use_beam_search:
-            raise ValueError("beam search (beam_width > 1) is not available in this build")
         text, token_ids = self._tokenize(prompt)
         self._check_fits(len(token_ids), params)
         if self.scheduler.num_waiting_requests >= self.config.max_waiting_requests:
@@ -176,14 +175,26 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
             self.num_prompt_tokens_total += max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens)
                                                 - computed_before)
-        if sampling:
+        now = time.time()
+        beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
+        sample_rows = []
+        for row, seq in enumerate(sampling):
+            if seq.group.metrics.first_token_time is None:
+                seq.group.metrics.first_token_time = now
+            if seq.group.params.use_beam_search:
+                beam_rows.setdefault(seq.group.request_id, []).append((seq, row))
+            else:
+                sample_rows.append(row)
+        for items in beam_rows.values():
+            self._beam_step(items[0][0].group, [seq for seq, _ in items], logits[[row for _, row in items]])
+            touched[items[0][0].group.request_id] = items[0][0].group
+        if sample_rows:
+            sampling = [sampling[row] for row in sample_rows]
+            logits = logits[sample_rows] if len(sample_rows) != logits.shape[0] else logits
             counts = [seq.group.params.num_seqs if not seq.group.forked else 1 for seq in sampling]
             results = self.sampler.sample(logits, sampling, counts)
-            now = time.time()
             for seq, result in zip(sampling, results):
                 group = seq.group
-                if group.metrics.first_token_time is None:
-                    group.metrics.first_token_time = now
                 targets = [seq]
                 if not group.forked:
                     group.forked = True
@@ -197,10 +208,9 @@ class LLMEngine:
                     self._append_token(target, token, logprob, top)
                 touched[group.request_id] = group
         self._record_utilization()
-        outputs = []
-        for group in touched.values():
-            outputs.append(self._make_output(group))
-        return outputs
+        # A beam request's best beams change from step to step: it reports once, when finished.
+        return [self._make_output(g) for g in touched.values()
+                if g.is_finished or not g.params.use_beam_search]
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float]) -> None:
         params = seq.group.params
@@ -222,6 +232,64 @@ class LLMEngine:
             seq.status = SequenceStatus.FINISHED
             self.scheduler.finish(seq)
 
+    def _beam_step(self, group: SequenceGroup, beams: list[Sequence], logits: torch.Tensor) -> None:
+        """Advance the beams of one request that were scored this step (usually all of them)."""
+        params = group.params
+        group.forked = True
+        waiting_beams = [s for s in group.seqs if not s.is_finished and s not in beams]
+        num_keep = params.beam_width - len(waiting_beams)
+        end_tokens = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
+        scores = torch.tensor([s.cumulative_logprob for s in beams], dtype=torch.float64)
+        continuing, ending = beam_search.select_candidates(scores, torch.log_softmax(logits, dim=-1),
+                                                           num_keep, end_tokens)
+        for candidate in ending:  # a finished hypothesis holds no blocks
+            hypothesis = beams[candidate.parent].fork(self._new_seq_id())
+            hypothesis.token_ids.append(candidate.token)
+            hypothesis.cumulative_logprob = candidate.score
+            hypothesis.status, hypothesis.finish_reason = SequenceStatus.FINISHED, "stop"
+            group.seqs.append(hypothesis)
+        # Fork every extra child before any parent is extended; drop parents nobody continues.
+        targets: dict[int, list[Sequence]] = {}
+        for candidate in continuing:
+            parent = beams[candidate.parent]
+            if candidate.parent in targets:
+                child = parent.fork(self._new_seq_id())
+                group.seqs.append(child)
+                self.scheduler.add_forked(parent, child)
+                targets[candidate.parent].append(child)
+            else:
+                targets[candidate.parent] = [parent]
+        for index, beam in enumerate(beams):
+            if index not in targets:
+                self.scheduler.finish(beam)
+                group.seqs.remove(beam)
+        used = {index: 0 for index in targets}
+        for candidate in continuing:
+            beam = targets[candidate.parent][used[candidate.parent]]
+            used[candidate.parent] += 1
+            beam.token_ids.append(candidate.token)
+            beam.cumulative_logprob = candidate.score
+            self.num_generated_tokens_total += 1
+            self.detokenizer.append_token(beam, [])
+            if beam.num_output_tokens >= params.max_tokens or beam.num_tokens >= self.max_model_len:
+                beam.status, beam.finish_reason = SequenceStatus.FINISHED, "length"
+                self.scheduler.finish(beam)
+        live = [s for s in group.seqs if not s.is_finished]
+        finished = [beam_search.normalized_score(s.cumulative_logprob, self._generated_length(s),
+                                                 params.length_penalty) for s in group.seqs if s.is_finished]
+        if live:
+            best_running = max(beam_search.normalized_score(s.cumulative_logprob, self._generated_length(s),
+                                                            params.length_penalty) for s in live)
+            if beam_search.search_is_done(finished, best_running, params.beam_width):
+                for beam in live:
+                    self.scheduler.finish(beam)
+                    group.seqs.remove(beam)
+
+    def _generated_length(self, seq: Sequence) -> int:
+        """Generated tokens, not counting a final end token (how hypotheses are length-normalized)."""
+        ends_with_stop = seq.finish_reason == "stop" and seq.num_output_tokens > 0
+        return seq.num_output_tokens - int(ends_with_stop)
+
     def _expire_deadlines(self, touched: dict[str, SequenceGroup]) -> None:
         now = time.time()
         for group in [g for g in self.requests.values() if g.deadline is not None and now > g.deadline]:
@@ -235,7 +303,10 @@ class LLMEngine:
         params = group.params
         finished = group.is_finished
         seqs = group.seqs
-        if finished and len(seqs) > params.n:
+        if finished and params.use_beam_search:
+            seqs = sorted(seqs, reverse=True, key=lambda s: beam_search.normalized_score(
+                s.cumulative_logprob, self._generated_length(s), params.length_penalty))
+        elif finished and len(seqs) > params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
         outputs = [
             CompletionOutput(index=i, text=self.detokenizer.visible_text(seq, params.stop),

@@ -152,9 +152,24 @@ def test_logprobs_are_returned_for_each_chosen_token(llm):
         assert all(value <= 0.0 for value in entry.values())
 
 
-def test_beam_search_is_refused_clearly(llm):
-    with pytest.raises(ValueError, match="beam"):
-        llm.engine.add_request("beam", "hello", SamplingParams(beam_width=2, temperature=0.0))
+def test_beam_search_reports_once_with_n_best_beams_and_frees_them(llm):
+    engine = llm.engine
+    engine.add_request("beam", "def main():", SamplingParams(beam_width=4, n=2, max_tokens=6, temperature=0.0))
+    reports = []
+    while engine.has_unfinished_requests():
+        reports += engine.step()
+    assert len(reports) == 1 and reports[0].finished and len(reports[0].outputs) == 2
+    best, second = reports[0].outputs
+    assert best.cumulative_logprob / len(best.token_ids) >= second.cumulative_logprob / len(second.token_ids)
+    assert pool_is_whole(engine)
+
+
+def test_beam_search_is_at_least_as_likely_as_greedy(llm):
+    greedy = llm.generate(["import os"], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0),
+                          use_tqdm=False)[0].outputs[0]
+    beam = llm.generate(["import os"], SamplingParams(beam_width=4, max_tokens=8, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert beam.cumulative_logprob >= greedy.cumulative_logprob - 1e-4  # fp rounding across batch shapes
 
 
 def test_tensor_parallel_is_refused_clearly(tiny_llama_dir):

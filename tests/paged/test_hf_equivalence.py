@@ -153,3 +153,22 @@ def test_greedy_equals_hf_with_triton_backend_interpreted(tiny_llama3_dir):
                               num_kv_blocks=64, max_num_batched_tokens=32, attention_backend="triton")
     assert_equal_to_reference(outputs, reference)
     assert_pool_whole(llm)
+
+
+def test_beam_search_equals_hf_beam_search(tiny_llama_dir):
+    """Without end tokens in play (HF: min_new_tokens, ours: ignore_eos) both run the classic
+    algorithm to max length, so the returned beams must agree token for token, best first."""
+    prompts, width, length = PROMPTS[:4], 3, 8
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256)
+    outputs = llm.generate(prompts, SamplingParams(beam_width=width, n=width, max_tokens=length, ignore_eos=True,
+                                                   temperature=0.0), use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            generated = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width,
+                                       num_return_sequences=width, max_new_tokens=length, min_new_tokens=length,
+                                       do_sample=False, length_penalty=1.0, pad_token_id=0)
+        assert [o.token_ids for o in out.outputs] == generated[:, ids.shape[1]:].tolist()
+    assert_pool_whole(llm)
