@@ -1,0 +1,65 @@
+"""Shared pytest fixtures: the repo root and small deterministic HF checkpoints.
+
+The checkpoints come from scripts/make_model.py.  ``tiny_llama_dir`` reuses
+``<repo>/model-store/tiny-llama`` when ``make model`` has built it; otherwise it is built once
+per session.  The other presets copy its tokenizer, so a session trains the tokenizer at most
+once.  Treat every returned directory as read-only: other tests share it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_make_model():
+    """Import scripts/make_model.py as a module (scripts/ is not a package)."""
+    name = "paged_tests_make_model"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "make_model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    return load_make_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, make_model) -> Path:
+    prebuilt = REPO_ROOT / "model-store" / "tiny-llama"
+    # config.json is written last, so its presence means the build finished; a config that
+    # differs from what the script makes now means the prebuilt copy is stale.
+    if (prebuilt / "config.json").is_file():
+        if json.loads((prebuilt / "config.json").read_text()) == make_model.model_config("tiny-llama"):
+            return prebuilt
+    return make_model.build_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, make_model, tiny_llama_dir) -> Path:
+    return make_model.build_checkpoint(
+        tmp_path_factory.mktemp("tiny-qwen2"), "tiny-qwen2", tokenizer_dir=tiny_llama_dir
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory, make_model, tiny_llama_dir) -> Path:
+    return make_model.build_checkpoint(
+        tmp_path_factory.mktemp("tiny-llama3"), "tiny-llama3", tokenizer_dir=tiny_llama_dir
+    )
