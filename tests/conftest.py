@@ -8,6 +8,13 @@ once.  Treat every returned directory as read-only: other tests share it.
 
 from __future__ import annotations
 
+import os
+
+# Triton reads this when each @triton.jit function is defined (its own library's too, at import),
+# so it must be set before anything imports triton: here, before any test module is collected.
+# Only tests use the interpreter; the serving path on CPU never imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import importlib.util
 import json
 import sys
