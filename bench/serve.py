@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -32,10 +33,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+# bench/kernels.py would shadow the `kernels` package: keep bench/ off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-from workload import Workload, workload_for_model  # noqa: E402
+
+def _load_workload_module():
+    spec = importlib.util.spec_from_file_location("bench_workload", BENCH / "workload.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_workload"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_wl = _load_workload_module()
+Workload, workload_for_model = _wl.Workload, _wl.workload_for_model
 
 
 def engine_settings(args) -> dict:
