@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import dataclasses
 import logging
 import threading
 import time
@@ -36,14 +35,6 @@ def _default_factory(config: EngineConfig):
     from paged.engine import LLMEngine  # imported here: on the engine thread
 
     return LLMEngine(config)
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """Copy the mutable lists so the asyncio thread never reads a list the engine is appending to."""
-    outputs = [dataclasses.replace(c, token_ids=list(c.token_ids),
-                                   logprobs=list(c.logprobs) if c.logprobs is not None else None)
-               for c in out.outputs]
-    return dataclasses.replace(out, outputs=outputs, metrics=dataclasses.replace(out.metrics))
 
 
 class _Stream:
@@ -121,17 +112,27 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ asyncio side
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative snapshots; several outputs ready at once are coalesced to the newest.
+                       arrival_time: float | None = None,
+                       deadline_s: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs; several outputs ready at once are coalesced to the newest.
 
+        The engine hands out fresh ``RequestOutput`` / ``CompletionOutput`` objects every step
+        (``LLMEngine`` builds new token-id lists), so they are passed through without copying.
         Raises ValueError / EngineOverloadedError from ``add_request``, EngineDeadError if the
-        loop dies. Leaving the iteration early (break, aclose, cancellation) aborts the request.
+        loop dies, TimeoutError after ``deadline_s`` (a backstop; the engine's own
+        ``request_timeout_s`` normally ends the request first). Leaving the iteration early
+        (break, aclose, cancellation, deadline) aborts the request in the engine.
         """
         self._check_alive()
-        stream = _Stream(request_id, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(request_id, loop)
         self._post(("add", stream, prompt, params, arrival_time or time.time()))
         if self._dead is not None:  # died between the check and the post: nobody drains the inbox
             raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
+        timer = None
+        if deadline_s is not None:
+            timer = loop.call_later(deadline_s, stream.queue.put_nowait,
+                                    TimeoutError(f"request {request_id} exceeded its {deadline_s:.0f} s deadline"))
         finished = False
         try:
             while True:
@@ -142,13 +143,16 @@ class AsyncLLMEngine:
                         break
                     item = nxt
                 if isinstance(item, BaseException):
-                    finished = True  # the engine side already forgot this request
+                    # the engine side already forgot the request, except after our own deadline
+                    finished = not isinstance(item, TimeoutError)
                     raise item
                 finished = item.finished
                 yield item
                 if finished:
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             if not finished:
                 self._post(("abort", request_id))
 
@@ -286,7 +290,7 @@ class AsyncLLMEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream, _snapshot(out)))
+            by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -72,7 +73,7 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be None, 'torch' or 'triton', got {self.attention_backend!r}")
         if self.request_timeout_s is not None and (
                 isinstance(self.request_timeout_s, bool) or not isinstance(self.request_timeout_s, (int, float))
-                or self.request_timeout_s <= 0):
+                or not math.isfinite(self.request_timeout_s) or self.request_timeout_s <= 0):
             raise ValueError(f"request_timeout_s must be a positive number or None, got {self.request_timeout_s!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

@@ -223,8 +223,8 @@ class LLMEngine:
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
         if is_stop_token and seq.num_output_tokens > params.min_tokens - 1:
             reason = "stop"
-        elif self.detokenizer.append_token(seq, params.stop) and seq.num_output_tokens >= params.min_tokens:
-            reason = "stop"
+        elif self.detokenizer.append_token(seq, params.stop if seq.num_output_tokens >= params.min_tokens else []):
+            reason = "stop"  # stop strings count only from min_tokens on (before, the text is kept whole)
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:

@@ -73,9 +73,11 @@ class Sampler:
             else:
                 greedy_rows.append(row)
         if greedy_rows:
-            rows = torch.tensor(greedy_rows, dtype=torch.long)
-            for row, token in zip(greedy_rows, logits[rows].argmax(dim=-1).tolist()):
-                results[row] = SampleResult([token], [{token: 0.0}], [0.0])
+            rows = logits[torch.tensor(greedy_rows, dtype=torch.long)]
+            best, tokens = rows.max(dim=-1)
+            chosen = (best - torch.logsumexp(rows, dim=-1)).tolist()
+            for row, token, logprob in zip(greedy_rows, tokens.tolist(), chosen):
+                results[row] = SampleResult([token], [{token: logprob}], [logprob])
         return results
 
     def _sample_row(self, logits: torch.Tensor, seq: Sequence, params: SamplingParams, count: int) -> SampleResult:

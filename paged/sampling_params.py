@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_N = 64
+GREEDY_TEMPERATURE = 1e-5
 
 
 def _check_number(name: str, value, low=None, high=None, low_inclusive=True, high_inclusive=True, integer=False):
@@ -88,7 +89,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below GREEDY_TEMPERATURE, logits / temperature overflows: such a request is greedy.
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def use_beam_search(self) -> bool:

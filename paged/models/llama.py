@@ -223,10 +223,11 @@ class LlamaForCausalLM(nn.Module):
         args = ModelArgs.from_checkpoint(model_dir)
         with torch.device("meta"):
             model = cls(args)
-        model.to_empty(device=device)
-        if args.tie_word_embeddings:  # to_empty materializes tied parameters separately
+        # to_empty materializes in the default dtype and unties shared parameters: fix both.
+        model.to_empty(device=device).to(dtype)
+        if args.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_inverse_frequencies(args).to(device)
+        model.inv_freq = rope_inverse_frequencies(args).to(device)  # RoPE angles stay fp32
         model.load_hf_weights(model_dir, dtype)
         return model.eval()
 

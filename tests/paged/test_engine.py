@@ -181,3 +181,21 @@ def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ValueError, match="unsupported architecture"):
         LLMEngine(EngineConfig(model=str(tmp_path)))
+
+
+def test_stop_strings_do_not_count_before_min_tokens(llm):
+    plain = llm.generate(["def main():"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+    early = plain.text[2:4]
+    out = llm.generate(["def main():"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                       min_tokens=12, stop=[early]), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == plain.token_ids and out.text == plain.text
+
+
+def test_greedy_outputs_report_real_cumulative_logprobs(llm):
+    out = llm.generate(["import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    plain = llm.generate(["import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+    assert out.cumulative_logprob < 0.0
+    assert abs(plain.cumulative_logprob - out.cumulative_logprob) < 1e-4

@@ -154,8 +154,6 @@ def test_a_very_low_temperature_always_picks_the_argmax():
     assert set(counts) == {0}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (reported to the lead): a tiny positive temperature that "
-                   "SamplingParams accepts overflows logits / temperature to inf and the sampler raises")
 def test_an_accepted_tiny_temperature_does_not_break_sampling():
     params = SamplingParams(temperature=1e-39)
     result = sample_one(params, [1.0, 3.0, 2.0])
