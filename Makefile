@@ -17,8 +17,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-model: $(STAMP)
+# The default model, written deterministically (config.json last, so it marks a finished build).
+$(MODEL_DIR)/config.json: scripts/make_model.py | $(STAMP)
 	$(PY) scripts/make_model.py --out $(MODEL_DIR)
+
+model: $(MODEL_DIR)/config.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
