@@ -220,18 +220,15 @@ class LLMHandler:
     async def _outputs(self, rid: str, prompt, params) -> AsyncIterator:
         """Engine outputs with errors mapped to RequestError and a wall-clock backstop."""
         timeout = self.engine.config.request_timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout + 10.0
-        agen = self.engine.generate(rid, prompt, params)
+        agen = self.engine.generate(rid, prompt, params,
+                                    deadline_s=None if timeout is None else timeout + 10.0)
         try:
             while True:
                 try:
-                    if deadline is None:
-                        out = await agen.__anext__()
-                    else:
-                        out = await asyncio.wait_for(agen.__anext__(), max(0.0, deadline - time.monotonic()))
+                    out = await agen.__anext__()
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise RequestError(f"request exceeded its deadline of {timeout} s", 408, "timeout") from None
                 except ValueError as exc:
                     raise RequestError(str(exc), 400, param=guess_param(str(exc))) from None

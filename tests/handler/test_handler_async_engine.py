@@ -192,3 +192,21 @@ def test_engine_thread_is_fast_torch_thread():
     bad = min(run("main_first") for _ in range(2))
     print(f"engine thread GEMM: {good:.1f} us (only torch thread) vs {bad:.1f} us (main ran torch first)")
     assert good < bad * 0.8, (good, bad)
+
+
+def test_deadline_backstop_aborts():
+    eng, holder = make(step_sleep_s=0.02)
+    try:
+        async def main():
+            outs = []
+            with pytest.raises(TimeoutError):
+                async for out in eng.generate("slow", [1], SamplingParams(max_tokens=60, temperature=0.0),
+                                              deadline_s=0.2):
+                    outs.append(out)
+            await asyncio.sleep(0.2)
+            return outs
+        outs = asyncio.run(main())
+        assert outs and not outs[-1].finished
+        assert holder["engine"].aborted == ["slow"] and eng.num_inflight() == 0
+    finally:
+        eng.shutdown()

@@ -55,7 +55,7 @@ class FakeEngine:
             r["out"].append(tok)
             done = len(r["out"]) >= r["params"].max_tokens
             text = "".join(f"t{t} " for t in r["out"])
-            co = CompletionOutput(0, text, r["out"], finish_reason="length" if done else None)
+            co = CompletionOutput(0, text, list(r["out"]), finish_reason="length" if done else None)
             outs.append(RequestOutput(rid, None, r["prompt"], [co], done, r["metrics"]))
             if done:
                 del self.reqs[rid]
