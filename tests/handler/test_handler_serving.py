@@ -272,9 +272,9 @@ def test_unknown_route_and_describe(torchserve):
 
 
 def test_metrics_endpoint_shows_engine_metrics(torchserve):
-    for p in PROMPTS:  # some traffic, with a repeated prefix for the prefix cache
-        assert post(torchserve, dict(GREEDY, prompt=p * 8)).status_code == 200
-        assert post(torchserve, dict(GREEDY, prompt=p * 8)).status_code == 200
+    for p in PROMPTS[:2]:  # some traffic, with a repeated prefix for the prefix cache
+        assert post(torchserve, dict(GREEDY, prompt=p * 6)).status_code == 200
+        assert post(torchserve, dict(GREEDY, prompt=p * 6)).status_code == 200
     wanted = ["PagedKVCacheUsagePercent", "PagedNumRequestsRunning", "PagedNumRequestsWaiting",
               "PagedNumRequestsSwapped", "PagedPrefixCacheHitRatePercent", "PagedPromptTokensTotal",
               "PagedGenerationTokensTotal", "PagedTimeToFirstTokenMs", "PagedTimePerOutputTokenMs"]
@@ -288,5 +288,6 @@ def test_metrics_endpoint_shows_engine_metrics(torchserve):
         time.sleep(1)
     missing = [w for w in wanted if w not in samples]
     assert not missing, f"missing {missing}"
-    gen = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("PagedGenerationTokensTotal{")]
-    assert gen and gen[0] >= 6 * GREEDY["max_tokens"]
+    gen = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+           if line.startswith("PagedGenerationTokensTotal{") and 'ModelName="llm"' in line]
+    assert gen and gen[0] >= 4 * GREEDY["max_tokens"]
