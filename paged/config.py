@@ -17,8 +17,8 @@ class EngineConfig:
     """Everything the engine needs; validated on construction (ValueError names the field).
 
     Pool sizing: give ``num_kv_blocks`` or ``kv_cache_memory_bytes`` (not both); with neither, the
-    pool gets ``DEFAULT_KV_FRACTION`` of the bytes the weights take, at least enough for one
-    ``max_model_len`` sequence.
+    pool takes 1 GiB (``paged.engine.DEFAULT_KV_CACHE_BYTES``). ``swap_space_bytes`` sizes the
+    CPU pool that preemption by swap moves blocks to (0 disables swapping: recompute only).
     """
 
     model: str
