@@ -24,12 +24,14 @@ venv-vllm: $(VLLM_STAMP)
 # Both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
 # 3 interleaved repeats (~20-25 min on 2 cores). A failed vLLM install does not stop the run:
 # the table then says "vLLM CPU: unavailable (<reason>)".
-bench: $(STAMP) model
+bench: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	-$(MAKE) --no-print-directory venv-vllm
 	$(PY) bench/throughput.py --model $(MODEL_DIR) $(BENCH_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
-bench-quick: $(STAMP) model
+bench-quick: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)

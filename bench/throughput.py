@@ -72,6 +72,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_busy_fraction(interval: float = 1.0) -> float | None:
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat), or None off Linux."""
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float) -> float | None:
+    """Between runs nothing of ours is running: wait (bounded) until other processes leave the
+    CPUs mostly idle, so a neighbour's burst does not land inside a measurement. Returns the
+    busy fraction seen last."""
+    deadline = time.time() + max_wait_s
+    busy = cpu_busy_fraction()
+    while busy is not None and busy > threshold and time.time() < deadline:
+        busy = cpu_busy_fraction(2.0)
+    return busy
+
+
 def check_vllm(python: str) -> str | None:
     """None when vLLM can be imported by `python`, else the reason it cannot."""
     if not os.path.exists(python):
@@ -236,7 +263,8 @@ def render(summary: dict, unavailable: dict[str, str], engines: list[str], meta:
         f"KV util: live token slots / allocated slots, averaged over steps (n/a: the engine does not expose it). "
         f"greedy = ours: of the first requests, how many got exactly our tokens. "
         f"Machine: {meta['cpu']}, {meta['nproc']} CPUs, load average {meta['loadavg_start']} at start, "
-        f"{meta['loadavg_end']} at end. Command: `{meta['command']}`.",
+        f"{meta['loadavg_end']} at end; {meta.get('disturbed_runs', 0)} run(s) started while other "
+        f"processes kept > {meta.get('quiet_threshold', 0.25):.0%} of the CPUs busy. Command: `{meta['command']}`.",
     ]
     notes += [f"\n{LABELS[e]}: unavailable ({why})" for e, why in unavailable.items()]
     return plain, "\n".join(md + notes) + "\n"
@@ -255,11 +283,15 @@ def main() -> None:
     ap.add_argument("--vllm-block-size", type=int, default=0, help="0: vLLM's CPU default (128)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--hf-static-batch-sizes", default="16,32,64",
+    ap.add_argument("--hf-static-batch-sizes", default="32,64",
                     help="swept on the first repeat; the best per workload is reused")
     ap.add_argument("--hf-cb-attn", default="sdpa", help="HF CB attention: sdpa | paged|eager")
     ap.add_argument("--vllm-python", default=os.path.join(ROOT, ".venv-vllm", "bin", "python"))
     ap.add_argument("--run-timeout", type=int, default=1800, help="seconds per engine process")
+    ap.add_argument("--wait-quiet", type=float, default=60.0,
+                    help="before each run, wait up to this many seconds for other processes to "
+                         "leave the CPUs idle (busy < --quiet-threshold); 0 disables")
+    ap.add_argument("--quiet-threshold", type=float, default=0.25)
     ap.add_argument("--results-dir", default=os.path.join(BENCH, "results"))
     ap.add_argument("--name", default="throughput", help="output files: <results-dir>/<name>.json/.md")
     args = ap.parse_args()
@@ -303,17 +335,26 @@ def main() -> None:
             "nproc": os.cpu_count(), "loadavg_start": load_avg(),
             "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
                                  else "python", os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "quiet_threshold": args.quiet_threshold}
 
     active = [e for e in engines if e not in unavailable]
     runs: dict[str, list[dict | None]] = {e: [] for e in active}
     errors: dict[str, list[str]] = {e: [] for e in active}
     hf_sizes: dict[str, int] | None = None
+    busy_before: dict[str, list[float | None]] = {}
     t_start = time.perf_counter()
     bar = tqdm(total=args.repeats * len(active), desc="bench runs", unit="run")
     for rep in range(args.repeats):
         order = active[rep % len(active):] + active[:rep % len(active)] if active else []
         for engine in order:
+            busy = None
+            if args.wait_quiet > 0:
+                bar.set_postfix_str(f"repeat {rep + 1}: {engine} (waiting for idle CPUs)")
+                busy = wait_for_quiet(args.wait_quiet, args.quiet_threshold)
+                if busy is not None and busy > args.quiet_threshold:
+                    tqdm.write(f"  note: other processes keep {busy:.0%} of the CPUs busy; "
+                               f"{engine} repeat {rep + 1} figures are disturbed")
+                busy_before.setdefault(engine, []).append(busy)
             bar.set_postfix_str(f"repeat {rep + 1}: {engine}")
             out = os.path.join(run_dir, f"{engine}-r{rep + 1}.json")
             log = os.path.join(run_dir, f"{engine}-r{rep + 1}.log")
@@ -335,6 +376,9 @@ def main() -> None:
         if errs and not any(runs[engine]):
             unavailable[engine] = errs[0]
     meta["loadavg_end"] = load_avg()
+    meta["others_cpu_busy_before_runs"] = busy_before
+    noisy = [b for bs in busy_before.values() for b in bs if b is not None and b > args.quiet_threshold]
+    meta["disturbed_runs"] = len(noisy)
     meta["wall_s"] = round(time.perf_counter() - t_start, 1)
 
     # Align repeats for paired ratios (a failed run is None in its slot).

@@ -59,7 +59,7 @@ def main() -> None:
         # A fresh one each time: the manager mutates the config it is given.
         return GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=16)
 
-    def run_session(prompts, olens, timed_part):
+    def run_session(prompts, olens):
         """Open a manager (warm-up inside, untimed), then time add_request .. last result."""
         import time
         with torch.no_grad(), model.continuous_batching_context_manager(
@@ -83,12 +83,12 @@ def main() -> None:
         return [got[i] for i in ids], el
 
     wp, wo = common.warmup_workload(workloads[0], args.warmup_requests)
-    (_, _), warmup_s = common.timed(lambda: run_session(wp, wo, False))
+    (_, _), warmup_s = common.timed(lambda: run_session(wp, wo))
 
     results = {}
     for wl in workloads:
         common.log(f"[hf_cb] {wl.name}: {wl.num_requests} requests ...")
-        outs, el = run_session(wl.prompts, wl.output_lens, True)
+        outs, el = run_session(wl.prompts, wl.output_lens)
         rec = common.result_record(wl, el, outs, None)
         common.log(f"[hf_cb] {wl.name}: {rec['output_tokens_per_s']:.1f} out tok/s ({el:.1f} s)")
         results[wl.name] = rec

@@ -55,7 +55,7 @@ def batch_kv_utilization(plens: list[int], olens: list[int]) -> tuple[float, int
 
 def main() -> None:
     ap = common.base_parser(__doc__)
-    ap.add_argument("--batch-sizes", default="16,32,64",
+    ap.add_argument("--batch-sizes", default="32,64",
                     help="comma-separated; each runs the whole workload, the best is reported")
     ap.add_argument("--batch-size-for", action="append", default=[], metavar="WORKLOAD=BS",
                     help="use only this batch size for this workload (overrides --batch-sizes)")

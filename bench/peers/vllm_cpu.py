@@ -5,6 +5,8 @@ starts it as a subprocess with that interpreter. Set-up, per the measurements in
 - VLLM_CPU_NUM_OF_RESERVED_CPU=0 (by default vLLM keeps one of the two cores for itself),
   VLLM_CPU_KVCACHE_SPACE unset: the budget is passed in bytes as `kv_cache_memory_bytes`, so
   vLLM gets exactly the same KV memory as the others (the env variable only takes whole GiB).
+- --threads N: with N below the machine's cores, VLLM_CPU_OMP_THREADS_BIND=0-(N-1) (vLLM sizes
+  its OpenMP pool from the cores it binds); with N = all cores (2 here), its default binding.
 - enable_prefix_caching=False, fp32, greedy, ignore_eos=True, max_num_seqs / max_num_batched_tokens
   as for our engine. Block size: vLLM's CPU default (128) unless --block-size is given; the
   CPU backend prefers multiples of 32.
@@ -28,6 +30,9 @@ def main() -> None:
     common.set_threads(args.threads)
     os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    if args.threads < (os.cpu_count() or args.threads):
+        # vLLM sizes its OpenMP pool from the cores it binds, not OMP_NUM_THREADS: bind exactly N.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     workloads = common.load_workloads(args.workloads)
 
