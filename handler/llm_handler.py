@@ -83,6 +83,7 @@ class LLMHandler:
         self.model_name = "llm"
         self.metrics: ServingMetrics | None = None
         self.max_prompt_chars: int | None = None
+        self.tokenizer = None
 
     # ------------------------------------------------------------------ load
     def initialize(self, context) -> None:
@@ -105,19 +106,36 @@ class LLMHandler:
             engine.shutdown(5)
             raise
         self.engine = engine
+        self.tokenizer = self._own_tokenizer(engine, config.model)
         self.metrics = ServingMetrics(context.metrics, self.model_name, settings["metrics_interval_s"])
-        self.max_prompt_chars = self._max_prompt_chars(engine)
+        self.max_prompt_chars = self._max_prompt_chars(engine, self.tokenizer)
         logger.info("paged engine ready in %.1f s (max_model_len=%s, vocab=%s, engine-thread probe %s)",
                     engine.load_time_s or 0.0, engine.max_model_len, engine.vocab_size, engine.probe)
         self.initialized = True
 
     @staticmethod
-    def _max_prompt_chars(engine: AsyncLLMEngine) -> int | None:
+    def _own_tokenizer(engine: AsyncLLMEngine, model_dir: str):
+        """A tokenizer instance of our own for the asyncio thread (chat templates).
+
+        The engine's instance is used by the engine thread (incremental detokenizing), and a
+        transformers call mutates the Rust tokenizer's truncation/padding state: sharing one
+        instance across threads can fail with "Already borrowed". Built on the engine thread.
+        """
+        def load(_engine):
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(model_dir)
+        try:
+            return engine.call(load).result(300)
+        except Exception as exc:  # noqa: BLE001 - chat then answers 400, the rest works
+            logger.warning("no tokenizer for the handler (chat disabled): %s", exc)
+            return None
+
+    @staticmethod
+    def _max_prompt_chars(engine: AsyncLLMEngine, tok) -> int | None:
         """Characters beyond which a text prompt cannot fit max_model_len (checked before tokenizing)."""
         if not engine.max_model_len:
             return None
         longest = 16
-        tok = engine.tokenizer
         try:
             longest = max(longest, max(len(t) for t in tok.get_vocab()))
         except Exception:  # noqa: BLE001
@@ -375,7 +393,7 @@ class LLMHandler:
         return [tail + oa.SSE_DONE]
 
     def _chat_prompt(self, req: ChatRequest) -> list[int]:
-        tok = self.engine.tokenizer
+        tok = self.tokenizer
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         if tok is None:
             raise RequestError("this model has no tokenizer; chat needs one", 400)
