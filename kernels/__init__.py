@@ -33,12 +33,14 @@ def write_kv_cache(key, value, key_cache, value_cache, slot_mapping, backend: st
 
 
 def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-                    backend: str | None = None) -> torch.Tensor:
+                    backend: str | None = None, workspace: dict | None = None) -> torch.Tensor:
     """Causal attention of packed queries over K/V read through block tables.
 
     query [num_tokens, num_heads, head_dim]; query_start_loc [num_seqs+1]; seq_lens [num_seqs]
     (kv length including the new tokens, which are each sequence's last q_len positions);
     block_tables [num_seqs, max_blocks_per_seq]. Returns [num_tokens, num_heads, head_dim].
+    ``workspace``: optional dict passed unchanged to every layer of one step (same metadata);
+    an implementation may keep per-step plans there. Never reuse it across steps.
     """
     if _pick_backend(query, backend) == "triton":
         from kernels.triton_attention import triton_paged_attention
@@ -46,7 +48,7 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                       query_start_loc, scale)
     return torch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
-                                 query_start_loc, scale)
+                                 query_start_loc, scale, workspace)
 
 
 __all__ = ["write_kv_cache", "paged_attention", "BACKENDS"]

@@ -32,38 +32,45 @@ def _gather_dense(cache: torch.Tensor, block_table: torch.Tensor, num_blocks: in
     return gathered.flatten(-4, -3)
 
 
+def _decode_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, block_size: int,
+                 num_kv_heads: int) -> dict:
+    """Gather indices and masks for one batch of decode tokens; the same for every layer."""
+    num_seqs = block_tables.shape[0]
+    num_blocks = -(-max_len // block_size)
+    device = block_tables.device
+    positions = torch.arange(num_blocks * block_size, device=device)
+    slots = block_tables[:, :num_blocks].long()[:, positions // block_size] * block_size + positions % block_size
+    heads = torch.arange(num_kv_heads, device=device)
+    # Row (slot * num_kv_heads + head) of the cache viewed as [-1, head_dim], as [S, KVH, L].
+    rows = (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
+    invalid = positions[None, :] >= seq_lens.to(device).long()[:, None]  # [S, L]
+    invalid_rows = invalid[:, None, :].expand(num_seqs, num_kv_heads, -1).reshape(-1).nonzero().squeeze(1)
+    return {"rows": rows, "length": positions.numel(), "mask": invalid[:, None, None, :],
+            "invalid_rows": invalid_rows}
+
+
 def _batched_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                    block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int,
-                    scale: float) -> torch.Tensor:
+                    plan: dict, scale: float) -> torch.Tensor:
     """One query token per sequence: query [S, H, D] -> [S, H, D].
 
-    K/V are gathered one KV head at a time with ``index_select`` into contiguous [S, L, D]
-    tensors, the layout ``bmm`` takes without further copies; the query heads of a KV head
-    (its GQA group) share that one gather.
+    One ``index_select`` gathers every (sequence, KV head)'s keys into a contiguous
+    [S * KVH, L, D] tensor, the layout ``bmm`` takes without further copies; the query heads of
+    a KV head (its GQA group) share that gather.
     """
     num_seqs, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
-    num_blocks = -(-max_len // block_size)
-    positions = torch.arange(num_blocks * block_size, device=query.device)
-    slots = (block_tables[:, :num_blocks].long()[:, positions // block_size] * block_size
-             + positions % block_size).reshape(-1)  # [S * L]
-    invalid = (positions[None, :] >= seq_lens.to(query.device).long()[:, None])[:, None, :]  # [S, 1, L]
-    invalid_rows = invalid.reshape(-1).nonzero().squeeze(1)  # positions past each sequence's end
-    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
-    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
-    q = query.view(num_seqs, num_kv_heads, group, head_dim)
-    out = torch.empty(num_seqs, num_kv_heads, group, head_dim, dtype=query.dtype, device=query.device)
-    for head in range(num_kv_heads):
-        keys = flat_keys[:, head].index_select(0, slots).view(num_seqs, -1, head_dim)
-        values = flat_values[:, head].index_select(0, slots)
-        # Slots past a sequence's end may hold anything (even NaN from an earlier owner): a zero
-        # probability times NaN would still poison the sum, so those rows are zeroed.
-        values = values.index_fill_(0, invalid_rows, 0.0).view(num_seqs, -1, head_dim)
-        scores = torch.bmm(q[:, head], keys.transpose(1, 2)).float() * scale  # [S, G, L]
-        scores.masked_fill_(invalid, float("-inf"))
-        out[:, head] = torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values)
-    return out.view(num_seqs, num_heads, head_dim)
+    length = plan["length"]
+    keys = key_cache.view(-1, head_dim).index_select(0, plan["rows"]).view(-1, length, head_dim)
+    values = value_cache.view(-1, head_dim).index_select(0, plan["rows"])
+    # Slots past a sequence's end may hold anything (even NaN from an earlier owner): a zero
+    # probability times NaN would still poison the sum, so those rows are zeroed.
+    values = values.index_fill_(0, plan["invalid_rows"], 0.0).view(-1, length, head_dim)
+    q = query.reshape(num_seqs * num_kv_heads, group, head_dim)
+    scores = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scale)  # [S * KVH, G, L]
+    scores = scores.view(num_seqs, num_kv_heads, group, length).masked_fill_(plan["mask"], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(-1, group, length)
+    return torch.bmm(probs, values).view(num_seqs, num_heads, head_dim)
 
 
 def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -88,23 +95,35 @@ def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
 
 def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                          query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
-    """See ``kernels.paged_attention``."""
+                          query_start_loc: torch.Tensor, scale: float,
+                          workspace: dict | None = None) -> torch.Tensor:
+    """See ``kernels.paged_attention``. ``workspace``: a dict the caller passes unchanged to every
+    layer of one step; the gather plan of the decode tokens is computed once and kept there."""
     out = torch.empty_like(query)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or query.shape[0] == 0:
         return out
-    starts = query_start_loc.tolist()
-    kv_lens = seq_lens.tolist()
-    q_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
-    if query.shape[0] == num_seqs and all(q == 1 for q in q_lens):
-        return _batched_decode(query, key_cache, value_cache, block_tables, seq_lens, max(kv_lens), scale)
+    workspace = {} if workspace is None else workspace
+    if "q_lens" not in workspace:
+        starts = query_start_loc.tolist()
+        workspace["starts"] = starts
+        workspace["kv_lens"] = seq_lens.tolist()
+        workspace["q_lens"] = [starts[i + 1] - starts[i] for i in range(num_seqs)]
+    starts, kv_lens, q_lens = workspace["starts"], workspace["kv_lens"], workspace["q_lens"]
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    if query.shape[0] == num_seqs:  # decode only
+        if "decode_plan" not in workspace:
+            workspace["decode_plan"] = _decode_plan(block_tables, seq_lens, max(kv_lens), block_size, num_kv_heads)
+        return _batched_decode(query, key_cache, value_cache, workspace["decode_plan"], scale)
     decode_seqs = [i for i in range(num_seqs) if q_lens[i] == 1]
     if decode_seqs:
-        index = torch.tensor(decode_seqs, device=query.device)
-        token_index = torch.tensor([starts[i] for i in decode_seqs], device=query.device)
-        out[token_index] = _batched_decode(query[token_index], key_cache, value_cache, block_tables[index],
-                                           seq_lens[index], max(kv_lens[i] for i in decode_seqs), scale)
+        if "decode_plan" not in workspace:
+            index = torch.tensor(decode_seqs, device=query.device)
+            workspace["decode_tokens"] = torch.tensor([starts[i] for i in decode_seqs], device=query.device)
+            workspace["decode_plan"] = _decode_plan(block_tables[index], seq_lens[index],
+                                                    max(kv_lens[i] for i in decode_seqs), block_size, num_kv_heads)
+        tokens = workspace["decode_tokens"]
+        out[tokens] = _batched_decode(query[tokens], key_cache, value_cache, workspace["decode_plan"], scale)
     for i in range(num_seqs):
         if q_lens[i] > 1:
             start, end = starts[i], starts[i + 1]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -139,6 +139,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     backend: str | None = None
+    workspace: dict = field(default_factory=dict)  # per-step scratch the kernels share across layers
 
 
 class Attention(nn.Module):
@@ -162,7 +163,8 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend=meta.backend)
         out = kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                      meta.query_start_loc, self.scale, backend=meta.backend)
+                                      meta.query_start_loc, self.scale, backend=meta.backend,
+                                      workspace=meta.workspace)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
