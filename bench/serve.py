@@ -255,10 +255,13 @@ def main() -> None:
         for rep in range(args.repeats):
             for wl, path in wls:
                 for mode in (("inproc", "served") if rep % 2 == 0 else ("served", "inproc")):
+                    load_before = os.getloadavg()[0]
                     res = run_inproc(args, path) if mode == "inproc" else run_served(ts, path)
+                    res["load_avg_1m_before"] = round(load_before, 2)  # > ~0.5 here: other work shared the cores
                     runs[wl.name][mode].append(res)
                     print(f"  rep {rep} {wl.name:>16} {mode:>7}: {res['output_tokens_per_s']:8.1f} out tok/s, "
-                          f"TTFT p50 {res['ttft_p50_ms']} ms, TPOT p50 {res['tpot_p50_ms']} ms", flush=True)
+                          f"TTFT p50 {res['ttft_p50_ms']} ms, TPOT p50 {res['tpot_p50_ms']} ms "
+                          f"(load avg before {res['load_avg_1m_before']})", flush=True)
         describe = ts.describe()
     finally:
         ts.stop()

@@ -72,36 +72,42 @@ def torchserve(tmp_path_factory, ts_model_dir):
 def offline_llm(ts_model_dir):
     """The in-process engine with the same settings, for reference outputs.
 
-    Runs in a subprocess so that this pytest process never runs torch on its main thread (it
-    does not matter for correctness; it keeps the server's CPU share predictable).
+    One persistent subprocess (the model loads once) answering JSON lines, so that this pytest
+    process never runs torch itself and the references cost no repeated loads.
     """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _OFFLINE, str(ts_model_dir), json.dumps(TEST_HANDLER)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
     cache: dict = {}
 
     def generate(prompts, **params):
         key = json.dumps([prompts, params], sort_keys=True)
         if key not in cache:
-            cache[key] = _offline_generate(ts_model_dir, prompts, params)
+            proc.stdin.write(json.dumps({"prompts": prompts, "params": params}) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            assert line, "offline reference process died"
+            cache[key] = json.loads(line)
         return cache[key]
-    return generate
+    try:
+        yield generate
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 _OFFLINE = r"""
 import json, sys
 from paged import LLM, SamplingParams
-args = json.loads(sys.stdin.read())
-h = dict(args["engine"]); h.pop("request_timeout", None); h.pop("max_request_bytes", None)
-llm = LLM(args["model"], **h)
-outs = llm.generate(args["prompts"], SamplingParams(**args["params"]), use_tqdm=False)
-print(json.dumps([{"text": [c.text for c in o.outputs], "token_ids": [list(c.token_ids) for c in o.outputs],
-                   "finish_reason": [c.finish_reason for c in o.outputs],
-                   "prompt_token_ids": list(o.prompt_token_ids)} for o in outs]))
+h = json.loads(sys.argv[2]); h.pop("request_timeout", None); h.pop("max_request_bytes", None)
+llm = LLM(sys.argv[1], **h)
+for line in sys.stdin:
+    args = json.loads(line)
+    outs = llm.generate(args["prompts"], SamplingParams(**args["params"]), use_tqdm=False)
+    print(json.dumps([{"text": [c.text for c in o.outputs], "token_ids": [list(c.token_ids) for c in o.outputs],
+                       "finish_reason": [c.finish_reason for c in o.outputs],
+                       "prompt_token_ids": list(o.prompt_token_ids)} for o in outs]), flush=True)
 """
-
-
-def _offline_generate(model_dir, prompts, params):
-    payload = json.dumps({"model": str(model_dir), "prompts": prompts, "params": params, "engine": TEST_HANDLER})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _OFFLINE], input=payload, capture_output=True, text=True,
-                       env=env, timeout=600, cwd=str(ROOT))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
