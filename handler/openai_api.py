@@ -92,11 +92,15 @@ def completion_response(rid: str, model: str, out: RequestOutput, created: int) 
             "choices": choices, "usage": usage(out)}
 
 
-def completion_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None) -> str:
-    obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+def _sse_chunk(kind: str, rid: str, model: str, created: int, choices: list[dict], usage_: dict | None) -> str:
+    obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
     if usage_ is not None:
         obj["usage"] = usage_
     return "data: " + dumps(obj) + "\n\n"
+
+
+def completion_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None) -> str:
+    return _sse_chunk("text_completion", rid, model, created, choices, usage_)
 
 
 def chat_response(rid: str, model: str, out: RequestOutput, created: int) -> dict:
@@ -108,10 +112,7 @@ def chat_response(rid: str, model: str, out: RequestOutput, created: int) -> dic
 
 
 def chat_chunk(rid: str, model: str, created: int, choices: list[dict], usage_: dict | None = None) -> str:
-    obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
-    if usage_ is not None:
-        obj["usage"] = usage_
-    return "data: " + dumps(obj) + "\n\n"
+    return _sse_chunk("chat.completion.chunk", rid, model, created, choices, usage_)
 
 
 def models_response(model: str, max_model_len: int | None, created: int) -> dict:

@@ -217,12 +217,17 @@ class BlockManager:
         return list(mapping.items())
 
     # ---- checks -----------------------------------------------------------------------------
-    def check_invariants(self) -> None:
-        """Assert the invariants in the module docstring (used by tests)."""
-        counts = [0] * self.num_blocks
-        for table in self.block_tables.values():
+    @staticmethod
+    def _count_references(tables: Iterable[list[int]], num_blocks: int) -> list[int]:
+        counts = [0] * num_blocks
+        for table in tables:
             for block_id in table:
                 counts[block_id] += 1
+        return counts
+
+    def check_invariants(self) -> None:
+        """Assert the invariants in the module docstring (used by tests)."""
+        counts = self._count_references(self.block_tables.values(), self.num_blocks)
         assert counts == self.ref_counts, "ref counts differ from block-table references"
         free = set(self.free_block_ids)
         evictable = set(self.prefix_cache.evictable_block_ids())
@@ -234,10 +239,7 @@ class BlockManager:
         for block_id in free:
             assert self.prefix_cache.hash_of(block_id) is None, "a free-list block still carries a hash"
         self.prefix_cache.check_invariants()
-        cpu_counts = [0] * self.num_cpu_blocks
-        for table in self.cpu_block_tables.values():
-            for block_id in table:
-                cpu_counts[block_id] += 1
+        cpu_counts = self._count_references(self.cpu_block_tables.values(), self.num_cpu_blocks)
         assert cpu_counts == self.cpu_ref_counts, "cpu ref counts differ from cpu block tables"
         cpu_free = set(self.free_cpu_block_ids)
         assert len(cpu_free) == len(self.free_cpu_block_ids)
