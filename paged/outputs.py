@@ -10,7 +10,9 @@ class CompletionOutput:
 
     Invariant: across the outputs of one request over time, ``text`` and ``token_ids`` only grow
     by appending (text withheld while it could still be the start of a stop string), so a streamer
-    can send ``text[len(already_sent):]``.
+    can send ``text[len(already_sent):]``. Every output the engine hands out owns fresh lists
+    (never the engine's own), so a consumer on another thread may keep them without copying.
+    Beam-search requests report once, when finished (their beams change from step to step).
     """
 
     index: int
