@@ -364,4 +364,7 @@ class LLMEngine:
             "generated_tokens_total": self.num_generated_tokens_total,
             "mean_kv_utilization": (self._utilization_sum / self._utilization_steps
                                     if self._utilization_steps else 1.0),
+            # The sum and count behind the mean, so a caller can take the mean over any window.
+            "kv_utilization_sum": self._utilization_sum,
+            "kv_utilization_steps": self._utilization_steps,
         }

@@ -6,26 +6,13 @@ sequences whose every token is computed after the step produce logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
-from paged.sequence import Sequence
+from paged.sequence import ScheduledSeq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Does this step compute the sequence's last token (so its next token is sampled)?"""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 class KVCache:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
-from paged.model_runner import ScheduledSeq
-from paged.sequence import Sequence, SequenceGroup, SequenceStatus
+from paged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +37,6 @@ class Sequence:
         self.text = ""
         self.prefix_offset = max(0, self.num_prompt_tokens - 6)
         self.read_offset = self.num_prompt_tokens
-        self.visible_text_len = 0
 
     @property
     def num_tokens(self) -> int:
@@ -92,3 +92,15 @@ class SequenceGroup:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence in a step: its next ``num_new_tokens`` uncomputed tokens run."""
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Does this step compute the sequence's last token (so its next token is sampled)?"""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens

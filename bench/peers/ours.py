@@ -20,9 +20,8 @@ if ROOT not in sys.path:
 
 
 def _util_counters(llm):
-    eng = getattr(llm, "engine", None)
-    s, n = getattr(eng, "_utilization_sum", None), getattr(eng, "_utilization_steps", None)
-    return (s, n) if isinstance(s, float) and isinstance(n, int) else None
+    stats = llm.kv_stats()
+    return stats["kv_utilization_sum"], stats["kv_utilization_steps"]
 
 
 def main() -> None:
