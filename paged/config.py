@@ -5,11 +5,12 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
+LINEAR_BACKENDS = (None, "onednn", "torch")
 
 
 @dataclass
@@ -38,7 +39,12 @@ class EngineConfig:
     device: str = "cpu"
     max_waiting_requests: int = 1024
     request_timeout_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Performance switches (see docs/performance.md). compile: torch.compile the dense part of
+    # each layer at load; a missing compiler falls back to eager with a log line.
+    compile: bool = True
+    # "onednn" (weights prepacked once), "torch" (F.linear) or None: chosen per host by a short
+    # measured probe at load.
+    linear_backend: str | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -77,8 +83,11 @@ class EngineConfig:
             raise ValueError(f"request_timeout_s must be a positive number or None, got {self.request_timeout_s!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":

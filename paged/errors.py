@@ -1,4 +1,31 @@
-"""Errors the engine raises to its callers (besides ValueError for bad input)."""
+"""Errors the engine raises to its callers.
+
+Bad input is an ``InvalidRequestError`` (a ValueError) that names the offending request field in
+``param``, so a server maps it to a 400 for that field without parsing the message text.
+"""
+from __future__ import annotations
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses before doing any work for it (HTTP 400).
+
+    ``param`` is the request field at fault (``"prompt"``, ``"max_tokens"``, ``"stop"``, ...),
+    or None when no single field is (e.g. a duplicate request id).
+    """
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+class RequestFailedError(RuntimeError):
+    """One request could not be completed (its logits held no allowed token, or a step that ran
+    it failed); other requests are unaffected. ``status`` is the HTTP status a server should use."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
 
 
 class EngineOverloadedError(RuntimeError):
