@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # Triton kernel timings vs SDPA; on a machine without a GPU it says so and exits 0.
 bench-kernels: $(STAMP)
-	$(PY) bench/kernels.py
+	$(PY) bench/triton_kernels.py
 
 clean:
 	rm -rf $(VENV) model-store/tiny-llama model-store/*.mar

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-# bench/kernels.py would shadow the `kernels` package: keep bench/ off the import path
+# Keep bench/ off the import path so no bench/ script can shadow a package of the project
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 sys.path.insert(0, str(ROOT))
 

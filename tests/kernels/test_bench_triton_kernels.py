@@ -1,4 +1,4 @@
-"""bench/kernels.py, run in-process: without a GPU it says so and exits 0; its smoke mode runs the
+"""bench/triton_kernels.py, run in-process: without a GPU it says so and exits 0; its smoke mode runs the
 whole measurement path on tiny shapes through the interpreter."""
 import importlib.util
 import json
@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "triton_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels_script", SCRIPT)
+    spec = importlib.util.spec_from_file_location("bench_triton_kernels_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -10,14 +10,14 @@ once through ``triton_paged_attention`` reading K/V through shuffled block table
 head_dim] K/V (``enable_gqa``), and reports ``paged_overhead = triton_ms / sdpa_ms`` (below 1:
 the paged kernel is faster), the decode K/V read bandwidth, the split-K factor the launcher
 chose and the largest difference between the two outputs. A table goes to stdout and JSON to
-``bench/results/kernels.json``.
+``bench/results/triton_kernels.json``.
 
 Without a CUDA GPU it says so and exits 0: the Triton interpreter is no performance model.
 ``--smoke`` runs tiny shapes through the interpreter on CPU to check the script itself
 (its timings mean nothing and nothing is written unless ``--out`` is given).
 
-    python bench/kernels.py                       # defaults: Llama-3-8B-like heads, bf16
-    python bench/kernels.py --batches 1,32 --contexts 1024,8192 --block-sizes 16
+    python bench/triton_kernels.py                       # defaults: Llama-3-8B-like heads, bf16
+    python bench/triton_kernels.py --batches 1,32 --contexts 1024,8192 --block-sizes 16
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "bench" / "results" / "kernels.json"
+DEFAULT_OUT = ROOT / "bench" / "results" / "triton_kernels.json"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     else:
-        print("bench/kernels.py: no CUDA GPU here; the Triton kernels can only be timed on a GPU "
+        print("bench/triton_kernels.py: no CUDA GPU here; the Triton kernels can only be timed on a GPU "
               "(the interpreter is no performance model). Nothing measured.")
         return 0
 
