@@ -1,18 +1,59 @@
 """The torch implementation of the kernels contract: the serving path on CPU.
 
-Decode tokens (q_len 1) of all sequences run as one batched, masked attention over K/V gathered
-through the block tables; each sequence with several new tokens (prefill, chunked prefill,
-prefill over cached prefix blocks) runs one SDPA call, whose compute dwarfs the loop overhead.
+Two paths with the same results. The compiled one (kernels/csrc/paged_attention_cpu.cpp, built
+and loaded by ``kernels.cpu_extension``) reads each K/V block once, in place through the block
+table, over each sequence's exact length, for every q_len in one call. The plain-torch one is the
+fallback where no compiler is available (and the only one for non-CPU tensors): decode tokens
+(q_len 1) of all sequences run as one batched, masked attention over K/V gathered through the
+block tables; each sequence with several new tokens (prefill, chunked prefill, prefill over
+cached prefix blocks) runs one SDPA call.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_extension
+
+
+def _compiled_ops(tensor: torch.Tensor):
+    return cpu_extension.load() if tensor.device.type == "cpu" else None
+
+
+def _int32(index: torch.Tensor) -> torch.Tensor:
+    if index.dtype == torch.int32 and index.is_contiguous():
+        return index
+    return index.to(torch.int32).contiguous()
+
 
 def torch_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_dim] into flat slots; slot -1 is skipped."""
+    ops = _compiled_ops(key)
+    if ops is None:
+        plain_write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
+    if key.dtype != key_cache.dtype:
+        key, value = key.to(key_cache.dtype), value.to(value_cache.dtype)
+    ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                          query_start_loc: torch.Tensor, scale: float,
+                          workspace: dict | None = None) -> torch.Tensor:
+    """See ``kernels.paged_attention``: the compiled kernel where it is loaded, else plain torch."""
+    ops = _compiled_ops(query)
+    if ops is None:
+        return plain_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                     query_start_loc, scale, workspace)
+    return ops.paged_attention(query, key_cache, value_cache, _int32(block_tables), _int32(seq_lens),
+                               _int32(query_start_loc), scale)
+
+
+def plain_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``torch_write_kv_cache`` in torch ops."""
     if key.shape[0] == 0:
         return
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
@@ -93,12 +134,12 @@ def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     return out.transpose(0, 1)
 
 
-def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+def plain_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
                           query_start_loc: torch.Tensor, scale: float,
                           workspace: dict | None = None) -> torch.Tensor:
-    """See ``kernels.paged_attention``. ``workspace``: a dict the caller passes unchanged to every
-    layer of one step; the gather plan of the decode tokens is computed once and kept there."""
+    """``torch_paged_attention`` in torch ops. ``workspace``: a dict the caller passes unchanged to
+    every layer of one step; the gather plan of the decode tokens is computed once and kept there."""
     out = torch.empty_like(query)
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or query.shape[0] == 0:

@@ -1,0 +1,511 @@
+// Paged attention and KV-cache writes on CPU tensors: the kernels contract (kernels/__init__.py)
+// as two torch operators, torch.ops.paged_cpu.paged_attention and torch.ops.paged_cpu.write_kv_cache.
+//
+// Attention is split into work items, each one (sequence, KV head, run of that sequence's new
+// tokens). An item's query rows are those tokens times the query heads of the KV head's GQA group;
+// it walks the sequence's blocks through its block table up to the last key its rows may see, in
+// tiles of at most kTile keys that lie inside one block, and reads every K and V row of a tile
+// once for all of its rows. Each row keeps an online softmax (running max, running sum, output
+// accumulator) in float32 whatever the cache dtype. What must hold:
+//   - no slot at or past a sequence's length is ever read (unused slots may hold NaN);
+//   - a row at position p uses keys 0..p only (causal; the new tokens are the last q_len ones);
+//   - the result does not depend on the number of threads (each item is computed by one thread).
+// Items are handed to torch's own OpenMP threads (at::parallel_for) from a shared counter,
+// largest first, so uneven lengths still balance and torch.set_num_threads is respected.
+//
+// The inner loops use GCC/Clang vector extensions, 16 floats wide, which the compiler maps onto
+// whatever SIMD the host has (-march=native): one AVX-512 register, two AVX2 ones, four NEON ones.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kTile = kLanes;    // keys per online-softmax step: one score vector per row
+constexpr int kMaxItemRows = 32; // query rows per work item when a sequence has several new tokens
+
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+// The same vector type with 4-byte alignment, for loads and stores at any float address.
+typedef float vfloat_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_unaligned*>(p); }
+inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat_unaligned*>(p) = v; }
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline float hsum(vfloat v) {
+  vfloat a = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) + v;
+  vfloat b = __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3) + a;
+  vfloat c = __builtin_shufflevector(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1) + b;
+  return c[0] + c[1];
+}
+
+// 2^x for x <= 0 (larger x works up to 127): 2^round(x) from the exponent bits times a degree-7
+// Taylor polynomial of 2^f on f in [-1/2, 1/2] (truncation error < 1e-8 relative). Inputs below
+// -126 (and -inf) give 2^-126, which callers only multiply into zeros or discard.
+inline vfloat exp2v(vfloat x) {
+  constexpr float ln2 = 0.6931471805599453f;
+  constexpr float c1 = ln2, c2 = c1 * ln2 / 2, c3 = c2 * ln2 / 3, c4 = c3 * ln2 / 4;
+  constexpr float c5 = c4 * ln2 / 5, c6 = c5 * ln2 / 6, c7 = c6 * ln2 / 7;
+  x = x < -126.0f ? splat(-126.0f) : x;
+  // Truncation of a positive number is its floor: shift by 256 so round-half-up is a truncation.
+  vint n = __builtin_convertvector(x + 256.5f, vint) - 256;
+  vfloat f = x - __builtin_convertvector(n, vfloat);
+  vfloat p = splat(c7);
+  p = p * f + c6;
+  p = p * f + c5;
+  p = p * f + c4;
+  p = p * f + c3;
+  p = p * f + c2;
+  p = p * f + c1;
+  p = p * f + 1.0f;
+  vint bits = (n + 127) << 23;
+  return p * reinterpret_cast<vfloat&>(bits);
+}
+
+// Lane t of the result is the sum of the lanes of v[t]: a 16 x 16 transpose fused with the adds.
+inline vfloat transpose_sum(vfloat* v) {
+  vfloat w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    w[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+template <typename scalar_t>
+inline void to_float(const scalar_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// One (sequence, KV head, run of new tokens) of the batch.
+struct Item {
+  int32_t seq;
+  int32_t kv_head;
+  int32_t first_token;  // index among the sequence's new tokens
+  int32_t num_tokens;
+  int64_t cost;         // query rows x keys read, for scheduling
+};
+
+struct Batch {
+  int64_t num_heads, num_kv_heads, group, head_dim, padded_dim, block_size;
+  float scale_log2;  // softmax scale times log2(e): scores live in the exp2 domain
+  const int32_t* block_tables;
+  int64_t table_stride;
+  const int32_t* seq_lens;
+  const int32_t* query_start_loc;
+};
+
+template <typename scalar_t>
+struct Views {
+  const scalar_t* query;
+  int64_t q_token_stride, q_head_stride;
+  const scalar_t* key_cache;
+  const scalar_t* value_cache;
+  int64_t k_block_stride, k_token_stride, k_head_stride;
+  int64_t v_block_stride, v_token_stride, v_head_stride;
+  scalar_t* out;
+  int64_t o_token_stride, o_head_stride;
+};
+
+// Per-thread scratch. Query and accumulator rows are padded to chunks * kLanes floats with zeros.
+struct Scratch {
+  std::vector<float> q, acc, keys, values, probs, row_max, row_sum, alpha;
+  std::vector<vfloat> partial;
+  Scratch(int64_t rows, int64_t padded_dim)
+      : q(rows * padded_dim), acc(rows * padded_dim), keys(kTile * padded_dim, 0.0f),
+        values(kTile * padded_dim, 0.0f), probs(rows * kTile), row_max(rows), row_sum(rows), alpha(rows),
+        partial(rows * kTile) {}
+};
+
+// Rows [0, R) of q against the tile's n keys: partial[r * kTile + t] holds the lane-wise products
+// of row r and key t (zero for t >= n), to be summed by transpose_sum. The R x C query vectors stay
+// in registers while each key row is loaded once.
+template <int C, int R>
+inline void tile_scores(const float* q, int64_t q_stride, const float* keys, int64_t key_stride, int64_t n,
+                        vfloat* partial) {
+  vfloat qr[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) qr[r][c] = load(q + r * q_stride + c * kLanes);
+  for (int64_t t = 0; t < n; ++t) {
+    vfloat k[C];
+    for (int c = 0; c < C; ++c) k[c] = load(keys + t * key_stride + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      vfloat even = qr[r][0] * k[0], odd{};  // two chains halve the FMA latency
+      for (int c = 1; c < C; ++c) {
+        if (c % 2) odd += qr[r][c] * k[c]; else even += qr[r][c] * k[c];
+      }
+      partial[r * kTile + t] = even + odd;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = n; t < kTile; ++t) partial[r * kTile + t] = vfloat{};
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_t probs[r][t] * value[t] for rows [0, R), the R x C
+// accumulators in registers while each value row is loaded once.
+template <int C, int R>
+inline void tile_values(float* acc, int64_t acc_stride, const float* alpha, const float* probs,
+                        const float* values, int64_t value_stride, int64_t n) {
+  vfloat a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * acc_stride + c * kLanes) * alpha[r];
+  for (int64_t t = 0; t < n; ++t) {
+    vfloat v[C];
+    for (int c = 0; c < C; ++c) v[c] = load(values + t * value_stride + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const vfloat p = splat(probs[r * kTile + t]);
+      for (int c = 0; c < C; ++c) a[r][c] += p * v[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) store(acc + r * acc_stride + c * kLanes, a[r][c]);
+}
+
+// The online-softmax step of one row over one tile: the first `visible` keys count, the others
+// get probability 0. Leaves the tile's probabilities and the factor that rescales the
+// accumulator (alpha) for tile_values.
+inline void softmax_step(vfloat* partial, int64_t visible, float& row_max, float& row_sum, float& alpha,
+                         float* probs) {
+  if (visible <= 0) {  // the whole tile lies after this row's position
+    store(probs, vfloat{});
+    alpha = 1.0f;
+    return;
+  }
+  vfloat lane_index;
+  for (int i = 0; i < kLanes; ++i) lane_index[i] = float(i);
+  const vint masked = lane_index >= float(visible);
+  vfloat scores = transpose_sum(partial);
+  scores = masked ? splat(-std::numeric_limits<float>::infinity()) : scores;
+  const float new_max = std::max(row_max, hmax(scores));
+  vfloat p = exp2v(scores - new_max);
+  p = masked ? vfloat{} : p;
+  store(probs, p);
+  alpha = new_max > row_max ? exp2v(splat(row_max - new_max))[0] : 1.0f;
+  row_max = new_max;
+  row_sum = row_sum * alpha + hsum(p);
+}
+
+template <typename scalar_t>
+struct KeyTile {
+  const scalar_t* keys;
+  const scalar_t* values;
+  int64_t n;
+};
+
+template <typename scalar_t, int C>
+void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch& s) {
+  constexpr int R = C >= 16 ? 1 : 16 / C;  // rows per register block
+  constexpr int64_t pdim = C * kLanes;
+  const int64_t dim = b.head_dim;
+  const int64_t rows = int64_t(item.num_tokens) * b.group;
+  const int64_t q_start = b.query_start_loc[item.seq];
+  const int64_t q_len = b.query_start_loc[item.seq + 1] - q_start;
+  const int64_t kv_len = b.seq_lens[item.seq];
+  const int64_t first_pos = kv_len - q_len + item.first_token;  // position of the item's first token
+  const int64_t end_key = first_pos + item.num_tokens;            // keys [0, end_key) are read
+  const int32_t* table = b.block_tables + int64_t(item.seq) * b.table_stride;
+  // fp32 rows whose length is a whole number of vectors are read in place; others are converted.
+  const bool in_place = std::is_same_v<scalar_t, float> && dim == pdim;
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = q_start + item.first_token + r / b.group;
+    const int64_t head = int64_t(item.kv_head) * b.group + r % b.group;
+    const scalar_t* src = v.query + token * v.q_token_stride + head * v.q_head_stride;
+    float* dst = s.q.data() + r * pdim;
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * b.scale_log2;
+    std::fill(dst + dim, dst + pdim, 0.0f);
+  }
+  std::fill(s.acc.begin(), s.acc.begin() + rows * pdim, 0.0f);
+  std::fill(s.row_max.begin(), s.row_max.begin() + rows, -std::numeric_limits<float>::infinity());
+  std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
+
+  // Tiles never cross a block boundary: the keys of one tile are consecutive slots.
+  auto tile_at = [&](int64_t key0) {
+    const int64_t block = table[key0 / b.block_size], offset = key0 % b.block_size;
+    return KeyTile<scalar_t>{
+        v.key_cache + block * v.k_block_stride + offset * v.k_token_stride + item.kv_head * v.k_head_stride,
+        v.value_cache + block * v.v_block_stride + offset * v.v_token_stride + item.kv_head * v.v_head_stride,
+        std::min<int64_t>({kTile, b.block_size - offset, end_key - key0})};
+  };
+  KeyTile<scalar_t> tile = tile_at(0);
+  for (int64_t key0 = 0; key0 < end_key;) {
+    // The block table hides the next tile's address from the hardware prefetcher: ask for it now.
+    KeyTile<scalar_t> next{nullptr, nullptr, 0};
+    if (key0 + tile.n < end_key) {
+      next = tile_at(key0 + tile.n);
+      for (int64_t t = 0; t < next.n; ++t) {
+        const char* k = reinterpret_cast<const char*>(next.keys + t * v.k_token_stride);
+        const char* val = reinterpret_cast<const char*>(next.values + t * v.v_token_stride);
+        for (int64_t line = 0; line < dim * int64_t(sizeof(scalar_t)); line += 64) {
+          __builtin_prefetch(k + line);
+          __builtin_prefetch(val + line);
+        }
+      }
+    }
+    const float* keys;
+    const float* values;
+    int64_t key_stride, value_stride;
+    if (in_place) {
+      keys = reinterpret_cast<const float*>(tile.keys);
+      values = reinterpret_cast<const float*>(tile.values);
+      key_stride = v.k_token_stride;
+      value_stride = v.v_token_stride;
+    } else {
+      for (int64_t t = 0; t < tile.n; ++t) {
+        to_float(tile.keys + t * v.k_token_stride, s.keys.data() + t * pdim, dim);
+        to_float(tile.values + t * v.v_token_stride, s.values.data() + t * pdim, dim);
+      }
+      keys = s.keys.data();
+      values = s.values.data();
+      key_stride = value_stride = pdim;
+    }
+    for (int64_t r0 = 0; r0 < rows;) {
+      const int64_t block_rows = rows - r0 >= R ? R : 1;
+      // Rows are token-major, so the block's last row sees the most keys.
+      if (first_pos + (r0 + block_rows - 1) / b.group + 1 - key0 <= 0) {
+        r0 += block_rows;
+        continue;
+      }
+      float* q = s.q.data() + r0 * pdim;
+      vfloat* partial = s.partial.data() + r0 * kTile;
+      if (block_rows == R) {
+        tile_scores<C, R>(q, pdim, keys, key_stride, tile.n, partial);
+      } else {
+        tile_scores<C, 1>(q, pdim, keys, key_stride, tile.n, partial);
+      }
+      for (int64_t r = r0; r < r0 + block_rows; ++r) {
+        const int64_t visible = std::min<int64_t>(tile.n, first_pos + r / b.group + 1 - key0);
+        softmax_step(s.partial.data() + r * kTile, visible, s.row_max[r], s.row_sum[r], s.alpha[r],
+                     s.probs.data() + r * kTile);
+      }
+      float* acc = s.acc.data() + r0 * pdim;
+      if (block_rows == R) {
+        tile_values<C, R>(acc, pdim, s.alpha.data() + r0, s.probs.data() + r0 * kTile, values, value_stride, tile.n);
+      } else {
+        tile_values<C, 1>(acc, pdim, s.alpha.data() + r0, s.probs.data() + r0 * kTile, values, value_stride, tile.n);
+      }
+      r0 += block_rows;
+    }
+    key0 += tile.n;
+    tile = next;
+  }
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = q_start + item.first_token + r / b.group;
+    const int64_t head = int64_t(item.kv_head) * b.group + r % b.group;
+    scalar_t* dst = v.out + token * v.o_token_stride + head * v.o_head_stride;
+    const float inv = 1.0f / s.row_sum[r];
+    const float* acc = s.acc.data() + r * pdim;
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
+  }
+}
+
+// Splits the batch into items, largest first, after checking what a kernel must trust.
+std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_tokens, int64_t max_blocks) {
+  std::vector<Item> items;
+  const int64_t tokens_per_item = std::max<int64_t>(1, kMaxItemRows / b.group);
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t start = b.query_start_loc[seq], end = b.query_start_loc[seq + 1];
+    const int64_t kv_len = b.seq_lens[seq];
+    TORCH_CHECK_VALUE(0 <= start && start <= end && end <= num_tokens,
+                      "query_start_loc must be non-decreasing within [0, num_tokens]");
+    TORCH_CHECK_VALUE(end - start <= kv_len, "sequence ", seq, " has more new tokens (", end - start,
+                      ") than its seq_len (", kv_len, ")");
+    TORCH_CHECK_VALUE(kv_len <= max_blocks * b.block_size, "sequence ", seq, " has seq_len ", kv_len,
+                      " beyond its block table (", max_blocks, " blocks of ", b.block_size, ")");
+    for (int64_t first = 0; first < end - start; first += tokens_per_item) {
+      const int64_t count = std::min(tokens_per_item, end - start - first);
+      const int64_t keys = kv_len - (end - start) + first + count;
+      for (int64_t h = 0; h < b.num_kv_heads; ++h) {
+        items.push_back({int32_t(seq), int32_t(h), int32_t(first), int32_t(count), count * b.group * keys});
+      }
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  return items;
+}
+
+// Below this many (row x key) products a step runs on the calling thread: waking the pool costs more.
+constexpr int64_t kSerialCost = 4096;
+
+// Vectors per head row that a kernel is compiled for; a head_dim is padded up to the next one.
+constexpr int kChunkSizes[] = {2, 4, 5, 6, 8, 12, 16};
+constexpr int64_t kMaxHeadDim = 16 * kLanes;
+
+template <typename scalar_t, int C>
+void run_items(const std::vector<Item>& items, const Batch& b, const Views<scalar_t>& v) {
+  int64_t total = 0;
+  for (const Item& item : items) total += item.cost;
+  const int64_t max_rows = std::max<int64_t>(kMaxItemRows, b.group);
+  std::atomic<int64_t> next{0};
+  auto drain = [&](int64_t, int64_t) {
+    Scratch scratch(max_rows, C * kLanes);
+    for (int64_t i = next.fetch_add(1); i < int64_t(items.size()); i = next.fetch_add(1)) {
+      attend<scalar_t, C>(items[i], b, v, scratch);
+    }
+  };
+  if (total < kSerialCost || at::get_num_threads() == 1) {
+    drain(0, 1);
+  } else {
+    at::parallel_for(0, at::get_num_threads(), 1, drain);
+  }
+}
+
+template <typename scalar_t>
+void run_items(const std::vector<Item>& items, const Batch& b, const Views<scalar_t>& v) {
+  switch (b.padded_dim / kLanes) {
+    case 2: return run_items<scalar_t, 2>(items, b, v);
+    case 4: return run_items<scalar_t, 4>(items, b, v);
+    case 5: return run_items<scalar_t, 5>(items, b, v);
+    case 6: return run_items<scalar_t, 6>(items, b, v);
+    case 8: return run_items<scalar_t, 8>(items, b, v);
+    case 12: return run_items<scalar_t, 12>(items, b, v);
+    default: return run_items<scalar_t, 16>(items, b, v);
+  }
+}
+
+at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, double scale) {
+  TORCH_CHECK_VALUE(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim]");
+  TORCH_CHECK_VALUE(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+                    "caches must both be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK_VALUE(query.scalar_type() == key_cache.scalar_type() && value_cache.scalar_type() == key_cache.scalar_type(),
+                    "query and caches must share a dtype");
+  TORCH_CHECK_VALUE(query.size(2) == key_cache.size(3), "query and cache head_dim differ");
+  TORCH_CHECK_VALUE(query.stride(2) == 1 && key_cache.stride(3) == 1 && value_cache.stride(3) == 1,
+                    "head_dim must be the contiguous dimension of query and caches");
+  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_start_loc}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->is_contiguous(), "index tensors must be contiguous int32");
+  }
+  const int64_t num_heads = query.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+                    "num_heads (", num_heads, ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK_VALUE(query_start_loc.size(0) == num_seqs + 1 && block_tables.dim() == 2 && block_tables.size(0) == num_seqs,
+                    "block_tables, seq_lens and query_start_loc disagree on the number of sequences");
+
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  if (num_seqs == 0 || query.size(0) == 0) return out;
+
+  Batch b;
+  b.num_heads = num_heads;
+  b.num_kv_heads = num_kv_heads;
+  b.group = num_heads / num_kv_heads;
+  b.head_dim = query.size(2);
+  TORCH_CHECK_VALUE(b.head_dim <= kMaxHeadDim, "head_dim ", b.head_dim, " is above ", kMaxHeadDim);
+  for (int chunks : kChunkSizes) {
+    if (chunks * kLanes >= b.head_dim) {
+      b.padded_dim = chunks * kLanes;
+      break;
+    }
+  }
+  b.block_size = key_cache.size(1);
+  b.scale_log2 = float(scale * 1.4426950408889634);
+  b.block_tables = block_tables.data_ptr<int32_t>();
+  b.table_stride = block_tables.size(1);
+  b.seq_lens = seq_lens.data_ptr<int32_t>();
+  b.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  const std::vector<Item> items = plan_items(b, num_seqs, query.size(0), block_tables.size(1));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu", [&] {
+    Views<scalar_t> v;
+    v.query = query.data_ptr<scalar_t>();
+    v.q_token_stride = query.stride(0);
+    v.q_head_stride = query.stride(1);
+    v.key_cache = key_cache.data_ptr<scalar_t>();
+    v.value_cache = value_cache.data_ptr<scalar_t>();
+    v.k_block_stride = key_cache.stride(0);
+    v.k_token_stride = key_cache.stride(1);
+    v.k_head_stride = key_cache.stride(2);
+    v.v_block_stride = value_cache.stride(0);
+    v.v_token_stride = value_cache.stride(1);
+    v.v_head_stride = value_cache.stride(2);
+    v.out = out.data_ptr<scalar_t>();
+    v.o_token_stride = out.stride(0);
+    v.o_head_stride = out.stride(1);
+    run_items(items, b, v);
+  });
+  return out;
+}
+
+// Copies each token's K and V rows into its slot; slot -1 (or any negative slot) is skipped.
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+                    const at::Tensor& slot_mapping) {
+  TORCH_CHECK_VALUE(key.dim() == 3 && value.sizes() == key.sizes(), "key and value must be [num_tokens, num_kv_heads, head_dim]");
+  TORCH_CHECK_VALUE(key_cache.dim() == 4 && value_cache.sizes() == key_cache.sizes(),
+                    "caches must both be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK_VALUE(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3),
+                    "key rows do not match the cache's [num_kv_heads, head_dim]");
+  TORCH_CHECK_VALUE(key.scalar_type() == key_cache.scalar_type() && value.scalar_type() == key_cache.scalar_type() &&
+                    value_cache.scalar_type() == key_cache.scalar_type(), "key, value and caches must share a dtype");
+  TORCH_CHECK_VALUE(key.stride(2) == 1 && value.stride(2) == 1 && key_cache.stride(3) == 1 && value_cache.stride(3) == 1,
+                    "head_dim must be the contiguous dimension");
+  TORCH_CHECK_VALUE(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), "slot_mapping must be [num_tokens]");
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1);
+  const int64_t block_size = key_cache.size(1), num_slots = key_cache.size(0) * block_size;
+  const int64_t row_bytes = key.size(2) * key.element_size();
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    TORCH_CHECK_INDEX(slot[i] < num_slots, "slot ", slot[i], " is outside the cache (", num_slots, " slots)");
+  }
+  auto* k_src = static_cast<const char*>(key.data_ptr());
+  auto* v_src = static_cast<const char*>(value.data_ptr());
+  auto* k_dst = static_cast<char*>(key_cache.data_ptr());
+  auto* v_dst = static_cast<char*>(value_cache.data_ptr());
+  const int64_t esize = key.element_size();
+  // Copies are small (a decode step moves a few hundred KiB): more than one thread rarely pays.
+  at::parallel_for(0, num_tokens, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (slot[i] < 0) continue;
+      const int64_t block = slot[i] / block_size, offset = slot[i] % block_size;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        std::memcpy(k_dst + (block * key_cache.stride(0) + offset * key_cache.stride(1) + h * key_cache.stride(2)) * esize,
+                    k_src + (i * key.stride(0) + h * key.stride(1)) * esize, row_bytes);
+        std::memcpy(v_dst + (block * value_cache.stride(0) + offset * value_cache.stride(1) + h * value_cache.stride(2)) * esize,
+                    v_src + (i * value.stride(0) + h * value.stride(1)) * esize, row_bytes);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(paged_cpu, m) {
+  m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+        "Tensor seq_lens, Tensor query_start_loc, float scale) -> Tensor");
+  m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor slot_mapping) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(paged_cpu, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("write_kv_cache", &write_kv_cache);
+}
