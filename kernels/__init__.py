@@ -2,12 +2,14 @@
 
 The backend is chosen by the tensors' device unless forced with ``backend="torch"|"triton"``.
 The Triton modules are imported only when that backend is used, so CPU users never need a
-working Triton.
+working Triton. On CPU the torch backend runs compiled kernels (built on first use, see
+``prepare_cpu_kernels``) where a C++ compiler is available, and plain torch ops otherwise.
 """
 from __future__ import annotations
 
 import torch
 
+from kernels import cpu_extension
 from kernels.torch_impl import torch_paged_attention, torch_write_kv_cache
 
 BACKENDS = ("torch", "triton")
@@ -51,4 +53,11 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
                                  query_start_loc, scale, workspace)
 
 
-__all__ = ["write_kv_cache", "paged_attention", "BACKENDS"]
+def prepare_cpu_kernels() -> bool:
+    """Build or load the compiled CPU kernels now; an engine on CPU calls this while it loads, so
+    no request waits for a build. False: they cannot be had here (logged once) and the torch
+    backend serves with plain torch ops."""
+    return cpu_extension.load() is not None
+
+
+__all__ = ["write_kv_cache", "paged_attention", "prepare_cpu_kernels", "BACKENDS"]

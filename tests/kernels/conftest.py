@@ -16,3 +16,19 @@ import torch  # noqa: E402
 def _seed_torch():
     """Builders use their own seeded generators; this makes any stray global draw reproducible."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def compiled_ops():
+    """``torch.ops.paged_cpu``, built or loaded once per session (the first build takes tens of
+    seconds). Skipped only where no C++ compiler exists; a compiler that fails to build it fails."""
+    import shutil
+
+    from kernels import cpu_extension
+
+    ops = cpu_extension.load()
+    if ops is None:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler here: the compiled CPU kernels cannot be built")
+        pytest.fail("a C++ compiler is present but the compiled CPU kernels did not load (see the log line)")
+    return ops
