@@ -46,6 +46,8 @@ _state: dict = {}  # "ops": the loaded namespace or None, once decided
 
 def load():
     """``torch.ops.paged_cpu`` once built and loaded in this process, else None (logged once)."""
+    if "ops" in _state:  # every layer of every step asks: no lock once decided
+        return _state["ops"]
     with _lock:
         if "ops" not in _state:
             _state["ops"] = _build_and_load()

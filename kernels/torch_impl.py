@@ -43,12 +43,18 @@ def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
                           query_start_loc: torch.Tensor, scale: float,
                           workspace: dict | None = None) -> torch.Tensor:
     """See ``kernels.paged_attention``: the compiled kernel where it is loaded, else plain torch."""
-    ops = _compiled_ops(query)
-    if ops is None:
+    # What the compiled kernel needs is the same for every layer of a step: decided once.
+    step = workspace.get("compiled_args") if workspace is not None else None
+    if step is None:
+        ops = _compiled_ops(query)
+        step = (ops, _int32(block_tables), _int32(seq_lens), _int32(query_start_loc)) if ops is not None else ()
+        if workspace is not None:
+            workspace["compiled_args"] = step
+    if not step:
         return plain_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                      query_start_loc, scale, workspace)
-    return ops.paged_attention(query, key_cache, value_cache, _int32(block_tables), _int32(seq_lens),
-                               _int32(query_start_loc), scale)
+    ops, block_tables, seq_lens, query_start_loc = step
+    return ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale)
 
 
 def plain_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,

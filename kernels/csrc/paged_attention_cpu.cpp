@@ -133,14 +133,27 @@ struct Views {
   int64_t o_token_stride, o_head_stride;
 };
 
-// Per-thread scratch. Query and accumulator rows are padded to chunks * kLanes floats with zeros.
+// Per-thread scratch, kept between calls. Query and accumulator rows are padded to
+// padded_dim = chunks * kLanes floats; the padding of the converted key/value rows must stay zero
+// (0 * stale inf would be NaN), so a new shape starts from fresh zeros.
 struct Scratch {
   std::vector<float> q, acc, keys, values, probs, row_max, row_sum, alpha;
   std::vector<vfloat> partial;
-  Scratch(int64_t rows, int64_t padded_dim)
-      : q(rows * padded_dim), acc(rows * padded_dim), keys(kTile * padded_dim, 0.0f),
-        values(kTile * padded_dim, 0.0f), probs(rows * kTile), row_max(rows), row_sum(rows), alpha(rows),
-        partial(rows * kTile) {}
+  int64_t rows = 0, padded_dim = 0, head_dim = 0;
+
+  void fit(int64_t rows_, int64_t padded_dim_, int64_t head_dim_) {
+    if (rows_ == rows && padded_dim_ == padded_dim && head_dim_ == head_dim) return;
+    rows = rows_, padded_dim = padded_dim_, head_dim = head_dim_;
+    q.assign(rows * padded_dim, 0.0f);
+    acc.assign(rows * padded_dim, 0.0f);
+    keys.assign(kTile * padded_dim, 0.0f);
+    values.assign(kTile * padded_dim, 0.0f);
+    probs.assign(rows * kTile, 0.0f);
+    row_max.assign(rows, 0.0f);
+    row_sum.assign(rows, 0.0f);
+    alpha.assign(rows, 0.0f);
+    partial.assign(rows * kTile, vfloat{});
+  }
 };
 
 // Rows [0, R) of q against the tile's n keys: partial[r * kTile + t] holds the lane-wise products
@@ -365,7 +378,8 @@ void run_items(const std::vector<Item>& items, const Batch& b, const Views<scala
   const int64_t max_rows = std::max<int64_t>(kMaxItemRows, b.group);
   std::atomic<int64_t> next{0};
   auto drain = [&](int64_t, int64_t) {
-    Scratch scratch(max_rows, C * kLanes);
+    thread_local Scratch scratch;
+    scratch.fit(max_rows, C * kLanes, b.head_dim);
     for (int64_t i = next.fetch_add(1); i < int64_t(items.size()); i = next.fetch_add(1)) {
       attend<scalar_t, C>(items[i], b, v, scratch);
     }
