@@ -164,3 +164,11 @@ def test_write_kv_cache_rejects_a_slot_outside_the_cache():
     with pytest.raises(IndexError, match="outside the cache"):
         torch_impl.torch_write_kv_cache(*cache_write.args())
     assert torch.equal(cache_write.key_cache, before)  # checked before anything is written
+
+
+def test_ops_are_well_formed_torch_operators(compiled_ops):
+    # Schema (the cache arguments are declared mutated), fake-tensor shapes and AOT dispatch:
+    # what torch.compile needs to keep the kernels as opaque calls inside a compiled graph.
+    batch = make_batch([1, 5], [20, 5], seed=27)
+    torch.library.opcheck(compiled_ops.paged_attention.default, batch.args())
+    torch.library.opcheck(compiled_ops.write_kv_cache.default, make_cache_write([3, -1, 9], seed=27).args())
