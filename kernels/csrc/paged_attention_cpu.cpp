@@ -28,6 +28,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int kLanes = 16;
@@ -112,6 +116,18 @@ template <typename scalar_t>
 inline void to_float(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
+
+#if defined(__F16C__)
+// c10::Half converts one value at a time through bit twiddling on x86: 4x slower decode here.
+template <>
+inline void to_float(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+#endif
 
 // One (sequence, KV head, run of new tokens) of the batch.
 struct Item {
