@@ -172,3 +172,7 @@ def test_ops_are_well_formed_torch_operators(compiled_ops):
     batch = make_batch([1, 5], [20, 5], seed=27)
     torch.library.opcheck(compiled_ops.paged_attention.default, batch.args())
     torch.library.opcheck(compiled_ops.write_kv_cache.default, make_cache_write([3, -1, 9], seed=27).args())
+
+
+def test_head_dims_above_the_kernels_limit_take_the_plain_path():
+    check(make_batch([1, 4], [20, 4], head_dim=torch_impl.MAX_COMPILED_HEAD_DIM + 64, seed=28))
