@@ -16,7 +16,9 @@
 // The inner loops use GCC/Clang vector extensions, 16 floats wide, which the compiler maps onto
 // whatever SIMD the host has (-march=native): one AVX-512 register, two AVX2 ones, four NEON ones.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -394,7 +396,7 @@ std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_token
 constexpr int64_t kSerialCost = 4096;
 
 // Vectors per head row that a kernel is compiled for; a head_dim is padded up to the next one.
-constexpr int kChunkSizes[] = {2, 4, 5, 6, 8, 12, 16};
+constexpr int kChunkSizes[] = {4, 5, 6, 8, 16};  // head_dim 64, 80, 96, 128, 256
 constexpr int64_t kMaxHeadDim = 16 * kLanes;
 
 template <typename scalar_t, int C>
@@ -420,12 +422,10 @@ void run_items(const std::vector<Item>& items, const Batch& b, const Views<scala
 template <typename scalar_t>
 void run_items(const std::vector<Item>& items, const Batch& b, const Views<scalar_t>& v) {
   switch (b.padded_dim / kLanes) {
-    case 2: return run_items<scalar_t, 2>(items, b, v);
     case 4: return run_items<scalar_t, 4>(items, b, v);
     case 5: return run_items<scalar_t, 5>(items, b, v);
     case 6: return run_items<scalar_t, 6>(items, b, v);
     case 8: return run_items<scalar_t, 8>(items, b, v);
-    case 12: return run_items<scalar_t, 12>(items, b, v);
     default: return run_items<scalar_t, 16>(items, b, v);
   }
 }

@@ -176,3 +176,9 @@ def test_ops_are_well_formed_torch_operators(compiled_ops):
 
 def test_head_dims_above_the_kernels_limit_take_the_plain_path():
     check(make_batch([1, 4], [20, 4], head_dim=torch_impl.MAX_COMPILED_HEAD_DIM + 64, seed=28))
+
+
+@pytest.mark.parametrize("head_dim", [32, 72, 192])
+def test_head_dims_between_compiled_sizes_are_zero_padded(head_dim):
+    check(make_batch(MIXED_Q_LENS, MIXED_KV_LENS, num_heads=8, num_kv_heads=2, head_dim=head_dim, poison=True,
+                     seed=head_dim))
