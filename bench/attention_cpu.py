@@ -11,10 +11,13 @@ workspace, and a call's time is the step's time / 8 (min over interleaved repeat
 
 For each: microseconds per call, the K/V bytes a call must read (each sequence's exact length,
 K and V once) per second, against the DRAM read bandwidth measured here at the start (a sum over
-a 512 MiB tensor), and the largest difference between the two paths' outputs. A table goes to
-stdout, JSON to ``bench/results/attention_cpu.json``, with the host CPU, threads and load average.
+a 512 MiB tensor), and the largest difference between the two paths' outputs. Small batches fit
+in the caches (8 layers of K/V of one 250-token sequence are 2 MiB), so they can exceed the DRAM
+figure; from 64 sequences on, K/V come from DRAM. A table goes to stdout, JSON to
+``bench/results/attention_cpu.json``, with the host CPU, threads and load average: figures taken
+while other work runs are noisy (2 threads suffer most: one descheduled thread stalls both).
 
-    python bench/attention_cpu.py                 # ~1 minute on 2 cores
+    python bench/attention_cpu.py                 # about a minute of CPU
     python bench/attention_cpu.py --repeats 11 --threads 2
     python bench/attention_cpu.py --smoke --out /tmp/a.json   # tiny shapes: checks the script
 """
@@ -152,7 +155,7 @@ def host_cpu() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the script only")
