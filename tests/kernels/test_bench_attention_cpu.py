@@ -1,0 +1,34 @@
+"""bench/attention_cpu.py, run in-process on tiny shapes: the whole measurement path works and the
+two CPU paths agree."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "attention_cpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_attention_cpu_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_times_both_paths_and_compares_outputs(bench, compiled_ops, tmp_path):
+    out = tmp_path / "attention_cpu.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert {r["what"] for r in rows} == {"attention", "layer"}
+    assert all(r["max_abs_diff"] < 1e-5 and r["plain_us"] > 0 and r["compiled_us"] > 0 for r in rows)
+    assert report["host_cpu"] and report["threads"] >= 1 and report["dram_read_gbps"] > 0
+
+
+def test_decode_lengths_are_seeded_and_bounded(bench):
+    lengths = bench.lognormal_lengths(200, 250, seed=3)
+    assert lengths == bench.lognormal_lengths(200, 250, seed=3)
+    assert all(1 <= n <= 2048 for n in lengths)
+    assert 150 < sorted(lengths)[100] < 400  # the median is near the requested one
