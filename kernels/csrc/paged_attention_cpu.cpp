@@ -368,7 +368,8 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
 }
 
 // Splits the batch into items, largest first, after checking what a kernel must trust.
-std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_tokens, int64_t max_blocks) {
+std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_tokens, int64_t max_blocks,
+                             int64_t num_blocks) {
   std::vector<Item> items;
   const int64_t tokens_per_item = std::max<int64_t>(1, kMaxItemRows / b.group);
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
@@ -380,6 +381,13 @@ std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_token
                       ") than its seq_len (", kv_len, ")");
     TORCH_CHECK_VALUE(kv_len <= max_blocks * b.block_size, "sequence ", seq, " has seq_len ", kv_len,
                       " beyond its block table (", max_blocks, " blocks of ", b.block_size, ")");
+    if (end == start) continue;
+    // The blocks it reads must exist: a bad id would read outside the cache.
+    const int32_t* table = b.block_tables + seq * b.table_stride;
+    for (int64_t i = 0; i < (kv_len + b.block_size - 1) / b.block_size; ++i) {
+      TORCH_CHECK_INDEX(0 <= table[i] && table[i] < num_blocks, "sequence ", seq, " reads block ", table[i],
+                        " outside the cache (", num_blocks, " blocks)");
+    }
     for (int64_t first = 0; first < end - start; first += tokens_per_item) {
       const int64_t count = std::min(tokens_per_item, end - start - first);
       const int64_t keys = kv_len - (end - start) + first + count;
@@ -472,7 +480,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   b.table_stride = block_tables.size(1);
   b.seq_lens = seq_lens.data_ptr<int32_t>();
   b.query_start_loc = query_start_loc.data_ptr<int32_t>();
-  const std::vector<Item> items = plan_items(b, num_seqs, query.size(0), block_tables.size(1));
+  const std::vector<Item> items = plan_items(b, num_seqs, query.size(0), block_tables.size(1), key_cache.size(0));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_attention_cpu", [&] {
     Views<scalar_t> v;

@@ -182,3 +182,10 @@ def test_head_dims_above_the_kernels_limit_take_the_plain_path():
 def test_head_dims_between_compiled_sizes_are_zero_padded(head_dim):
     check(make_batch(MIXED_Q_LENS, MIXED_KV_LENS, num_heads=8, num_kv_heads=2, head_dim=head_dim, poison=True,
                      seed=head_dim))
+
+
+def test_rejects_a_block_id_outside_the_cache():
+    batch = make_batch([1], [20], seed=29)
+    batch.block_tables[0, 1] = batch.key_cache.shape[0]
+    with pytest.raises(IndexError, match="outside the cache"):
+        torch_impl.torch_paged_attention(*batch.args())
