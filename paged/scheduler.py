@@ -197,12 +197,13 @@ class Scheduler:
                 add_to_plan(seq, count)
 
         # 3. Waiting sequences in arrival order (preempted-by-recompute ones sit at the front).
+        # Every sequence a request will fork into counts against max_num_seqs from its admission.
+        num_seqs = len(self.running) + sum(s.group.params.num_seqs - 1 for s in self.running if not s.group.forked)
         while self.waiting and not preempted and budget > 0 and not self.swapped:
             seq = self.waiting[0]
             group = seq.group
-            # every sequence the request will fork into counts against max_num_seqs
             will_run = 1 if group.forked else group.params.num_seqs
-            if len(self.running) + will_run > self.config.max_num_seqs:
+            if num_seqs + will_run > self.config.max_num_seqs:
                 break
             hits = bm.find_cached_prefix(seq.token_ids)
             computed = len(hits) * bm.block_size
@@ -217,6 +218,7 @@ class Scheduler:
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            num_seqs += will_run
             add_to_plan(seq, num_new)
         return out
 
