@@ -335,6 +335,15 @@ class LLMEngine:
             "kv_utilization_steps": self._utilization_steps,
         }
 
+    def performance_info(self) -> dict:
+        """The fast paths this engine chose at load (reported by describe and the benchmarks)."""
+        model = self.runner.model
+        return {"linear_backend": getattr(model, "linear_backend", "torch"),
+                "compile": bool(getattr(model, "compiled", False)),
+                "attention": self.config.attention_backend or ("triton" if self.config.device.startswith("cuda")
+                                                               else "torch"),
+                "threads": torch.get_num_threads()}
+
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""
         return self.timer.report()
