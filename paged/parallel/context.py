@@ -1,0 +1,49 @@
+"""The parallel context a sharded model is built with: who this rank is and how it talks to its peers.
+
+A model built with ``ParallelContext.single()`` is the unsharded model: every collective below is
+then the identity and costs nothing, so one model definition serves both paths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # the torch.distributed process group; None = the default group
+
+    @classmethod
+    def single(cls) -> "ParallelContext":
+        return cls()
+
+    @classmethod
+    def from_default_group(cls) -> "ParallelContext":
+        """The context of the process group this process initialized (``dist.init_process_group``)."""
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.world_size > 1
+
+
+@torch.compiler.disable
+def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum ``x`` over the ranks in place and return it (identity on a single rank).
+
+    Kept out of compiled graphs: a compiled region ends before the collective and a new one starts
+    after it, so the dense code on either side still compiles.
+    """
+    if ctx.is_parallel:
+        dist.all_reduce(x, group=ctx.group)
+    return x
+
+
+def default_backend(device: str) -> str:
+    """NCCL for CUDA ranks, gloo for CPU ranks."""
+    return "nccl" if str(device).startswith("cuda") else "gloo"

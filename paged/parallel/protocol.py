@@ -1,0 +1,84 @@
+"""The messages between the engine and its ranks (pickled over ``paged.parallel.channel``).
+
+Start-up: rank -> ``Hello``; engine -> ``WorkerInit``; rank loads its shards -> ``Ready``.
+Each step: engine -> ``StepPlan`` (``paged.parallel.step``) to every rank; while it runs, a rank
+sends a ``Heartbeat`` every ``heartbeat_period_s``; at the end -> ``Done`` (its logits shard is in
+the shared buffer) or ``ShardLogits`` followed by one raw frame of fp32 logits (ranks that cannot
+map the buffer, e.g. on another node). A rank whose step raised sends ``RankFailed`` and exits.
+End: engine -> ``Stop`` (or just closes the connections: ranks exit on EOF too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hello:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    host: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class LogitsBufferInfo:
+    """Where a rank on the engine's host finds the shared logits buffer (see ``logits_buffer``)."""
+    pid: int
+    fd: int
+    nonce: int
+    max_rows: int
+    padded_vocab_size: int
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    model: str
+    dtype: str
+    device: str                      # "cpu" or "cuda" (a CUDA rank uses cuda:<local rank>)
+    block_size: int
+    num_blocks: int
+    num_cpu_blocks: int
+    attention_backend: str | None
+    threads_per_rank: int | None     # None: the host's cores / ranks on this host
+    heartbeat_period_s: float
+    seed: int
+    logits_buffer: LogitsBufferInfo | None  # None: every rank sends its logits over the channel
+
+
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+    logits_in_shared_memory: bool
+    num_kv_heads: int                # KV heads in this rank's pool
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    rank: int
+
+
+@dataclass(frozen=True)
+class Done:
+    rank: int
+
+
+@dataclass(frozen=True)
+class ShardLogits:
+    """Announces one raw frame of ``rows x cols`` fp32 logits (this rank's vocabulary shard)."""
+    rank: int
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class RankFailed:
+    rank: int
+    error: str                       # the traceback, for the engine's error message and log
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
