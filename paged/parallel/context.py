@@ -5,6 +5,7 @@ then the identity and costs nothing, so one model definition serves both paths.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,3 +48,9 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 def default_backend(device: str) -> str:
     """NCCL for CUDA ranks, gloo for CPU ranks."""
     return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+def default_threads_per_rank(local_world_size: int) -> int:
+    """Torch threads per rank so the ranks on one host never oversubscribe its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_world_size)

@@ -38,6 +38,7 @@ import torch
 
 from paged.models.llama import ModelArgs
 from paged.parallel.channel import ChannelClosed, Connection, Listener
+from paged.parallel.context import default_threads_per_rank
 from paged.parallel.launch import PARENT_PID_ENV
 from paged.parallel.logits_buffer import LogitsBuffer
 from paged.parallel.partition import ShardLayout, layout_for
@@ -100,6 +101,27 @@ class WorkerGroupSpec:
     def nproc_per_node(self) -> int:
         return self.world_size // self.nnodes
 
+    def torchrun_args(self) -> list[str]:
+        common = [f"--nproc-per-node={self.nproc_per_node}", "--max-restarts=0", "--monitor-interval=0.5"]
+        if self.nnodes == 1:
+            return ["--standalone", "--nnodes=1", *common]
+        return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+                f"--rdzv-id={self.rdzv_id}", *common]
+
+    def launch_argv(self) -> list[str]:
+        return [sys.executable, "-m", "paged.parallel.launch", *self.torchrun_args(), "-m", "paged.parallel.worker"]
+
+    def resolved_threads_per_rank(self) -> int:
+        return self.threads_per_rank or default_threads_per_rank(self.nproc_per_node)
+
+    def remote_node_command(self) -> tuple[dict[str, str], list[str]]:
+        """The environment variables and argv that join another node's ranks to this group (run
+        them on that node, before or after the engine starts; the rendezvous waits for all)."""
+        if self.nnodes == 1:
+            raise ValueError("a single-node group has no other nodes")
+        env = {ADDRESS_ENV: self.engine_address, AUTHKEY_ENV: self.authkey.hex()}
+        return env, self.launch_argv()
+
 
 @dataclass
 class RankInfo:
@@ -142,29 +164,6 @@ class TensorParallelExecutor:
         self._start()
 
     # ---- lifecycle --------------------------------------------------------------------------------
-    def _torchrun_args(self) -> list[str]:
-        spec = self.spec
-        common = [f"--nproc-per-node={spec.nproc_per_node}", "--max-restarts=0", "--monitor-interval=0.5"]
-        if spec.nnodes == 1:
-            return ["--standalone", "--nnodes=1", *common]
-        return [f"--nnodes={spec.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={spec.rdzv_endpoint}",
-                f"--rdzv-id={spec.rdzv_id}", *common]
-
-    def _threads_per_rank(self) -> int:
-        if self.spec.threads_per_rank:
-            return self.spec.threads_per_rank
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cores // self.spec.nproc_per_node)
-
-    def remote_node_command(self) -> tuple[dict[str, str], list[str]]:
-        """The environment and argv that join another node's ranks to this group (run it there)."""
-        if self.spec.nnodes == 1:
-            raise ValueError("a single-node group has no other nodes")
-        env = {ADDRESS_ENV: self._listener.address, AUTHKEY_ENV: self.spec.authkey.hex(),
-               "OMP_NUM_THREADS": str(self._threads_per_rank())}
-        argv = [sys.executable, "-m", "paged.parallel.launch", *self._torchrun_args(), "-m", "paged.parallel.worker"]
-        return env, argv
-
     def _start(self) -> None:
         spec = self.spec
         key = spec.authkey or os.urandom(32)
@@ -184,8 +183,8 @@ class TensorParallelExecutor:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, ADDRESS_ENV: self._listener.address, AUTHKEY_ENV: key.hex(), "PYTHONPATH": python_path,
-               PARENT_PID_ENV: str(os.getpid()), "OMP_NUM_THREADS": str(self._threads_per_rank())}
-        argv = [sys.executable, "-m", "paged.parallel.launch", *self._torchrun_args(), "-m", "paged.parallel.worker"]
+               PARENT_PID_ENV: str(os.getpid()), "OMP_NUM_THREADS": str(spec.resolved_threads_per_rank())}
+        argv = spec.launch_argv()
         # Its own session, so shutdown can signal the agent and every rank at once.
         self.agent = subprocess.Popen(argv, env=env, start_new_session=True)
         self._failure = None
@@ -224,7 +223,7 @@ class TensorParallelExecutor:
                       for h, conn in (hellos[r] for r in range(spec.world_size))]
         init = WorkerInit(model=spec.model, dtype=spec.dtype, device=spec.device, block_size=spec.block_size,
                           num_blocks=spec.num_blocks, num_cpu_blocks=spec.num_cpu_blocks,
-                          attention_backend=spec.attention_backend, threads_per_rank=self._threads_per_rank(),
+                          attention_backend=spec.attention_backend, threads_per_rank=spec.threads_per_rank,
                           heartbeat_period_s=spec.heartbeat_period_s, seed=spec.seed,
                           logits_buffer=self._buffer.info if self._buffer is not None else None)
         for info in self.ranks:
@@ -254,18 +253,29 @@ class TensorParallelExecutor:
         self.shutdown()
         self._start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every rank and the agent; idempotent."""
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop every rank and the agent; idempotent. Ranks get ``timeout`` seconds to exit on
+        their own; whatever is left of the local group then gets SIGKILL."""
+        deadline = time.monotonic() + timeout
         for info in self.ranks:
             try:
                 info.conn.send(Stop())
             except OSError:
                 pass
+        for info in self.ranks:  # EOF on a connection: that rank has exited
+            try:
+                info.conn.settimeout(max(0.0, deadline - time.monotonic()))
+                while info.conn.recv() is not None:
+                    pass
+            except (OSError, EOFError, pickle.UnpicklingError):
+                pass
             info.conn.close()
         self.ranks = []
-        if self.agent is not None and self.agent.poll() is None:
+        # A single-node agent holds nothing once its ranks are gone (killing it saves its seconds of
+        # teardown); the agent of a multi-node group takes part in the other nodes' shutdown.
+        if self.spec.nnodes > 1 and self.agent is not None and self.agent.poll() is None:
             try:
-                self.agent.wait(timeout)
+                self.agent.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self._kill_group()
@@ -358,11 +368,12 @@ class TensorParallelExecutor:
             raise ValueError(f"plan asks for {rows} logits rows; the group was sized for {self.spec.max_logits_rows}")
         started = time.perf_counter()
         payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            for info in self.ranks:
+        for info in self.ranks:
+            try:
                 info.conn.send_bytes(payload)
-        except OSError as exc:
-            raise self._fail(WorkerGroupError(f"sending the step to the tensor-parallel group failed: {exc}")) from None
+            except OSError as exc:
+                raise self._fail(WorkerGroupError(f"tensor-parallel rank {info.rank} (pid {info.pid} on {info.host}) "
+                                                  f"is gone: {exc}", info.rank)) from None
         sent = time.perf_counter()
         staging = self._staging
         gather_s = 0.0

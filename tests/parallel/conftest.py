@@ -1,17 +1,12 @@
-"""Fixtures for the tensor-parallel tests: an odd-vocabulary checkpoint and a torchrun helper."""
+"""Fixtures for the tensor-parallel tests (helpers that tests import live in tp_helpers.py)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ODD_VOCAB_SIZE = 16001  # the tokenizer's 16000 tokens plus one row no text maps to
 
 
@@ -35,25 +30,3 @@ def tiny_odd_vocab_dir(tmp_path_factory, make_model, tiny_llama_dir) -> Path:
         {"bos_token_id": make_model.BOS_ID, "eos_token_id": make_model.EOS_ID, "pad_token_id": make_model.PAD_ID}))
     (out / "config.json").write_text(json.dumps(config))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for child Pythons: this worktree's packages first, one thread each."""
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-
-
-def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` local gloo ranks; fails the test with the output on error."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script), *args]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        pytest.fail(f"torchrun {script.name} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done

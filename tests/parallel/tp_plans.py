@@ -16,6 +16,7 @@ class PlanBuilder:
         self.tables: list[list[int]] = []
         self.tokens: list[list[int]] = []
         self.computed: list[int] = []
+        self.last_sampled: list[int] = []  # the sequences behind the last plan's logits rows, in order
 
     def add(self, prompt: list[int]) -> int:
         self.tables.append([])
@@ -23,17 +24,21 @@ class PlanBuilder:
         self.computed.append(0)
         return len(self.tokens) - 1
 
+    def take_block(self) -> int:
+        self.next_block -= 1
+        return self.next_block + 1
+
     def _slot(self, seq: int, position: int) -> int:
         table = self.tables[seq]
         while len(table) <= position // self.block_size:
-            table.append(self.next_block)
-            self.next_block -= 1
+            table.append(self.take_block())
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
     def step(self, counts: dict[int, int]) -> StepPlan:
         """Schedule ``counts[seq]`` new tokens of each listed sequence; every listed sequence whose
         tokens are then all computed produces a logits row."""
         plan = StepPlan([], [], [], [], [0], [], [])
+        self.last_sampled = []
         for seq, count in counts.items():
             start = self.computed[seq]
             for position in range(start, start + count):
@@ -46,10 +51,28 @@ class PlanBuilder:
             plan.block_tables.append(list(self.tables[seq]))
             if self.computed[seq] == len(self.tokens[seq]):
                 plan.logits_indices.append(plan.query_start_loc[-1] - 1)
+                self.last_sampled.append(seq)
         return plan
 
     def prefill_all(self) -> StepPlan:
         return self.step({seq: len(t) - self.computed[seq] for seq, t in enumerate(self.tokens)})
 
-    def append(self, seq: int, token: int) -> None:
-        self.tokens[seq].append(token)
+    def append_sampled(self, tokens: list[int]) -> None:
+        """Append the tokens sampled from the last plan's logits rows to their sequences."""
+        for seq, token in zip(self.last_sampled, tokens):
+            self.tokens[seq].append(token)
+
+    def fork(self, seq: int) -> tuple[int, tuple[int, int]]:
+        """A child sharing ``seq``'s full blocks; its partly filled last block is copied (copy on
+        write). Returns the child and the (src, dst) block copy to put in the next plan."""
+        child = self.add(self.tokens[seq])
+        self.computed[child] = self.computed[seq]
+        last = self.tables[seq][-1]
+        self.tables[child] = self.tables[seq][:-1] + [self.take_block()]
+        return child, (last, self.tables[child][-1])
+
+    def move(self, seq: int, new_blocks: list[int]) -> list[tuple[int, int]]:
+        """Give ``seq`` new blocks (as after a swap-out and swap-in); the (old, new) pairs."""
+        pairs = list(zip(self.tables[seq], new_blocks))
+        self.tables[seq] = list(new_blocks)
+        return pairs
