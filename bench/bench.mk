@@ -6,7 +6,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: bench bench-quick venv-vllm
+.PHONY: bench bench-quick bench-tp venv-vllm
 
 # vLLM's CPU build pins its own transformers (<5.20), so it gets its own virtual environment.
 # torch first, from the CPU wheel on disk (an unpinned torch would pull a CUDA build); the
@@ -35,3 +35,9 @@ bench-quick: $(STAMP)
 	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
+
+# Tensor parallel: TP=2 ranks vs the model in one process, per-step time split into plan broadcast,
+# channel, all-reduce and logits gather, plus a paper estimate for 7B/70B on 2/4/8 GPUs (~1-2 min).
+bench-tp: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)

@@ -6,6 +6,7 @@ then the identity and costs nothing, so one model definition serves both paths.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,20 @@ class ParallelContext:
         return self.world_size > 1
 
 
+class CollectiveClock:
+    """The all-reduces this process made since the last ``take()``: seconds, calls and bytes (two
+    clock reads per collective, so always on). Ranks report it per step to the benchmark."""
+    seconds = 0.0
+    calls = 0
+    bytes = 0
+
+    @classmethod
+    def take(cls) -> tuple[float, int, int]:
+        taken = (cls.seconds, cls.calls, cls.bytes)
+        cls.seconds, cls.calls, cls.bytes = 0.0, 0, 0
+        return taken
+
+
 @torch.compiler.disable
 def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Sum ``x`` over the ranks in place and return it (identity on a single rank).
@@ -41,7 +56,11 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     after it, so the dense code on either side still compiles.
     """
     if ctx.is_parallel:
+        started = time.perf_counter()
         dist.all_reduce(x, group=ctx.group)
+        CollectiveClock.seconds += time.perf_counter() - started
+        CollectiveClock.calls += 1
+        CollectiveClock.bytes += x.numel() * x.element_size()
     return x
 
 

@@ -137,11 +137,21 @@ class RankInfo:
 
 @dataclass
 class ExecutorStats:
-    """Engine-side time per phase, summed over steps (for the benchmark)."""
+    """Where the steps' time went, summed over steps (for the benchmark)."""
     steps: int = 0
-    broadcast_s: float = 0.0  # pickling the plan and writing it to every rank
-    wait_s: float = 0.0       # from the last write until every rank answered (the ranks' step)
-    gather_s: float = 0.0     # copying the logits out of the buffer / off the sockets
+    total_s: float = 0.0       # engine: execute() from entry until every rank answered
+    broadcast_s: float = 0.0   # engine: pickling the plan and writing it to every rank (part of total)
+    gather_s: float = 0.0      # engine: copying the logits out of the buffer / off the sockets
+    rank_step_s: float = 0.0   # ranks: the slowest rank's step (plan received to answer sent)
+    collective_s: float = 0.0  # ranks: time in all-reduces, averaged over the ranks
+    collective_calls: int = 0  # ranks: all-reduces per rank
+    collective_bytes: int = 0  # ranks: bytes all-reduced per rank
+
+    @property
+    def channel_s(self) -> float:
+        """Engine time no rank accounts for: pickling and writing the plan, its delivery and
+        unpickling, wake-ups, and the answers' trip back."""
+        return self.total_s - self.rank_step_s
 
 
 class TensorParallelExecutor:
@@ -377,9 +387,12 @@ class TensorParallelExecutor:
         sent = time.perf_counter()
         staging = self._staging
         gather_s = 0.0
+        timings = []
 
         def on_answer(info: RankInfo, message: object) -> bool:
             nonlocal gather_s
+            if isinstance(message, (Done, ShardLogits)):
+                timings.append(message.timing)
             if isinstance(message, Done):
                 return True
             if isinstance(message, ShardLogits):
@@ -400,9 +413,13 @@ class TensorParallelExecutor:
         logits = staging[:rows, :self.vocab_size].clone()
         done = time.perf_counter()
         self.stats.steps += 1
+        self.stats.total_s += answered - started - gather_s
         self.stats.broadcast_s += sent - started
-        self.stats.wait_s += answered - sent - gather_s
         self.stats.gather_s += gather_s + done - answered
+        self.stats.rank_step_s += max(t.step_s for t in timings)
+        self.stats.collective_s += sum(t.collective_s for t in timings) / len(timings)
+        self.stats.collective_calls += timings[0].collective_calls
+        self.stats.collective_bytes += timings[0].collective_bytes
         return logits
 
     def __del__(self):

@@ -61,8 +61,19 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """Where a rank's step went: the whole step and its all-reduces (seconds, which include
+    waiting for the slowest rank to arrive; how many; bytes summed)."""
+    step_s: float
+    collective_s: float
+    collective_calls: int
+    collective_bytes: int
+
+
+@dataclass(frozen=True)
 class Done:
     rank: int
+    timing: StepTiming
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class ShardLogits:
     rank: int
     rows: int
     cols: int
+    timing: StepTiming
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import traceback
 
 from paged.parallel.channel import ChannelClosed, Connection, connect
 from paged.parallel.lifecycle import die_with_parent
-from paged.parallel.protocol import (Done, Heartbeat, Hello, RankFailed, Ready, ShardLogits, Stop, WorkerInit)
+from paged.parallel.protocol import (Done, Heartbeat, Hello, RankFailed, Ready, ShardLogits, StepTiming, Stop,
+                                     WorkerInit)
 
 ADDRESS_ENV = "PAGED_TP_ADDRESS"
 AUTHKEY_ENV = "PAGED_TP_AUTHKEY"
@@ -60,7 +61,7 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
     import torch.distributed as dist
 
     from paged.model_runner import DTYPES, KVCache
-    from paged.parallel.context import ParallelContext, default_backend, default_threads_per_rank
+    from paged.parallel.context import CollectiveClock, ParallelContext, default_backend, default_threads_per_rank
     from paged.parallel.logits_buffer import LogitsBuffer
     from paged.parallel.sharded_model import build_sharded_model
     from paged.parallel.step import ShardRunner
@@ -92,15 +93,18 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
         if isinstance(plan, Stop):
             return
         heartbeat.busy.set()
+        step_started = time.perf_counter()
+        CollectiveClock.take()
         logits = runner.execute(plan)  # an exception reaches main(), which reports it and exits
         if shared is not None:
             shared.write_shard(logits, layout.vocab_start)
             heartbeat.busy.clear()
-            conn.send(Done(rank))
+            conn.send(Done(rank, StepTiming(time.perf_counter() - step_started, *CollectiveClock.take())))
         else:
             data = logits.to("cpu").contiguous()
             heartbeat.busy.clear()
-            conn.send(ShardLogits(rank, data.shape[0], data.shape[1]))
+            timing = StepTiming(time.perf_counter() - step_started, *CollectiveClock.take())
+            conn.send(ShardLogits(rank, data.shape[0], data.shape[1], timing))
             conn.send_bytes(data.numpy().tobytes())
 
 
