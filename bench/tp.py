@@ -2,8 +2,8 @@
 
 What it measures: the model's step time (decode at several batch sizes over a fixed context, and
 one long prefill) with the unsharded model in this process (``--threads`` torch threads) and with
-a torchrun group of ``--tp`` ranks (cores / N threads each), driven through the same plans. For
-the group it splits each step into: plan broadcast (engine pickles and writes the plan), channel
+torchrun groups of ``--tp`` ranks (cores / N threads each; one group all-reduces through shared
+memory, the other through gloo), driven through the same plans. For a group it splits each step into: plan broadcast (engine pickles and writes the plan), channel
 (all engine-side time that no rank's step accounts for: the broadcast, delivery and unpickling,
 wake-ups, the answers' trip back), all-reduce (time the ranks spend inside the 2 x layers + 1
 all-reduces, which includes waiting for the slower rank) and logits gather (engine copies the
@@ -86,23 +86,31 @@ class Batch:
         return self._plan(1)
 
 
-def time_steps(runner, plans) -> list[float]:
+def time_steps(runner, plans) -> tuple[float, dict | None]:
+    """Median seconds per step, and for a group its stats per step (``ExecutorStats`` fields)."""
+    stats = getattr(runner, "stats", None)
+    before = dict(vars(stats)) if stats is not None else None
     times = []
     for plan in plans:
         started = time.perf_counter()
         runner.execute(plan)
         times.append(time.perf_counter() - started)
-    return times
+    if before is None:
+        return statistics.median(times), None
+    after = vars(stats)
+    per_step = {k: (after[k] - before[k]) / len(times) for k in before if k != "steps"}
+    per_step["channel_s"] = per_step["total_s"] - per_step["rank_step_s"]
+    return statistics.median(times), per_step
 
 
-def run_workload(runner, name: str, args) -> float:
-    """Median seconds per timed step of one workload (the prefill that sets up a decode is untimed)."""
+def run_workload(runner, name: str, args) -> tuple[float, dict | None]:
+    """One workload's timed steps (the prefill that sets up a decode is not timed)."""
     if name == "prefill":
         batch = Batch(1, args.prefill, 0)
-        return statistics.median(time_steps(runner, [batch.prefill() for _ in range(3)]))
+        return time_steps(runner, [batch.prefill() for _ in range(3)])
     batch = Batch(int(name.split("-")[1]), args.context, args.decode_steps)
     runner.execute(batch.prefill())
-    return statistics.median(time_steps(runner, (batch.decode() for _ in range(args.decode_steps))))
+    return time_steps(runner, [batch.decode() for _ in range(args.decode_steps)])
 
 
 def workload_tokens(name: str, args) -> int:
@@ -174,52 +182,58 @@ def main(argv: list[str] | None = None) -> int:
     start_load = load_avg()
     torch.set_num_threads(args.threads)
     model_args = ModelArgs.from_checkpoint(args.model)
-    single = ShardRunner(LlamaForCausalLM.from_pretrained(args.model, torch.float32),
-                         KVCache(model_args, num_blocks, 0, BLOCK_SIZE, torch.float32, "cpu"), BLOCK_SIZE, "cpu")
-    group = TensorParallelExecutor(WorkerGroupSpec(model=args.model, world_size=args.tp, num_blocks=num_blocks,
-                                                   num_cpu_blocks=0, block_size=BLOCK_SIZE,
-                                                   max_logits_rows=max_batch))
-    results: dict[str, dict] = {w: {"tp1_s": [], "tpn_s": [], "parts": []} for w in workloads}
+    runners = {"TP=1": ShardRunner(LlamaForCausalLM.from_pretrained(args.model, torch.float32),
+                                   KVCache(model_args, num_blocks, 0, BLOCK_SIZE, torch.float32, "cpu"),
+                                   BLOCK_SIZE, "cpu")}
+    for label, shm in ((f"TP={args.tp} shm all-reduce", True), (f"TP={args.tp} gloo all-reduce", False)):
+        runners[label] = TensorParallelExecutor(WorkerGroupSpec(
+            model=args.model, world_size=args.tp, num_blocks=num_blocks, num_cpu_blocks=0, block_size=BLOCK_SIZE,
+            max_logits_rows=max_batch, shared_memory_all_reduce=shm))
+    labels = list(runners)
+    results = {(w, v): {"step_s": [], "parts": []} for w in workloads for v in labels}
     try:
         for name in workloads:  # warm-up (first-touch of the pools, lazy init)
-            run_workload(single, name, args)
-            run_workload(group, name, args)
+            for runner in runners.values():
+                run_workload(runner, name, args)
         for repeat in range(args.repeats):
             for name in workloads:
-                order = ("tp1", "tpn") if repeat % 2 == 0 else ("tpn", "tp1")
-                for variant in order:
-                    if variant == "tp1":
-                        results[name]["tp1_s"].append(run_workload(single, name, args))
-                        continue
-                    before = dict(vars(group.stats))
-                    results[name]["tpn_s"].append(run_workload(group, name, args))
-                    after = vars(group.stats)
-                    steps = after["steps"] - before["steps"]
-                    delta = {k: (after[k] - before[k]) / steps for k in before if k != "steps"}
-                    delta["channel_s"] = delta["total_s"] - delta["rank_step_s"]
-                    results[name]["parts"].append(delta)
+                for label in labels[repeat % len(labels):] + labels[:repeat % len(labels)]:  # rotate the order
+                    step, parts = run_workload(runners[label], name, args)
+                    results[name, label]["step_s"].append(step)
+                    if parts is not None:
+                        results[name, label]["parts"].append(parts)
     finally:
-        group.shutdown()
+        for runner in runners.values():
+            if isinstance(runner, TensorParallelExecutor):
+                runner.shutdown()
 
-    header = (f"TP={args.tp} ({args.tp} ranks x {group.spec.resolved_threads_per_rank()} threads) vs TP=1 "
-              f"({args.threads} threads), {os.path.basename(os.path.normpath(args.model))}, fp32, context "
-              f"{args.context}, {args.repeats} interleaved repeats, medians")
+    threads = runners[labels[1]].spec.resolved_threads_per_rank()
+    header = (f"TP={args.tp} ({args.tp} ranks x {threads} threads) vs TP=1 ({args.threads} threads), "
+              f"{os.path.basename(os.path.normpath(args.model))}, fp32, context {args.context}, "
+              f"{args.repeats} interleaved repeats, medians")
     lines = [header, "",
-             "| step | TP=1 ms | TP=N ms | TP=1 tok/s | TP=N tok/s | N / 1 | broadcast ms | channel ms | "
+             "| step | variant | ms / step | tokens/s | vs TP=1 | broadcast ms | channel ms | "
              "all-reduce ms (calls, KiB each) | gather ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name in workloads:
-        r = results[name]
-        tp1, tpn = statistics.median(r["tp1_s"]), statistics.median(r["tpn_s"])
-        part = {k: statistics.median(p[k] for p in r["parts"]) for k in r["parts"][0]}
         tokens = workload_tokens(name, args)
-        kib = part["collective_bytes"] / max(1, part["collective_calls"]) / 1024
-        lines.append(f"| {name} | {tp1 * 1e3:.2f} | {tpn * 1e3:.2f} | {tokens / tp1:.0f} | {tokens / tpn:.0f} | "
-                     f"{tp1 / tpn:.2f}x | {part['broadcast_s'] * 1e3:.3f} | {part['channel_s'] * 1e3:.3f} | "
-                     f"{part['collective_s'] * 1e3:.2f} ({part['collective_calls']:.0f}, {kib:.0f}) | "
-                     f"{part['gather_s'] * 1e3:.3f} |")
-        summary[name] = {"tp1_step_s": tp1, "tpn_step_s": tpn, "tokens": tokens, "parts": part, "raw": r}
+        base = statistics.median(results[name, "TP=1"]["step_s"])
+        for label in labels:
+            r = results[name, label]
+            step = statistics.median(r["step_s"])
+            row = f"| {name} | {label} | {step * 1e3:.2f} | {tokens / step:.0f} | {base / step:.2f}x |"
+            part = None
+            if r["parts"]:
+                part = {k: statistics.median(p[k] for p in r["parts"]) for k in r["parts"][0]}
+                kib = part["collective_bytes"] / max(1, part["collective_calls"]) / 1024
+                row += (f" {part['broadcast_s'] * 1e3:.3f} | {part['channel_s'] * 1e3:.3f} | "
+                        f"{part['collective_s'] * 1e3:.2f} ({part['collective_calls']:.0f}, {kib:.0f}) | "
+                        f"{part['gather_s'] * 1e3:.3f} |")
+            else:
+                row += " | | | |"
+            lines.append(row)
+            summary[f"{name} {label}"] = {"step_s": step, "tokens": tokens, "parts": part, "raw": r["step_s"]}
     lines += ["", f"Machine: {cpu_model()}, {len(os.sched_getaffinity(0))} CPUs, load average {start_load} at start, "
               f"{load_avg()} at end. Command: `{' '.join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])}`.",
               "", "Paper estimate (H100 SXM, bf16; assumptions in bench/tp.py; comm = 2 x layers + 1 all-reduces "

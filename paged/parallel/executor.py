@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 import torch
 
 from paged.models.llama import ModelArgs
+from paged.parallel import shm_allreduce
 from paged.parallel.channel import ChannelClosed, Connection, Listener
 from paged.parallel.context import default_threads_per_rank
 from paged.parallel.launch import PARENT_PID_ENV
 from paged.parallel.logits_buffer import LogitsBuffer
 from paged.parallel.partition import ShardLayout, layout_for
 from paged.parallel.protocol import (Done, Heartbeat, Hello, RankFailed, Ready, ShardLogits, Stop, WorkerInit)
+from paged.parallel.shared_segment import SharedSegment
 from paged.parallel.step import StepPlan
 from paged.parallel.worker import ADDRESS_ENV, AUTHKEY_ENV
 
@@ -79,6 +81,7 @@ class WorkerGroupSpec:
     heartbeat_timeout_s: float = 5.0
     start_timeout_s: float = 600.0       # loading the shards; a big checkpoint takes minutes
     logits_via_shared_memory: bool = True
+    shared_memory_all_reduce: bool = True  # CPU ranks on one x86-64 host; otherwise gloo / NCCL
     # Across nodes (torchrun's c10d rendezvous); nnodes == 1 runs a standalone rendezvous.
     nnodes: int = 1
     rdzv_endpoint: str | None = None     # host:port of the rendezvous store, reachable by every node
@@ -132,6 +135,7 @@ class RankInfo:
     conn: Connection = field(repr=False)
     num_kv_heads: int = 0
     logits_in_shared_memory: bool = False
+    all_reduce: str = ""
     load_seconds: float = 0.0
 
 
@@ -169,6 +173,7 @@ class TensorParallelExecutor:
         self._listener: Listener | None = None
         self._socket_dir: str | None = None
         self._buffer: LogitsBuffer | None = None
+        self._arena: SharedSegment | None = None
         self._staging: torch.Tensor | None = None
         self._failure: WorkerGroupError | None = None
         self._start()
@@ -189,6 +194,8 @@ class TensorParallelExecutor:
             self._staging = self._buffer.logits
         else:
             self._staging = torch.empty(spec.max_logits_rows, padded_vocab)
+        if spec.shared_memory_all_reduce and spec.device == "cpu" and spec.nnodes == 1 and shm_allreduce.supported():
+            self._arena = SharedSegment.create(shm_allreduce.arena_bytes(spec.world_size), "paged-tp-allreduce")
         # The ranks import the engine's own copy of the package, wherever it was imported from.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
@@ -207,7 +214,10 @@ class TensorParallelExecutor:
             raise WorkerGroupError(f"tensor-parallel group failed to start: {exc!r}") from exc
         finally:
             if self._buffer is not None:
-                self._buffer.release_fd()
+                self._buffer.segment.release_fd()
+            if self._arena is not None:  # the ranks hold their mappings; the engine needs none
+                self._arena.release_fd()
+                self._arena = None
 
     def _handshake(self) -> None:
         spec = self.spec
@@ -235,7 +245,9 @@ class TensorParallelExecutor:
                           num_blocks=spec.num_blocks, num_cpu_blocks=spec.num_cpu_blocks,
                           attention_backend=spec.attention_backend, threads_per_rank=spec.threads_per_rank,
                           heartbeat_period_s=spec.heartbeat_period_s, seed=spec.seed,
-                          logits_buffer=self._buffer.info if self._buffer is not None else None)
+                          max_logits_rows=spec.max_logits_rows,
+                          logits_segment=self._buffer.segment.info if self._buffer is not None else None,
+                          all_reduce_segment=self._arena.info if self._arena is not None else None)
         for info in self.ranks:
             info.conn.send(init)
 
@@ -244,6 +256,7 @@ class TensorParallelExecutor:
                 raise WorkerGroupError(f"rank {info.rank} answered {message!r} instead of Ready", info.rank)
             info.num_kv_heads = message.num_kv_heads
             info.logits_in_shared_memory = message.logits_in_shared_memory
+            info.all_reduce = message.all_reduce
             info.load_seconds = message.load_seconds
             return True
 
@@ -321,6 +334,7 @@ class TensorParallelExecutor:
         return [{"rank": r.rank, "local_rank": r.local_rank, "host": r.host, "pid": r.pid,
                  "kv_heads": r.num_kv_heads,
                  "logits_via": "shared memory" if r.logits_in_shared_memory else "channel",
+                 "all_reduce": r.all_reduce,
                  "load_seconds": round(r.load_seconds, 3)} for r in self.ranks]
 
     @property

@@ -1,6 +1,7 @@
 """The messages between the engine and its ranks (pickled over ``paged.parallel.channel``).
 
-Start-up: rank -> ``Hello``; engine -> ``WorkerInit``; rank loads its shards -> ``Ready``.
+Start-up: rank -> ``Hello``; engine -> ``WorkerInit``; rank joins the process group, maps the
+shared segments it can reach, loads its shards -> ``Ready``.
 Each step: engine -> ``StepPlan`` (``paged.parallel.step``) to every rank; while it runs, a rank
 sends a ``Heartbeat`` every ``heartbeat_period_s``; at the end -> ``Done`` (its logits shard is in
 the shared buffer) or ``ShardLogits`` followed by one raw frame of fp32 logits (ranks that cannot
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paged.parallel.shared_segment import SegmentInfo
+
 
 @dataclass(frozen=True)
 class Hello:
@@ -20,16 +23,6 @@ class Hello:
     local_world_size: int
     host: str
     pid: int
-
-
-@dataclass(frozen=True)
-class LogitsBufferInfo:
-    """Where a rank on the engine's host finds the shared logits buffer (see ``logits_buffer``)."""
-    pid: int
-    fd: int
-    nonce: int
-    max_rows: int
-    padded_vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -44,13 +37,16 @@ class WorkerInit:
     threads_per_rank: int | None     # None: the host's cores / ranks on this host
     heartbeat_period_s: float
     seed: int
-    logits_buffer: LogitsBufferInfo | None  # None: every rank sends its logits over the channel
+    max_logits_rows: int
+    logits_segment: SegmentInfo | None     # the shared logits buffer; None: logits go over the channel
+    all_reduce_segment: SegmentInfo | None  # the shared-memory all-reduce arena; None: the group's backend
 
 
 @dataclass(frozen=True)
 class Ready:
     rank: int
     logits_in_shared_memory: bool
+    all_reduce: str                  # "shared memory", or the process group's backend ("gloo", "nccl")
     num_kv_heads: int                # KV heads in this rank's pool
     load_seconds: float
 

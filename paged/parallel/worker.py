@@ -54,6 +54,27 @@ class _Heartbeat(threading.Thread):
                 os._exit(1)  # the engine is gone; the main thread may be stuck in a collective
 
 
+def _shared_memory_all_reduce(init: WorkerInit, rank: int, world_size: int):
+    """The shared-memory all-reduce when every rank mapped the engine's arena, else None.
+
+    The ranks decide together (one all-reduce over the group): a rank that used shared memory
+    while a peer used gloo would wait forever."""
+    import torch
+    import torch.distributed as dist
+
+    from paged.parallel.shared_segment import SharedSegment
+    from paged.parallel.shm_allreduce import ShmAllReduce
+
+    if init.all_reduce_segment is None:
+        return None
+    segment = SharedSegment.attach(init.all_reduce_segment)
+    everyone = torch.tensor([int(segment is not None)])
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+    if not everyone.item():
+        return None
+    return ShmAllReduce(segment.payload, rank, world_size, COLLECTIVE_TIMEOUT.total_seconds())
+
+
 def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_size: int,
           local_world_size: int) -> None:
     """Load this rank's shard and run steps until the engine says stop or goes away."""
@@ -73,15 +94,19 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(default_backend(device), rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
-    ctx = ParallelContext.from_default_group()
+    backend = default_backend(device)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    local_all_reduce = _shared_memory_all_reduce(init, rank, world_size)
+    ctx = ParallelContext.from_default_group(local_all_reduce)
     dtype = DTYPES[init.dtype]
     model, layout = build_sharded_model(init.model, ctx, dtype, device)
     kv_cache = KVCache(model.args, init.num_blocks, init.num_cpu_blocks, init.block_size, dtype, device)
     runner = ShardRunner(model, kv_cache, init.block_size, device, init.attention_backend)
-    shared = LogitsBuffer.attach(init.logits_buffer) if init.logits_buffer is not None else None
-    conn.send(Ready(rank, shared is not None, layout.num_kv_heads, time.perf_counter() - started))
+    shared = None
+    if init.logits_segment is not None:
+        shared = LogitsBuffer.attach(init.logits_segment, init.max_logits_rows, layout.padded_vocab_size)
+    conn.send(Ready(rank, shared is not None, "shared memory" if local_all_reduce else backend,
+                    layout.num_kv_heads, time.perf_counter() - started))
 
     heartbeat = _Heartbeat(conn, rank, init.heartbeat_period_s)
     heartbeat.start()

@@ -24,6 +24,11 @@ def test_sharded_layer_equals_unsharded(report, case):
     assert report[case]["max_error"] < TOLERANCE
 
 
-@pytest.mark.parametrize("case", ["mlp", "attention_kv_split", "attention_kv_replicated", "embedding_padded_vocab"])
+@pytest.mark.parametrize("case", ["mlp", "attention_kv_split", "attention_kv_replicated", "embedding_padded_vocab",
+                                  "shared_memory_all_reduce"])
 def test_ranks_hold_identical_outputs_after_the_all_reduce(report, case):
     assert report[case]["ranks_agree"]
+
+
+def test_shared_memory_all_reduce_equals_gloo_bit_for_bit(report):
+    assert report["shared_memory_all_reduce"]["max_error"] == 0.0

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from paged.models.llama import MLP, Attention, AttentionMetadata, ModelArgs
+from paged.parallel import shm_allreduce
 from paged.parallel.context import ParallelContext
 from paged.parallel.layers import ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from paged.parallel.partition import layout_for, local_model_args
+from paged.parallel.shared_segment import SharedSegment
+from paged.parallel.shm_allreduce import ShmAllReduce
 
 HIDDEN, HEAD_DIM, INTERMEDIATE, TOKENS = 64, 16, 96, 7
 
@@ -130,6 +133,29 @@ def check_lm_head(ctx: ParallelContext) -> dict:
     return result(logits, F.linear(hidden, full))
 
 
+def check_shared_memory_all_reduce(ctx: ParallelContext) -> dict:
+    """The shared-memory all-reduce against gloo's on the same inputs: several calls in a row (both
+    slots reused), a tensor larger than a slot (chunked) and bf16. With 2 ranks a sum has one
+    order, so the results must be bit-identical."""
+    segment = SharedSegment.create(shm_allreduce.arena_bytes(ctx.world_size), "test-arena") if ctx.rank == 0 else None
+    info = [segment.info if segment is not None else None]
+    dist.broadcast_object_list(info, src=0)
+    segment = segment or SharedSegment.attach(info[0])
+    fast = ShmAllReduce(segment.payload, ctx.rank, ctx.world_size, timeout_s=60)
+    generator = torch.Generator().manual_seed(10 + ctx.rank)
+    inputs = [torch.randn(7, 64, generator=generator) for _ in range(5)]
+    inputs.append(torch.randn(shm_allreduce.SLOT_BYTES // 4 * 3 // 2 + 3, generator=generator))
+    inputs.append(torch.randn(33, 64, generator=generator).to(torch.bfloat16))
+    worst, agree = 0.0, True
+    for x in inputs:
+        expected = x.clone()
+        dist.all_reduce(expected)
+        got = fast(x.clone())
+        worst = max(worst, float((got.float() - expected.float()).abs().max()))
+        agree = agree and ranks_agree(got)
+    return {"max_error": worst, "ranks_agree": agree}
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -141,6 +167,7 @@ def main(out_path: str) -> None:
         "attention_bias": check_attention(ctx, num_heads=8, num_kv_heads=2, bias=True),
         "embedding_padded_vocab": check_embedding(ctx),
         "lm_head_padded_vocab": check_lm_head(ctx),
+        "shared_memory_all_reduce": check_shared_memory_all_reduce(ctx),
     }
     if ctx.rank == 0:
         with open(out_path, "w") as f:
