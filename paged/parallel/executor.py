@@ -71,7 +71,8 @@ class WorkerGroupSpec:
     num_blocks: int
     num_cpu_blocks: int
     block_size: int
-    max_logits_rows: int                 # at most one row per running sequence: max_num_seqs
+    max_logits_rows: int                 # rows the shared logits buffer holds (one per running sequence);
+                                         # a step with more sends its logits over the channel instead
     dtype: str = "float32"
     device: str = "cpu"
     attention_backend: str | None = None
@@ -99,6 +100,15 @@ class WorkerGroupSpec:
                              "and a shared authkey")
         if self.heartbeat_timeout_s <= self.heartbeat_period_s:
             raise ValueError("heartbeat_timeout_s must exceed heartbeat_period_s")
+
+    @classmethod
+    def for_engine(cls, config, num_blocks: int, num_cpu_blocks: int, **launch) -> "WorkerGroupSpec":
+        """The spec of an engine's group (``config``: ``paged.config.EngineConfig``); ``launch``
+        overrides the rest (heartbeats, multi-node settings)."""
+        return cls(model=config.model, world_size=config.tensor_parallel_size, num_blocks=num_blocks,
+                   num_cpu_blocks=num_cpu_blocks, block_size=config.block_size, max_logits_rows=config.max_num_seqs,
+                   dtype=config.dtype, device=config.device, attention_backend=config.attention_backend,
+                   seed=config.seed, **launch)
 
     @property
     def nproc_per_node(self) -> int:
@@ -232,6 +242,8 @@ class TensorParallelExecutor:
                 conn = self._listener.accept(timeout=_POLL_S)
             except TimeoutError:
                 continue
+            except (ConnectionError, OSError):
+                continue  # a peer without the key (or one that hung up mid-handshake) is not a rank
             # A frame that stalls half-way must not stall the engine: every read has a bound.
             conn.settimeout(spec.heartbeat_timeout_s)
             hello = conn.recv()
@@ -308,6 +320,7 @@ class TensorParallelExecutor:
         """SIGKILL the agent's session (agent and local ranks) and release every resource."""
         for info in self.ranks:
             info.conn.close()
+        self.ranks = []
         if self.agent is not None:
             if self.agent.poll() is None:
                 try:
@@ -388,8 +401,6 @@ class TensorParallelExecutor:
         if self._failure is not None:
             raise self._failure
         rows = plan.num_logits_rows
-        if rows > self.spec.max_logits_rows:
-            raise ValueError(f"plan asks for {rows} logits rows; the group was sized for {self.spec.max_logits_rows}")
         started = time.perf_counter()
         payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
         for info in self.ranks:
@@ -400,6 +411,8 @@ class TensorParallelExecutor:
                                                   f"is gone: {exc}", info.rank)) from None
         sent = time.perf_counter()
         staging = self._staging
+        if rows > staging.shape[0]:  # more rows than the shared buffer holds: every rank uses the channel
+            staging = torch.empty(rows, staging.shape[1])
         gather_s = 0.0
         timings = []
 

@@ -116,3 +116,9 @@ def local_model_args(args, layout: ShardLayout):
     linear its per-rank shape, and a KV pool from them holds only the rank's KV heads."""
     return dataclasses.replace(args, num_heads=layout.num_heads, num_kv_heads=layout.num_kv_heads,
                                intermediate_size=layout.intermediate_size)
+
+
+def kv_bytes_per_token_per_rank(args, world_size: int) -> int:
+    """Bytes of K and V per token (per byte of element size) in one rank's pool: what sizes a
+    rank's KV blocks (every rank holds as many KV heads as rank 0)."""
+    return local_model_args(args, layout_for(args, world_size, 0)).kv_bytes_per_token

@@ -121,7 +121,7 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
         step_started = time.perf_counter()
         CollectiveClock.take()
         logits = runner.execute(plan)  # an exception reaches main(), which reports it and exits
-        if shared is not None:
+        if shared is not None and logits.shape[0] <= init.max_logits_rows:
             shared.write_shard(logits, layout.vocab_start)
             heartbeat.busy.clear()
             conn.send(Done(rank, StepTiming(time.perf_counter() - step_started, *CollectiveClock.take())))

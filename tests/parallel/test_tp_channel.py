@@ -84,3 +84,12 @@ def test_multi_node_spec_needs_an_engine_address_and_a_shared_key(tiny_llama_dir
     with pytest.raises(ValueError, match="engine_address"):
         WorkerGroupSpec(model=str(tiny_llama_dir), world_size=2, num_blocks=4, num_cpu_blocks=0, block_size=16,
                         max_logits_rows=1, nnodes=2, rdzv_endpoint="127.0.0.1:1")
+
+
+def test_engine_spec_takes_its_sizes_from_the_engine_config(tiny_llama_dir):
+    from paged.config import EngineConfig
+
+    config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=2, max_num_seqs=32, block_size=8, seed=3)
+    spec = WorkerGroupSpec.for_engine(config, num_blocks=100, num_cpu_blocks=10, heartbeat_timeout_s=9.0)
+    assert (spec.world_size, spec.max_logits_rows, spec.block_size, spec.num_blocks, spec.num_cpu_blocks,
+            spec.seed, spec.heartbeat_timeout_s) == (2, 32, 8, 100, 10, 3, 9.0)

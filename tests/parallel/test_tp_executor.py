@@ -83,3 +83,14 @@ def test_each_rank_reports_its_kv_heads_and_shared_memory_logits(scenario):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["logits_via"] == "shared memory" and r["kv_heads"] >= 1 for r in ranks)
     assert len({r["pid"] for r in ranks}) == 2
+
+
+def test_step_with_more_logits_rows_than_the_shared_buffer_uses_the_channel(scenario):
+    executor, _ = scenario
+    model_dir = executor.spec.model
+    builder = PlanBuilder(BLOCK_SIZE, NUM_BLOCKS)
+    for i in range(executor.spec.max_logits_rows + 2):
+        builder.add([1, 40 + i, 7, 9 + i])
+    plan = builder.prefill_all()
+    reference = reference_runner(model_dir, NUM_BLOCKS, NUM_CPU_BLOCKS, BLOCK_SIZE)
+    torch.testing.assert_close(executor.execute(plan), reference.execute(plan), atol=ATOL, rtol=RTOL)

@@ -76,3 +76,12 @@ def test_world_size_not_a_multiple_of_fewer_kv_heads_is_a_clear_error():
 def test_intermediate_size_not_dividing_is_a_clear_error():
     with pytest.raises(ValueError, match="intermediate_size 66 does not divide"):
         layouts(8, 2, 4, intermediate=66)
+
+
+def test_kv_bytes_per_rank_shrink_with_split_heads_but_not_with_replicated_ones(tiny_llama_dir, tiny_qwen2_dir):
+    from paged.models.llama import ModelArgs
+    from paged.parallel.partition import kv_bytes_per_token_per_rank
+
+    llama, qwen = ModelArgs.from_checkpoint(tiny_llama_dir), ModelArgs.from_checkpoint(tiny_qwen2_dir)
+    assert kv_bytes_per_token_per_rank(llama, 2) == llama.kv_bytes_per_token // 2  # 2 KV heads: one each
+    assert kv_bytes_per_token_per_rank(qwen, 2) == qwen.kv_bytes_per_token          # 1 KV head: on both
