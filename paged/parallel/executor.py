@@ -206,8 +206,12 @@ class TensorParallelExecutor:
             self._staging = torch.empty(spec.max_logits_rows, padded_vocab)
         if spec.shared_memory_all_reduce and spec.device == "cpu" and spec.nnodes == 1 and shm_allreduce.supported():
             self._arena = SharedSegment.create(shm_allreduce.arena_bytes(spec.world_size), "paged-tp-allreduce")
-        # The ranks import the engine's own copy of the package, wherever it was imported from.
+        # The ranks import the engine's own copy of the package (a source checkout may be on the
+        # engine's path only through its working directory); an installed copy needs nothing, and
+        # putting site-packages ahead of the standard library could shadow it.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if os.path.basename(package_root) in ("site-packages", "dist-packages"):
+            package_root = None
         python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, ADDRESS_ENV: self._listener.address, AUTHKEY_ENV: key.hex(), "PYTHONPATH": python_path,
                PARENT_PID_ENV: str(os.getpid()), "OMP_NUM_THREADS": str(spec.resolved_threads_per_rank())}
@@ -218,10 +222,10 @@ class TensorParallelExecutor:
         try:
             self._handshake()
         except BaseException as exc:
-            self._kill_group()
-            if isinstance(exc, WorkerGroupError):
-                raise
-            raise WorkerGroupError(f"tensor-parallel group failed to start: {exc!r}") from exc
+            error = exc if isinstance(exc, WorkerGroupError) else \
+                WorkerGroupError(f"tensor-parallel group failed to start: {exc!r}")
+            self._fail(error)
+            raise error from (None if error is exc else exc)
         finally:
             if self._buffer is not None:
                 self._buffer.segment.release_fd()
