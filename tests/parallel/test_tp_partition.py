@@ -1,5 +1,7 @@
 """Which heads, MLP columns and vocabulary rows each rank owns (pure arithmetic, no processes)."""
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from paged.parallel.partition import shard_layout
 
@@ -23,12 +25,37 @@ def test_kv_heads_are_split_when_there_are_at_least_as_many_as_ranks():
     assert [(p.kv_head_start, p.num_kv_heads, p.kv_replicas) for p in parts] == [(0, 2, 1), (2, 2, 1)]
 
 
-def test_each_rank_holds_the_kv_heads_its_query_heads_attend_with():
-    for num_heads, num_kv_heads, world_size in [(8, 2, 2), (8, 2, 4), (8, 2, 8), (4, 1, 2), (8, 4, 2), (6, 3, 3)]:
-        group = num_heads // num_kv_heads
-        for p in layouts(num_heads, num_kv_heads, world_size):
-            needed = {h // group for h in range(p.q_head_start, p.q_head_start + p.num_heads)}
-            assert needed == set(range(p.kv_head_start, p.kv_head_start + p.num_kv_heads))
+@st.composite
+def splittable_shapes(draw):
+    """(query heads, KV heads, world size) that tensor parallel accepts."""
+    world_size = draw(st.sampled_from([1, 2, 3, 4, 6, 8]))
+    if draw(st.booleans()):
+        num_kv_heads = world_size * draw(st.integers(1, 4))                        # KV heads split
+    else:
+        num_kv_heads = draw(st.sampled_from([k for k in range(1, world_size + 1) if world_size % k == 0]))
+    group = draw(st.integers(1, 4))
+    while (num_kv_heads * group) % world_size:
+        group += 1
+    return num_kv_heads * group, num_kv_heads, world_size
+
+
+@given(splittable_shapes())
+def test_each_rank_holds_the_kv_heads_its_query_heads_attend_with(shape):
+    num_heads, num_kv_heads, world_size = shape
+    group = num_heads // num_kv_heads
+    for p in layouts(num_heads, num_kv_heads, world_size, intermediate=96 * world_size):
+        needed = {h // group for h in range(p.q_head_start, p.q_head_start + p.num_heads)}
+        assert needed == set(range(p.kv_head_start, p.kv_head_start + p.num_kv_heads))
+
+
+@given(splittable_shapes())
+def test_every_kv_head_is_held_by_the_same_number_of_ranks(shape):
+    num_heads, num_kv_heads, world_size = shape
+    holders = [0] * num_kv_heads
+    for p in layouts(num_heads, num_kv_heads, world_size, intermediate=96 * world_size):
+        for head in range(p.kv_head_start, p.kv_head_start + p.num_kv_heads):
+            holders[head] += 1
+    assert set(holders) == {max(1, world_size // num_kv_heads)}
 
 
 def test_kv_heads_are_replicated_when_ranks_outnumber_them():
