@@ -10,7 +10,7 @@ Both ends prove they know the group's secret key (HMAC-SHA256 over a random chal
 before anything is unpickled, so a stranger that reaches a TCP port cannot feed pickles to
 either side.
 
-Addresses are ``unix:<path>`` or ``tcp:<host>:<port>``.
+Addresses are ``unix:<path>``, ``unix:@<name>`` (Linux abstract namespace) or ``tcp:<host>:<port>``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ class ChannelClosed(ConnectionError):
 def _parse(address: str) -> tuple[int, object]:
     kind, _, rest = address.partition(":")
     if kind == "unix" and rest:
-        return socket.AF_UNIX, rest
+        # "@name" is Linux's abstract namespace: no file, so nothing is left behind when the
+        # engine is killed (the key, not file permissions, keeps other local users out).
+        return socket.AF_UNIX, "\0" + rest[1:] if rest.startswith("@") else rest
     if kind == "tcp":
         host, _, port = rest.rpartition(":")
         if host and port.isdigit():
@@ -159,9 +161,10 @@ class Listener:
     def close(self) -> None:
         family = self.sock.family
         self.sock.close()
-        if family == socket.AF_UNIX:
+        path = _parse(self.address)[1]
+        if family == socket.AF_UNIX and not path.startswith("\0"):
             try:
-                os.unlink(_parse(self.address)[1])
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 

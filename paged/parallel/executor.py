@@ -26,11 +26,10 @@ from __future__ import annotations
 import os
 import pickle
 import select
-import shutil
+import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -181,7 +180,6 @@ class TensorParallelExecutor:
         self.ranks: list[RankInfo] = []
         self.agent: subprocess.Popen | None = None
         self._listener: Listener | None = None
-        self._socket_dir: str | None = None
         self._buffer: LogitsBuffer | None = None
         self._arena: SharedSegment | None = None
         self._staging: torch.Tensor | None = None
@@ -192,9 +190,8 @@ class TensorParallelExecutor:
     def _start(self) -> None:
         spec = self.spec
         key = spec.authkey or os.urandom(32)
-        if spec.nnodes == 1:
-            self._socket_dir = tempfile.mkdtemp(prefix="paged-tp-")  # 0700: only this user reaches the socket
-            address = f"unix:{os.path.join(self._socket_dir, 'engine.sock')}"
+        if spec.nnodes == 1:  # an abstract socket: no file to leave behind if the engine is killed
+            address = f"unix:@paged-tp-{os.getpid()}-{secrets.token_hex(8)}"
         else:
             address = spec.engine_address
         self._listener = Listener(address, key)
@@ -335,9 +332,6 @@ class TensorParallelExecutor:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
         self._buffer = None
         self._staging = None
 

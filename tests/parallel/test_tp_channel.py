@@ -12,9 +12,10 @@ from paged.parallel.shared_segment import SegmentInfo, SharedSegment
 KEY = b"k" * 32
 
 
-@pytest.fixture(params=["unix", "tcp"])
+@pytest.fixture(params=["unix", "abstract", "tcp"])
 def address(request, tmp_path):
-    return f"unix:{tmp_path / 'engine.sock'}" if request.param == "unix" else "tcp:127.0.0.1:0"
+    return {"unix": f"unix:{tmp_path / 'engine.sock'}", "abstract": f"unix:@paged-tp-test-{os.getpid()}",
+            "tcp": "tcp:127.0.0.1:0"}[request.param]
 
 
 def accept_in_background(listener):
