@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick venv-vllm
+.PHONY: bench bench-quick bench-tp venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -42,3 +42,9 @@ bench-quick: $(BENCH_STAMP)
 	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
+
+# Tensor parallel: TP=2 ranks vs the model in one process, per-step time split into plan broadcast,
+# channel, all-reduce and logits gather, plus a paper estimate for 7B/70B on 2/4/8 GPUs (~1-2 min).
+bench-tp: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)
