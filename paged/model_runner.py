@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from paged.config import EngineConfig
@@ -21,13 +22,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class ModelInput:
-    """One step's flat batch and block moves, as plain Python data (picklable, no tensors)."""
+    """One step's flat batch and block moves, as plain data (picklable, no tensors)."""
     input_ids: list[int]
     positions: list[int]
     slot_mapping: list[int]
     seq_lens: list[int]
     query_start_loc: list[int]
-    block_tables: list[list[int]]      # padded with 0 to the longest table any sequence needs
+    block_tables: np.ndarray           # int32 [num_seqs, blocks of the longest sequence], 0-padded
     logits_indices: list[int]          # rows of the flat batch whose logits are sampled
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
@@ -59,8 +60,11 @@ def build_model_input(plan: SchedulerOutput, block_size: int) -> ModelInput:
         if item.samples:
             logits_indices.append(query_start_loc[-1] - 1)
         max_blocks = max(max_blocks, (end + block_size - 1) // block_size)
-    tables = [t[:max_blocks] if len(t) >= max_blocks else t + [0] * (max_blocks - len(t))
-              for t in plan.block_tables]
+    # numpy rows: ~3x cheaper than torch.tensor on nested lists, and one buffer to pickle
+    tables = np.zeros((len(plan.block_tables), max_blocks), dtype=np.int32)
+    for row, table in enumerate(plan.block_tables):
+        width = min(len(table), max_blocks)
+        tables[row, :width] = table if width == len(table) else table[:width]
     return ModelInput(input_ids, positions, slot_mapping, seq_lens, query_start_loc, tables, logits_indices,
                       plan.swap_out, plan.swap_in, plan.copies)
 
@@ -123,7 +127,7 @@ class ModelRunner:
             positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
             meta = AttentionMetadata(
                 slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long, device=dev),
-                block_tables=torch.tensor(inp.block_tables, dtype=torch.int32, device=dev),
+                block_tables=torch.from_numpy(inp.block_tables).to(dev),
                 seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
                 query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
                 backend=self.config.attention_backend,
