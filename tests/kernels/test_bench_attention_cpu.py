@@ -27,6 +27,15 @@ def test_smoke_run_times_both_paths_and_compares_outputs(bench, compiled_ops, tm
     assert report["host_cpu"] and report["threads"] >= 1 and report["dram_read_gbps"] > 0
 
 
+def test_cpu_time_mode_asks_for_one_thread_and_records_its_clock(bench, compiled_ops, tmp_path, monkeypatch):
+    requested = []
+    monkeypatch.setattr(bench.torch, "set_num_threads", requested.append)  # the session keeps its threads
+    out = tmp_path / "attention_cpu.json"
+    assert bench.main(["--smoke", "--cpu-time", "--out", str(out)]) == 0
+    assert requested == [1]
+    assert json.loads(out.read_text())["clock"] == "thread CPU time"
+
+
 def test_decode_lengths_are_seeded_and_bounded(bench):
     lengths = bench.lognormal_lengths(200, 250, seed=3)
     assert lengths == bench.lognormal_lengths(200, 250, seed=3)
