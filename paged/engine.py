@@ -340,8 +340,7 @@ class LLMEngine:
         model = self.runner.model
         return {"linear_backend": getattr(model, "linear_backend", "torch"),
                 "compile": bool(getattr(model, "compiled", False)),
-                "attention": self.config.attention_backend or ("triton" if self.config.device.startswith("cuda")
-                                                               else "torch"),
+                "attention": getattr(self.runner, "attention_impl", self.config.attention_backend),
                 "threads": torch.get_num_threads()}
 
     def step_timings(self) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import kernels
 from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
 from paged.scheduler import SchedulerOutput
@@ -107,6 +108,10 @@ class ModelRunner:
         self.device = config.device
         self.dtype = DTYPES[config.dtype]
         self.timer = timer or StepTimer(enabled=False)
+        # The compiled CPU attention is built (or loaded from its cache) now, not in a request.
+        self.attention_impl = config.attention_backend or ("triton" if str(self.device).startswith("cuda") else "torch")
+        if self.attention_impl == "torch":
+            self.attention_impl = "compiled" if kernels.prepare_cpu_kernels() else "plain"
         self.model = LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device)
         self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
                                 config.block_size, self.dtype, self.device)
