@@ -190,12 +190,15 @@ class AsyncLLMEngine:
             timer = loop.call_later(deadline_s, stream.queue.put_nowait,
                                     TimeoutError(f"request {request_id} exceeded its {deadline_s:.0f} s deadline"))
         finished = False
+        error: BaseException | None = None  # arrived behind an output: raised after yielding it
         try:
             while True:
-                item = await stream.queue.get()
-                while not stream.queue.empty():  # coalesce: outputs are cumulative
-                    nxt = stream.queue.get_nowait()
-                    if isinstance(item, BaseException):
+                item = error or await stream.queue.get()
+                error = None
+                while not isinstance(item, BaseException) and not stream.queue.empty():
+                    nxt = stream.queue.get_nowait()  # coalesce: outputs are cumulative
+                    if isinstance(nxt, BaseException):
+                        error = nxt
                         break
                     item = nxt
                 if isinstance(item, BaseException):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from handler.ts_launcher import ROOT, TorchServe, build_model_folder, free_ports  # noqa: F401
+from tools.ts_launcher import ROOT, TorchServe, build_model_folder, free_ports  # noqa: F401
 
 # engine settings for the test server: a small pool so preemption and the pool limit are reachable
 TEST_HANDLER = {

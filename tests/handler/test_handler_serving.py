@@ -145,7 +145,7 @@ def test_raw_sse_framing(torchserve):
 
 def test_grpc_stream_predictions(torchserve, offline_llm, tmp_path_factory):
     grpc = pytest.importorskip("grpc")
-    from handler.grpc_stubs import load_stubs
+    from tools.grpc_stubs import load_stubs
 
     pb, pb_grpc = load_stubs(tmp_path_factory.mktemp("grpc_stubs"))
     ref = offline_llm([PROMPTS[1]], **GREEDY)[0]

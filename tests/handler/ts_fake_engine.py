@@ -2,8 +2,9 @@
 
 Token ids in a prompt switch on faults, so a test (or a client of a TorchServe running this engine)
 can reach every path of the async side:
-- ``FAIL_REQUEST_TOKEN``: the engine fails that request alone (a finished output whose ``error``
-  is a RequestFailedError with status 400), like a row with no allowed token;
+- ``FAIL_REQUEST_TOKEN``: after two generated tokens the engine fails that request alone (a
+  finished output whose ``error`` is a RequestFailedError with status 400), like a row with no
+  allowed token;
 - ``KILL_ENGINE_TOKEN``: ``step()`` raises, like an engine that cannot go on.
 """
 from __future__ import annotations
@@ -30,10 +31,12 @@ class FakeEngine:
         self.steps = 0
         self.reqs: dict[str, dict] = {}
         self.added: list[tuple[str, object]] = []   # (request id, prompt as given)
+        self.params: dict[str, object] = {}          # request id -> SamplingParams
         self.aborted: list[str] = []
 
     def add_request(self, request_id, prompt, params, arrival_time=None):
         self.added.append((request_id, prompt))
+        self.params[request_id] = params
         if request_id in self.reqs:
             raise InvalidRequestError(None, f"duplicate request id {request_id!r}")
         if isinstance(prompt, str):
@@ -67,7 +70,7 @@ class FakeEngine:
         outs = []
         for rid, r in list(self.reqs.items()):
             params = r["params"]
-            if FAIL_REQUEST_TOKEN in r["prompt"]:
+            if FAIL_REQUEST_TOKEN in r["prompt"] and len(r["out"]) == 2:
                 out = RequestOutput(rid, None, r["prompt"], [CompletionOutput(0, "", [], finish_reason="abort")],
                                     True, r["metrics"])
                 out.error = RequestFailedError("no token is allowed by this request's parameters", 400)
