@@ -13,6 +13,7 @@ largest possible answer within the frontend's response limit.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -97,6 +98,13 @@ class LLMService:
     # ------------------------------------------------------------------ per route
     async def _prepare_native(self, body: dict, request_id: str, grpc: bool) -> Prepared:
         req = validate(NativeRequest, body)
+        if grpc and req.stream:
+            # TorchServe 0.12 cannot tell a Predictions call from a StreamPredictions one, and a
+            # second message on a Predictions call makes the frontend drop the worker: over gRPC,
+            # every answer is exactly one message (docs/serving.md).
+            raise RequestError("stream: true is not offered over gRPC; send stream: false (Predictions and "
+                               "StreamPredictions then return the whole answer) or stream over REST",
+                               param="stream")
         kwargs = req.sampling_kwargs()
         ids = await self._prompt_ids(req.prompt)
         fmt_class = formats.GrpcFormat if grpc else formats.NativeFormat
@@ -290,8 +298,6 @@ class LLMService:
             "engine_thread_probe": eng.probe,
         }
         try:
-            import asyncio
-
             info["kv_stats"] = await asyncio.wait_for(eng.kv_stats(), 10)
         except Exception as exc:  # noqa: BLE001
             info["kv_stats"] = eng.stats_snapshot()

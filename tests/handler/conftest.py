@@ -30,6 +30,7 @@ TEST_HANDLER = {
     "max_waiting_requests": 64,
     "request_timeout": 120,
     "max_request_bytes": 1 << 20,
+    "max_response_bytes": 16 << 20,  # the launcher's max_response_size
 }
 
 
@@ -102,7 +103,9 @@ def offline_llm(ts_model_dir):
 _OFFLINE = r"""
 import json, sys
 from paged import LLM, SamplingParams
-h = json.loads(sys.argv[2]); h.pop("request_timeout", None); h.pop("max_request_bytes", None)
+h = json.loads(sys.argv[2])
+for key in ("request_timeout", "max_request_bytes", "max_response_bytes"):
+    h.pop(key, None)
 llm = LLM(sys.argv[1], **h)
 for line in sys.stdin:
     args = json.loads(line)
@@ -111,3 +114,4 @@ for line in sys.stdin:
                        "finish_reason": [c.finish_reason for c in o.outputs],
                        "prompt_token_ids": list(o.prompt_token_ids)} for o in outs]), flush=True)
 """
+
