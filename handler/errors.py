@@ -48,7 +48,7 @@ def from_engine_error(exc: BaseException, timeout_s: float | None = None) -> Req
     if isinstance(exc, EngineOverloadedError):
         return RequestError(f"server overloaded: {exc}; retry later", 503, "overloaded")
     if isinstance(exc, EngineDeadError):
-        return RequestError("the engine stopped after an internal error; the worker restarts, retry later",
+        return RequestError("the engine stopped after an internal error and is being restarted; retry later",
                             500, "engine_dead")
     if isinstance(exc, TimeoutError):
         return RequestError(f"request exceeded its deadline of {timeout_s} s", 408, "timeout")

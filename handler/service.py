@@ -293,7 +293,8 @@ class LLMService:
             "vocab_size": eng.vocab_size,
             "inflight_requests": eng.num_inflight(),
             "engine_running": eng.is_running,
-            "engine_error": repr(eng.dead_error) if eng.dead_error else None,
+            "engine_error": repr(eng.first_error) if eng.first_error else None,  # the first fault, kept
+            "engine_restarts": eng.restarts,
             "load_time_s": eng.load_time_s,
             "engine_thread_probe": eng.probe,
         }

@@ -15,6 +15,10 @@ HANDLER_DEFAULTS = {
     "max_response_bytes": TORCHSERVE_DEFAULT_MESSAGE_SIZE,  # keep equal to max_response_size there
     "tokenizer_threads": 2,           # prompt tokenization / chat templates run on these threads
     "max_pending_tokenizations": 64,  # more requests waiting for a tokenizer thread answer 503
+    # An engine whose step fails for good is rebuilt inside the worker at most this many times
+    # an hour; beyond that the worker exits and TorchServe starts a new one (docs/serving.md: why
+    # not always, under TorchServe 0.12).
+    "engine_restarts_per_hour": 3,
     "metrics_interval_s": 1.0,
     "load_timeout_s": 1800,
 }
@@ -34,6 +38,9 @@ def parse_handler_config(section: dict | None, model_dir: str) -> tuple[EngineCo
     for key in list(section):
         if key in HANDLER_DEFAULTS:
             settings[key] = section.pop(key)
+    restarts = settings["engine_restarts_per_hour"]
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise ValueError(f"engine_restarts_per_hour must be an integer >= 0, got {restarts!r}")
     for key in _POSITIVE_INTS:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -170,7 +170,8 @@ class TorchServeHandler:
         self.settings = settings
         model_name = context.model_name or "llm"
         logger.info("loading paged engine: %s", json.dumps(config.to_dict()))
-        engine = AsyncLLMEngine(config, engine_factory=self.engine_factory, on_dead=self._engine_died)
+        engine = AsyncLLMEngine(config, engine_factory=self.engine_factory, on_dead=self._engine_died,
+                                restart_budget=(settings["engine_restarts_per_hour"], 3600.0))
         try:
             engine.start(timeout=settings["load_timeout_s"])
         except Exception as exc:
@@ -180,13 +181,13 @@ class TorchServeHandler:
         tokenizers = TokenizerPool(config.model, settings["tokenizer_threads"], settings["max_pending_tokenizations"])
         self.metrics = ServingMetrics(context.metrics, model_name, settings["metrics_interval_s"])
         self.service = LLMService(engine, tokenizers, settings, model_name, self.metrics)
-        logger.info("paged engine ready in %.1f s (max_model_len=%s, vocab=%s, engine-thread probe %s)",
-                    engine.load_time_s or 0.0, engine.max_model_len, engine.vocab_size, engine.probe)
+        logger.info("paged engine ready in %.1f s (pid %d, max_model_len=%s, vocab=%s, engine-thread probe %s)",
+                    engine.load_time_s or 0.0, os.getpid(), engine.max_model_len, engine.vocab_size, engine.probe)
         self.initialized = True
 
     def _engine_died(self, exc: BaseException) -> None:
-        """On the engine thread, after every in-flight request was failed: let their answers out,
-        then end the worker so TorchServe starts a fresh one."""
+        """On the engine thread, once the engine failed beyond its rebuild budget and every request
+        was failed: let their answers out, then end the worker so TorchServe starts a fresh one."""
         exit_when_drained(f"the engine stopped: {exc!r}", busy=lambda: self.open_requests)
 
     # ------------------------------------------------------------------ requests

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import gc
 import logging
 import threading
 import time
@@ -90,9 +91,12 @@ class AsyncLLMEngine:
     ``max_waiting_requests``) may wait in the inbox for the engine thread; more are refused with
     EngineOverloadedError at once, so a burst can never pile up unbounded work for that thread.
     Faults: a request the engine fails alone (a finished output carrying ``error``) raises that
-    error in its own ``generate()`` only. If ``step()`` raises, the engine cannot go on: every
-    request fails with EngineDeadError, ``dead_error`` keeps that first cause, and ``on_dead``
-    (if given) is called once with it, on the engine thread.
+    error in its own ``generate()`` only. If ``step()`` raises, that engine cannot go on: every
+    request in flight fails with EngineDeadError. Then, while ``restart_budget`` allows it
+    (at most N rebuilds within a sliding window of seconds), a fresh engine is built on the same
+    thread (the only thread that runs torch) and serves the requests still in the inbox and every
+    later one; otherwise the loop stops for good, and ``on_dead`` (if given) is called once, on
+    the engine thread. ``first_error`` keeps the first fault whatever happens after it.
     """
 
     def __init__(self, config: EngineConfig,
@@ -100,7 +104,8 @@ class AsyncLLMEngine:
                  warmup: bool = True, idle_wait_s: float = 0.5,
                  stats_interval_s: float = 0.25,
                  max_pending_adds: int | None = None,
-                 on_dead: Callable[[BaseException], None] | None = None):
+                 on_dead: Callable[[BaseException], None] | None = None,
+                 restart_budget: tuple[int, float] = (0, 3600.0)):
         self.config = config
         self._factory = engine_factory or _default_factory
         self._warmup = warmup
@@ -108,6 +113,10 @@ class AsyncLLMEngine:
         self._stats_interval_s = stats_interval_s
         self._max_pending_adds = max_pending_adds or config.max_waiting_requests
         self._on_dead = on_dead
+        self._restart_budget = restart_budget
+        self._restart_times: collections.deque[float] = collections.deque()
+        self.restarts = 0
+        self.first_error: BaseException | None = None
         self._inbox: collections.deque[Message] = collections.deque()
         self._pending_adds = 0  # AddRequests in the inbox; guarded by _pending_lock
         self._pending_lock = threading.Lock()
@@ -154,7 +163,7 @@ class AsyncLLMEngine:
 
     @property
     def dead_error(self) -> BaseException | None:
-        """The first error that stopped the loop (None while it runs)."""
+        """The error that stopped the loop for good (None while it runs or rebuilds)."""
         return self._dead
 
     # ------------------------------------------------------------------ asyncio side
@@ -255,37 +264,75 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         self.engine_thread_id = threading.get_ident()
-        t0 = time.perf_counter()
         try:
-            engine = self._factory(self.config)
-            self._engine = engine
-            self.tokenizer = getattr(engine, "tokenizer", None)
-            self.vocab_size = getattr(engine, "vocab_size", None)
-            self.max_model_len = getattr(engine, "max_model_len", None)
-            self.eos_token_ids = list(getattr(engine, "eos_token_ids", []) or [])
-            if self._warmup:
-                self._warm_up(engine)
-            self.probe = _gemm_probe()
-            self._publish_stats(force=True)
-            self.load_time_s = time.perf_counter() - t0
+            engine = self._build()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             logger.exception("engine failed to load")
             self._load_error = exc
             self._ready.set()
             return
         self._ready.set()
-        try:
-            self._loop(engine)
-        except BaseException as exc:  # noqa: BLE001
-            logger.exception("engine loop died; failing every in-flight request")
-            self._fail_all(exc)
-            if self._on_dead is not None:
-                try:
-                    self._on_dead(exc)
-                except Exception:  # noqa: BLE001
-                    logger.exception("on_dead callback failed")
-        else:
+        while True:
+            try:
+                self._loop(engine)
+            except BaseException as exc:  # noqa: BLE001
+                logger.exception("engine.step() raised; failing every request in flight")
+                _drop_frames(exc)  # its frames hold the old engine, which must be freed before a rebuild
+                if self.first_error is None:
+                    self.first_error = exc
+                engine = self._engine = None
+                if self._take_restart():
+                    self._fail_streams(exc)
+                    engine = self._rebuild(exc)
+                    if engine is not None:
+                        continue
+                self._fail_all(exc)
+                if self._on_dead is not None:
+                    try:
+                        self._on_dead(exc)
+                    except Exception:  # noqa: BLE001
+                        logger.exception("on_dead callback failed")
+                return
             self._fail_all(EngineDeadError("engine shut down"))
+            return
+
+    def _build(self):
+        """Build (and warm up) an engine on this thread; publish what callers read from it."""
+        t0 = time.perf_counter()
+        engine = self._factory(self.config)
+        self._engine = engine
+        self.tokenizer = getattr(engine, "tokenizer", None)
+        self.vocab_size = getattr(engine, "vocab_size", None)
+        self.max_model_len = getattr(engine, "max_model_len", None)
+        self.eos_token_ids = list(getattr(engine, "eos_token_ids", []) or [])
+        if self._warmup:
+            self._warm_up(engine)
+        self.probe = _gemm_probe()
+        self._publish_stats(force=True)
+        self.load_time_s = time.perf_counter() - t0
+        return engine
+
+    def _take_restart(self) -> bool:
+        """Spend one rebuild of the budget (at most N within the sliding window), if one is left."""
+        allowed, window_s = self._restart_budget
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > window_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= allowed or self._stop.is_set():
+            return False
+        self._restart_times.append(now)
+        self.restarts += 1
+        return True
+
+    def _rebuild(self, cause: BaseException):
+        """A fresh engine on this thread (None if building it fails)."""
+        logger.warning("rebuilding the engine in process (restart %d) after: %r", self.restarts, cause)
+        gc.collect()  # the old engine's KV pool and weights go before the new ones are allocated
+        try:
+            return self._build()
+        except BaseException:  # noqa: BLE001
+            logger.exception("rebuilding the engine failed")
+            return None
 
     def _warm_up(self, engine) -> None:
         vocab = int(getattr(engine, "vocab_size", 2) or 2)
@@ -380,14 +427,19 @@ class AsyncLLMEngine:
         except Exception:  # noqa: BLE001 - stats must never kill the loop
             logger.debug("kv_stats failed", exc_info=True)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        """Fail every request and pending command; the first cause is the one kept."""
-        if self._dead is None:
-            self._dead = exc
+    def _fail_streams(self, exc: BaseException) -> None:
+        """Fail every request the engine held (the inbox is kept for a rebuilt engine)."""
         err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop died: {exc!r}")
         streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
             self._send(stream, err)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Stop for good: fail every request and pending command; the first cause is the one kept."""
+        if self._dead is None:
+            self._dead = self.first_error or exc
+        self._fail_streams(exc)
+        err = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine loop died: {exc!r}")
         while self._inbox:  # messages that will never run
             msg = self._inbox.popleft()
             if isinstance(msg, AddRequest):
@@ -396,6 +448,15 @@ class AsyncLLMEngine:
                 self._send(msg.stream, err)
             elif isinstance(msg, Call) and msg.future.set_running_or_notify_cancel():
                 msg.future.set_exception(err)
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Forget the tracebacks of an exception and of the ones it chains (their frames keep locals alive)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def _deliver(items) -> None:

@@ -18,21 +18,7 @@ import pytest
 
 from tools.ts_launcher import ROOT, TorchServe, build_model_folder, free_ports  # noqa: F401
 
-# engine settings for the test server: a small pool so preemption and the pool limit are reachable
-TEST_HANDLER = {
-    "block_size": 16,
-    "num_kv_blocks": 96,          # 1536 token slots < max_model_len 2048
-    "max_num_seqs": 32,
-    "max_num_batched_tokens": 1024,
-    "enable_prefix_caching": True,
-    "dtype": "float32",
-    "preemption_mode": "recompute",
-    "max_waiting_requests": 64,
-    "request_timeout": 120,
-    "max_request_bytes": 1 << 20,
-    "max_response_bytes": 16 << 20,  # the launcher's max_response_size
-}
-
+from ts_client import TEST_HANDLER
 
 def model_source_dir(request) -> Path:
     try:

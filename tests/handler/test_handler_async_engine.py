@@ -12,13 +12,14 @@ import pytest
 from paged.async_engine import AsyncLLMEngine
 from paged.config import EngineConfig
 import threading
+import time
 
 from paged.errors import EngineDeadError, EngineOverloadedError, RequestFailedError
 from paged.sampling_params import SamplingParams
 from ts_fake_engine import FAIL_REQUEST_TOKEN, KILL_ENGINE_TOKEN, FakeEngine
 
 
-def make(max_pending_adds=None, on_dead=None, **kw):
+def make(max_pending_adds=None, on_dead=None, restart_budget=(0, 3600.0), **kw):
     holder = {}
     max_waiting = kw.pop("max_waiting_requests", 1024)
 
@@ -28,7 +29,7 @@ def make(max_pending_adds=None, on_dead=None, **kw):
 
     eng = AsyncLLMEngine(EngineConfig(model="fake", max_waiting_requests=max_waiting), engine_factory=factory,
                          warmup=False, idle_wait_s=0.05, max_pending_adds=max_pending_adds,
-                         on_dead=on_dead).start(timeout=120)
+                         on_dead=on_dead, restart_budget=restart_budget).start(timeout=120)
     return eng, holder
 
 
@@ -309,3 +310,35 @@ def test_engine_death_calls_on_dead_once_and_keeps_the_first_cause():
     finally:
         eng.shutdown()
     assert "cannot go on" in str(eng.dead_error), "shutdown must not overwrite the first cause"
+
+
+def test_an_engine_that_cannot_go_on_is_rebuilt_in_process_within_the_budget():
+    causes = []
+    eng, holder = make(on_dead=causes.append, restart_budget=(1, 3600.0), step_sleep_s=0.005)
+    try:
+        first = holder["engine"]
+
+        async def kill_and_serve():
+            other = asyncio.create_task(collect(eng, "inflight", [1], max_tokens=50))
+            await asyncio.sleep(0.05)
+            with pytest.raises(EngineDeadError):
+                await collect(eng, "kill", [KILL_ENGINE_TOKEN], max_tokens=5)
+            with pytest.raises(EngineDeadError):
+                await other
+            return await collect(eng, "after", [3, 4], max_tokens=4)
+        outs = asyncio.run(kill_and_serve())
+        assert outs[-1].finished and holder["engine"] is not first
+        assert eng.restarts == 1 and eng.is_running and not causes
+        assert "cannot go on" in str(eng.first_error)
+
+        async def kill_again():
+            with pytest.raises(EngineDeadError):
+                await collect(eng, "kill2", [KILL_ENGINE_TOKEN], max_tokens=5)
+        asyncio.run(kill_again())
+        for _ in range(200):  # the budget is spent: the loop stops for good
+            if causes:
+                break
+            time.sleep(0.05)
+        assert len(causes) == 1 and eng.dead_error is eng.first_error and not eng.is_running
+    finally:
+        eng.shutdown()

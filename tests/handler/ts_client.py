@@ -3,8 +3,53 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import requests
+
+from tools.ts_launcher import build_model_folder
+
+# engine settings for the test server: a small pool so preemption and the pool limit are reachable
+TEST_HANDLER = {
+    "block_size": 16,
+    "num_kv_blocks": 96,          # 1536 token slots < max_model_len 2048
+    "max_num_seqs": 32,
+    "max_num_batched_tokens": 1024,
+    "enable_prefix_caching": True,
+    "dtype": "float32",
+    "preemption_mode": "recompute",
+    "max_waiting_requests": 64,
+    "request_timeout": 120,
+    "max_request_bytes": 1 << 20,
+    "max_response_bytes": 16 << 20,  # the launcher's max_response_size
+}
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def build_fake_model(store: Path, name: str, ts_model_dir: Path, **handler) -> Path:
+    """A model folder serving the fake engine (tests/handler/ts_fake_engine.py) through the real
+    adapter: it loads in seconds, and prompt token ids switch on engine faults."""
+    return build_model_folder(store, name, ts_model_dir, dict(TEST_HANDLER, request_timeout=60, **handler),
+                              handler_file=HERE / "ts_fake_entry.py", extra_files=[HERE / "ts_fake_engine.py"])
+
+
+def wait_engine_ready(ts, pid: int, timeout: float = 300) -> None:
+    """Wait for the worker ``pid`` to log that its engine is ready.
+
+    After an automatic worker restart the management API's status is no load signal, and a
+    request sent before the new worker has loaded makes TorchServe 0.12 fail that restart
+    (docs/serving.md), so tests wait for the worker's own log line.
+    """
+    t0 = time.time()
+    log = ts.logs / "model_log.log"
+    while time.time() - t0 < timeout:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        if any("paged engine ready" in line and f"(pid {pid}," in line for line in lines):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"worker {pid} did not load its engine within {timeout} s")
 
 
 def post(ts, body, path="", stream=False, timeout=300, headers=None, **kw):
