@@ -79,7 +79,7 @@ def _ms(x):
 
 # ------------------------------------------------------------------------------------ in-process
 def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
-    """Runs in its own process: everything on the main thread (the CPU_NOTES rule)."""
+    """Runs in its own process: everything on the main thread (the one-torch-thread rule of docs/serving.md)."""
     from paged import EngineConfig, LLMEngine, SamplingParams
 
     wl = Workload.load(wl_path)

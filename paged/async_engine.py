@@ -1,11 +1,12 @@
 """A persistent engine on its own thread, fed from asyncio coroutines (what the handler uses).
 
 Why a dedicated thread that also *builds* the engine: on CPU, once one thread of a process has
-run torch ops (used the OpenMP pool), small GEMMs run 2-3x slower in every other thread (see
-CPU_NOTES). So weight loading, the warm-up step and every ``step()`` run on the one engine
-thread, and the asyncio side never touches torch: it only passes Python objects through a
-thread-safe inbox (requests, aborts) and receives ``RequestOutput`` snapshots back through
-``loop.call_soon_threadsafe`` (one wake-up per step and event loop, not one per request).
+run torch ops (used the OpenMP pool), small GEMMs run 2-3x slower in every other thread
+(docs/serving.md, "One torch thread"). So weight loading, the warm-up step, every ``step()``
+and every rebuild after a fault run on the one engine thread, and the asyncio side never touches
+torch: it only passes typed messages through a thread-safe inbox (requests, aborts, calls) and
+receives ``RequestOutput`` snapshots back through ``loop.call_soon_threadsafe`` (one wake-up per
+step and event loop, not one per request).
 
 This module imports no torch itself; ``paged.engine`` is imported on the engine thread.
 """
@@ -465,7 +466,7 @@ def _deliver(items) -> None:
 
 
 def _gemm_probe(repeats: int = 200) -> dict:
-    """Time a small fp32 GEMM on the calling (engine) thread: the CPU_NOTES slow-thread check.
+    """Time a small fp32 GEMM on the calling (engine) thread: the slow-thread check of docs/serving.md.
 
     8x512 @ 512x1408 runs ~70 us on a healthy thread here and ~220 us when another thread of the
     process ran torch first. Reported through describe so the effect can be seen live.

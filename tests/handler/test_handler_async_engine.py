@@ -193,7 +193,7 @@ PROBE = textwrap.dedent("""
 @pytest.mark.slow  # a timing measurement: meaningless on a loaded machine, run it on purpose
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the OpenMP effect needs >= 2 cores")
 def test_engine_thread_is_fast_torch_thread():
-    """CPU_NOTES: a GEMM on the engine thread is slow once another thread ran torch first.
+    """docs/serving.md, "One torch thread": a GEMM on the engine thread is slow once another thread ran torch first.
 
     Measures both cases in fresh processes; our layout (nothing on the asyncio thread) must be
     clearly faster than the broken one.
