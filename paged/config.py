@@ -33,6 +33,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     preemption_mode: Literal["recompute", "swap", "auto"] = "auto"
     tensor_parallel_size: int = 1
+    # Tensor parallel across nodes (torchrun's c10d rendezvous; see docs/tensor_parallel.md). The
+    # shared key of a multi-node group comes from the PAGED_TP_AUTHKEY environment variable.
+    tensor_parallel_nnodes: int = 1
+    tensor_parallel_rdzv_endpoint: str | None = None   # host:port every node reaches
+    tensor_parallel_engine_address: str | None = None  # tcp:<host>:<port> of this engine, for the ranks
+    tensor_parallel_heartbeat_timeout_s: float = 5.0   # a rank silent this long during a step is dead
     dtype: str = "float32"
     seed: int = 0
     attention_backend: str | None = None  # None: by device; "torch" or "triton" to force
@@ -71,6 +77,23 @@ class EngineConfig:
         positive_int("max_model_len", self.max_model_len, allow_none=True)
         positive_int("tensor_parallel_size", self.tensor_parallel_size)
         positive_int("max_waiting_requests", self.max_waiting_requests)
+        positive_int("tensor_parallel_nnodes", self.tensor_parallel_nnodes)
+        if self.tensor_parallel_size % self.tensor_parallel_nnodes:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} does not divide over "
+                             f"tensor_parallel_nnodes {self.tensor_parallel_nnodes}")
+        if self.tensor_parallel_nnodes > 1 and not (self.tensor_parallel_rdzv_endpoint
+                                                    and self.tensor_parallel_engine_address):
+            raise ValueError("tensor_parallel_nnodes > 1 needs tensor_parallel_rdzv_endpoint (host:port) and "
+                             "tensor_parallel_engine_address (tcp:<host>:<port>)")
+        for name in ("tensor_parallel_rdzv_endpoint", "tensor_parallel_engine_address"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.tensor_parallel_heartbeat_timeout_s, bool) or not isinstance(
+                self.tensor_parallel_heartbeat_timeout_s, (int, float)) or not (
+                math.isfinite(self.tensor_parallel_heartbeat_timeout_s)
+                and self.tensor_parallel_heartbeat_timeout_s > 1.0):
+            raise ValueError("tensor_parallel_heartbeat_timeout_s must be a number > 1 (seconds), got "
+                             f"{self.tensor_parallel_heartbeat_timeout_s!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if self.dtype not in SUPPORTED_DTYPES:

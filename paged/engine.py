@@ -1,27 +1,42 @@
-"""LLMEngine: add_request / abort_request / step over the scheduler, model runner and sampler."""
+"""LLMEngine: add_request / abort_request / step over the scheduler, model runner and decoder.
+
+A step is one pipeline: ``Scheduler.schedule()`` -> plan -> ``ModelRunner.execute(plan)`` ->
+logits -> ``Decoder.decide`` -> ``Scheduler.update_from_output`` -> detokenize -> outputs.
+
+Faults stay with the requests they touch: a row without a usable token fails its request; an
+exception while running a plan fails the requests of that plan (their blocks go back to the pool)
+and the engine serves on. Only ``MAX_CONSECUTIVE_STEP_FAULTS`` failed steps in a row make ``step``
+raise ``EngineDeadError``: then the engine cannot go on and its owner should restart it.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from paged import beam_search
+from paged import decoding
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
+from paged.decoding import Decoder
 from paged.detokenizer import Detokenizer
-from paged.errors import EngineOverloadedError
+from paged.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from paged.model_runner import DTYPES, ModelRunner
 from paged.models.llama import ModelArgs
 from paged.outputs import CompletionOutput, RequestOutput
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
-from paged.scheduler import PreemptionCostModel, Scheduler
+from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
 from paged.sequence import Sequence, SequenceGroup, SequenceStatus
+from paged.step_timer import StepTimer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+MAX_CONSECUTIVE_STEP_FAULTS = 3
 
 
 def _eos_token_ids(model_dir: str, args: ModelArgs, tokenizer) -> list[int]:
@@ -40,8 +55,7 @@ class LLMEngine:
         if config.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not available in this build (see README: roadmap)")
         self.config = config
-        self.model_args = ModelArgs.from_checkpoint(config.model)
-        args = self.model_args
+        self.model_args = args = ModelArgs.from_checkpoint(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.vocab_size = args.vocab_size
         limit = args.max_position_embeddings
@@ -66,18 +80,21 @@ class LLMEngine:
                                         + args.num_heads * args.head_dim * args.hidden_size
                                         + 3 * args.hidden_size * args.intermediate_size)
         cost_model = PreemptionCostModel(flops_per_token=2.0 * num_params, block_bytes=block_bytes)
-        self.scheduler = Scheduler(config, self.block_manager, cost_model)
-        torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, args, num_blocks, num_cpu_blocks)
         self.eos_token_ids = _eos_token_ids(config.model, args, self.tokenizer)
-        self.sampler = Sampler(self.eos_token_ids)
+        self.scheduler = Scheduler(config, self.block_manager, cost_model, self.eos_token_ids, self.max_model_len)
+        torch.manual_seed(config.seed)
+        self.timer = StepTimer()
+        self.runner = ModelRunner(config, args, num_blocks, num_cpu_blocks, self.timer)
+        self.decoder = Decoder(Sampler(self.eos_token_ids), self.eos_token_ids, self._new_seq_id)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
         self._next_seq_id = 0
         self._num_requests_added = 0
         self.num_steps = 0
-        self.num_prompt_tokens_total = 0
         self.num_generated_tokens_total = 0
+        self.num_step_faults = 0
+        self._consecutive_step_faults = 0
+        self.first_fault: str | None = None
         self._utilization_sum = 0.0
         self._utilization_steps = 0
 
@@ -85,39 +102,52 @@ class LLMEngine:
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt must not be empty")
+                raise InvalidRequestError("prompt", "prompt must not be empty")
             return prompt, self.tokenizer(prompt).input_ids
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+            raise InvalidRequestError("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
         for token in prompt:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
-                raise ValueError(f"prompt token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
+                raise InvalidRequestError("prompt", f"prompt token id {token!r} is outside the vocabulary "
+                                                    f"[0, {self.vocab_size})")
         return None, list(prompt)
 
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         total = num_prompt_tokens + params.max_tokens
+        if num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"prompt ({num_prompt_tokens} tokens) leaves no room to generate "
+                                                f"within max_model_len {self.max_model_len}")
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                             f"exceeds max_model_len {self.max_model_len} by {total - self.max_model_len}")
-        bs = self.block_manager.block_size
-        # The prompt's blocks are shared; every sample may own its generated blocks plus one copy.
-        needed = -(-num_prompt_tokens // bs) + params.num_seqs * (-(-params.max_tokens // bs) + 1)
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(f"request needs up to {needed} KV blocks but the whole pool has "
-                             f"{self.block_manager.num_blocks} (short by {needed - self.block_manager.num_blocks})")
+            raise InvalidRequestError("max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens "
+                                                    f"({params.max_tokens}) = {total} exceeds max_model_len "
+                                                    f"{self.max_model_len} by {total - self.max_model_len}")
+        if params.num_seqs > self.config.max_num_seqs:
+            param = "beam_width" if params.use_beam_search else ("best_of" if params.best_of > params.n else "n")
+            raise InvalidRequestError(param, f"the request runs {params.num_seqs} sequences at once but the engine "
+                                             f"runs at most max_num_seqs={self.config.max_num_seqs}")
+        bad_stop_ids = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad_stop_ids:
+            raise InvalidRequestError("stop_token_ids", f"stop token id {bad_stop_ids[0]} is outside the "
+                                                        f"vocabulary [0, {self.vocab_size})")
+        bm = self.block_manager
+        needed = bm.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
+        if needed > bm.num_blocks:
+            raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
+                                                    f"has {bm.num_blocks} (short by {needed - bm.num_blocks})")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ValueError for bad input (nothing is queued then) and
-        EngineOverloadedError when ``max_waiting_requests`` requests already wait."""
+                    arrival_time: float | None = None, stream: bool = True) -> None:
+        """Queue a request. Raises InvalidRequestError (a ValueError) for bad input (nothing is
+        queued then) and EngineOverloadedError when ``max_waiting_requests`` requests already wait.
+        ``stream=False``: ``step`` reports the request only once, when it is finished."""
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise InvalidRequestError(None, f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self._tokenize(prompt)
-        self._check_fits(len(token_ids), params)
+            raise InvalidRequestError(None, f"request id {request_id!r} is already in use")
         if self.scheduler.num_waiting_requests >= self.config.max_waiting_requests:
             raise EngineOverloadedError(f"{self.config.max_waiting_requests} requests are already waiting")
+        text, token_ids = self._tokenize(prompt)
+        self._check_fits(len(token_ids), params)
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else \
@@ -125,7 +155,8 @@ class LLMEngine:
             generator = torch.Generator().manual_seed(seed)
         arrival = time.time() if arrival_time is None else arrival_time
         deadline = arrival + self.config.request_timeout_s if self.config.request_timeout_s else None
-        group = SequenceGroup(request_id, text, token_ids, params, self._new_seq_id(), arrival, generator, deadline)
+        group = SequenceGroup(request_id, text, token_ids, params, self._new_seq_id(), arrival, generator,
+                              deadline, stream)
         self._num_requests_added += 1
         self.requests[request_id] = group
         self.scheduler.add(group)
@@ -135,12 +166,11 @@ class LLMEngine:
         return self._next_seq_id
 
     def abort_request(self, request_id: str) -> None:
-        """Drop the request and free its blocks; it gets no further output. Unknown ids are ignored."""
+        """Drop the request (waiting, running or swapped) and free its blocks; it gets no further
+        output. Unknown ids are ignored."""
         group = self.requests.pop(request_id, None)
         if group is not None:
-            self.scheduler.remove_group(group)
-            for seq in group.seqs:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, seq.finish_reason or "abort"
+            self._end_group(group, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -151,166 +181,101 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run the model, sample, detokenize; outputs of requests that
-        produced tokens or finished."""
-        touched: dict[str, SequenceGroup] = {}
-        self._expire_deadlines(touched)
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return [self._make_output(g) for g in touched.values()]
-        self.num_steps += 1
-        cache = self.runner.kv_cache
-        cache.swap_out(sched.swap_out)
-        cache.swap_in(sched.swap_in)
-        cache.copy_blocks(sched.copies)
-        tables = [self.block_manager.block_table(item.seq.seq_id) for item in sched.scheduled]
-        logits = self.runner.execute(sched.scheduled, tables)
-        sampling = []
-        for item in sched.scheduled:
-            seq = item.seq
-            if item.samples:
-                sampling.append(seq)
-            computed_before = seq.num_computed_tokens
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-            self.num_prompt_tokens_total += max(0, min(seq.num_prompt_tokens, seq.num_computed_tokens)
-                                                - computed_before)
-        now = time.time()
-        beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
-        sample_rows = []
-        for row, seq in enumerate(sampling):
-            if seq.group.metrics.first_token_time is None:
-                seq.group.metrics.first_token_time = now
-            if seq.group.params.use_beam_search:
-                beam_rows.setdefault(seq.group.request_id, []).append((seq, row))
+        """One iteration; returns the outputs of requests that produced text or finished
+        (a ``stream=False`` request only when finished)."""
+        touched = self._expire_deadlines()
+        with self.timer.phase("schedule"):
+            plan = self.scheduler.schedule()
+        if not plan.is_empty:
+            self.num_steps += 1
+            try:
+                logits = self.runner.execute(plan)
+                with self.timer.phase("sample"):
+                    decisions = self.decoder.decide(plan.sampling_seqs, logits)
+            except Exception as exc:  # noqa: BLE001 - the plan's requests fail, the engine goes on
+                self._fail_plan(plan, exc, touched)
             else:
-                sample_rows.append(row)
-        for items in beam_rows.values():
-            self._beam_step(items[0][0].group, [seq for seq, _ in items], logits[[row for _, row in items]])
-            touched[items[0][0].group.request_id] = items[0][0].group
-        if sample_rows:
-            sampling = [sampling[row] for row in sample_rows]
-            logits = logits[sample_rows] if len(sample_rows) != logits.shape[0] else logits
-            counts = [seq.group.params.num_seqs if not seq.group.forked else 1 for seq in sampling]
-            results = self.sampler.sample(logits, sampling, counts)
-            for seq, result in zip(sampling, results):
-                group = seq.group
-                targets = [seq]
-                if not group.forked:
-                    group.forked = True
-                    for _ in result.token_ids[1:]:
-                        child = seq.fork(self._new_seq_id())
-                        group.seqs.append(child)
-                        self.scheduler.add_forked(seq, child)
-                        targets.append(child)
-                for target, token, logprob, top in zip(targets, result.token_ids, result.chosen_logprobs,
-                                                       result.logprobs):
-                    self._append_token(target, token, logprob, top)
-                touched[group.request_id] = group
-        self._record_utilization()
-        # A beam request's best beams change from step to step: it reports once, when finished.
-        return [self._make_output(g) for g in touched.values()
-                if g.is_finished or not g.params.use_beam_search]
+                self._consecutive_step_faults = 0
+                with self.timer.phase("outputs"):
+                    grown = self.scheduler.update_from_output(plan, decisions)
+                    self.num_generated_tokens_total += len(grown)
+                    for group, error in decisions.failed.values():
+                        self._end_group(group, "error", error)
+                        touched[group.request_id] = group
+                    self._detokenize(grown, touched)
+                self._record_utilization()
+        with self.timer.phase("outputs"):
+            outputs = [self._make_output(g) for g in touched.values() if g.stream or g.is_finished]
+        self.timer.step_done()
+        return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float]) -> None:
-        params = seq.group.params
-        seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
-        if params.logprobs is not None:
-            seq.logprobs.append(top)
-        self.num_generated_tokens_total += 1
-        reason = None
-        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
-        if is_stop_token and seq.num_output_tokens > params.min_tokens - 1:
-            reason = "stop"
-        elif self.detokenizer.append_token(seq, params.stop if seq.num_output_tokens >= params.min_tokens else []):
-            reason = "stop"  # stop strings count only from min_tokens on (before, the text is kept whole)
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            seq.status = SequenceStatus.FINISHED
-            self.scheduler.finish(seq)
-
-    def _beam_step(self, group: SequenceGroup, beams: list[Sequence], logits: torch.Tensor) -> None:
-        """Advance the beams of one request that were scored this step (usually all of them)."""
-        params = group.params
-        group.forked = True
-        waiting_beams = [s for s in group.seqs if not s.is_finished and s not in beams]
-        num_keep = params.beam_width - len(waiting_beams)
-        end_tokens = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
-        scores = torch.tensor([s.cumulative_logprob for s in beams], dtype=torch.float64)
-        continuing, ending = beam_search.select_candidates(scores, torch.log_softmax(logits, dim=-1),
-                                                           num_keep, end_tokens)
-        for candidate in ending:  # a finished hypothesis holds no blocks
-            hypothesis = beams[candidate.parent].fork(self._new_seq_id())
-            hypothesis.token_ids.append(candidate.token)
-            hypothesis.cumulative_logprob = candidate.score
-            hypothesis.status, hypothesis.finish_reason = SequenceStatus.FINISHED, "stop"
-            group.seqs.append(hypothesis)
-        # Fork every extra child before any parent is extended; drop parents nobody continues.
-        targets: dict[int, list[Sequence]] = {}
-        for candidate in continuing:
-            parent = beams[candidate.parent]
-            if candidate.parent in targets:
-                child = parent.fork(self._new_seq_id())
-                group.seqs.append(child)
-                self.scheduler.add_forked(parent, child)
-                targets[candidate.parent].append(child)
-            else:
-                targets[candidate.parent] = [parent]
-        for index, beam in enumerate(beams):
-            if index not in targets:
-                self.scheduler.finish(beam)
-                group.seqs.remove(beam)
-        used = {index: 0 for index in targets}
-        for candidate in continuing:
-            beam = targets[candidate.parent][used[candidate.parent]]
-            used[candidate.parent] += 1
-            beam.token_ids.append(candidate.token)
-            beam.cumulative_logprob = candidate.score
-            self.num_generated_tokens_total += 1
-            self.detokenizer.append_token(beam, [])
-            if beam.num_output_tokens >= params.max_tokens or beam.num_tokens >= self.max_model_len:
-                beam.status, beam.finish_reason = SequenceStatus.FINISHED, "length"
-                self.scheduler.finish(beam)
-        live = [s for s in group.seqs if not s.is_finished]
-        finished = [beam_search.normalized_score(s.cumulative_logprob, self._generated_length(s),
-                                                 params.length_penalty) for s in group.seqs if s.is_finished]
-        if live:
-            best_running = max(beam_search.normalized_score(s.cumulative_logprob, self._generated_length(s),
-                                                            params.length_penalty) for s in live)
-            if beam_search.search_is_done(finished, best_running, params.beam_width):
-                for beam in live:
-                    self.scheduler.finish(beam)
-                    group.seqs.remove(beam)
-
-    def _generated_length(self, seq: Sequence) -> int:
-        """Generated tokens, not counting a final end token (how hypotheses are length-normalized)."""
-        ends_with_stop = seq.finish_reason == "stop" and seq.num_output_tokens > 0
-        return seq.num_output_tokens - int(ends_with_stop)
-
-    def _expire_deadlines(self, touched: dict[str, SequenceGroup]) -> None:
+    def _detokenize(self, seqs: list[Sequence], touched: dict[str, SequenceGroup]) -> None:
+        """Extend each grown sequence's text; a stop string (counted from min_tokens on) ends it.
+        The text of a token that ended its sequence as a stop token is not shown."""
         now = time.time()
-        for group in [g for g in self.requests.values() if g.deadline is not None and now > g.deadline]:
-            self.scheduler.remove_group(group)
-            for seq in group.seqs:
-                if not seq.is_finished:
-                    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "timeout"
+        for seq in seqs:
+            group = seq.group
             touched[group.request_id] = group
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+            if seq.finish_reason == "stop":
+                continue
+            params = group.params
+            stops = params.stop if seq.num_output_tokens >= params.min_tokens and not params.use_beam_search else []
+            if self.detokenizer.append_token(seq, stops):
+                if seq.is_finished:
+                    seq.finish_reason = "stop"  # the stop string wins over a length limit hit at once
+                else:
+                    self.scheduler.finish(seq, "stop")
+
+    def _fail_plan(self, plan: SchedulerOutput, exc: Exception, touched: dict[str, SequenceGroup]) -> None:
+        """Running the plan raised: every request in it (and every one swapped out by it, whose
+        blocks may not have reached the CPU pool) fails; the pool gets their blocks back."""
+        self.num_step_faults += 1
+        self._consecutive_step_faults += 1
+        cause = f"{type(exc).__name__}: {exc}"
+        if self.first_fault is None:
+            self.first_fault = cause
+        logger.exception("a step failed; failing its %d sequence(s)", len(plan.scheduled))
+        groups = {id(item.seq.group): item.seq.group for item in plan.scheduled}
+        groups.update((id(g), g) for g in plan.swapped_out)
+        error = RequestFailedError(f"the engine failed while running this request ({type(exc).__name__})", 500)
+        for group in groups.values():
+            if group.request_id in self.requests:
+                self._end_group(group, "error", error)
+                touched[group.request_id] = group
+        if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
+            raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
+                                  f"{self.first_fault}; last: {cause}") from exc
+
+    def _end_group(self, group: SequenceGroup, reason: str, error: Exception | None = None) -> None:
+        """End every unfinished sequence of the request and give back all of its blocks."""
+        self.scheduler.remove_group(group)
+        for seq in group.seqs:
+            if not seq.is_finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        group.error = error
+
+    def _expire_deadlines(self) -> dict[str, SequenceGroup]:
+        now = time.time()
+        expired = {g.request_id: g for g in self.requests.values() if g.deadline is not None and now > g.deadline}
+        for group in expired.values():
+            self._end_group(group, "timeout")
+        return expired
 
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
         params = group.params
         finished = group.is_finished
         seqs = group.seqs
         if finished and params.use_beam_search:
-            seqs = sorted(seqs, reverse=True, key=lambda s: beam_search.normalized_score(
-                s.cumulative_logprob, self._generated_length(s), params.length_penalty))
+            seqs = sorted(seqs, key=decoding.beam_rank_score, reverse=True)
         elif finished and len(seqs) > params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
+        report_cumulative = params.logprobs is not None or params.use_beam_search or not params.greedy
         outputs = [
             CompletionOutput(index=i, text=self.detokenizer.visible_text(seq, params.stop),
-                             token_ids=seq.output_token_ids, cumulative_logprob=seq.cumulative_logprob,
+                             token_ids=seq.output_token_ids,
+                             cumulative_logprob=seq.cumulative_logprob if report_cumulative else None,
                              logprobs=list(seq.logprobs) if params.logprobs is not None else None,
                              finish_reason=seq.finish_reason)
             for i, seq in enumerate(seqs[:params.n])
@@ -320,7 +285,8 @@ class LLMEngine:
             self.requests.pop(group.request_id, None)
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
-                             metrics=group.metrics, num_cached_tokens=group.num_cached_tokens)
+                             metrics=group.metrics, num_cached_tokens=group.num_cached_tokens,
+                             error=group.error)
 
     # ---- statistics ---------------------------------------------------------------------------
     def _record_utilization(self) -> None:
@@ -330,8 +296,7 @@ class LLMEngine:
         if used_blocks == 0:
             return
         allocated = used_blocks * bm.block_size
-        waste = sum(len(bm.block_table(seq.seq_id)) * bm.block_size - seq.num_computed_tokens
-                    for seq in self.scheduler.running)
+        waste = sum(bm.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in self.scheduler.running)
         self._utilization_sum += max(0, allocated - waste) / allocated
         self._utilization_steps += 1
 
@@ -360,7 +325,8 @@ class LLMEngine:
             "num_recompute_preemptions": scheduler.num_recompute_preemptions,
             "num_swap_preemptions": scheduler.num_swap_preemptions,
             "num_steps": self.num_steps,
-            "prompt_tokens_total": self.num_prompt_tokens_total,
+            "num_step_faults": self.num_step_faults,
+            "prompt_tokens_total": scheduler.num_prompt_tokens_computed,
             "generated_tokens_total": self.num_generated_tokens_total,
             "mean_kv_utilization": (self._utilization_sum / self._utilization_steps
                                     if self._utilization_steps else 1.0),
@@ -368,3 +334,16 @@ class LLMEngine:
             "kv_utilization_sum": self._utilization_sum,
             "kv_utilization_steps": self._utilization_steps,
         }
+
+    def performance_info(self) -> dict:
+        """The fast paths this engine chose at load (reported by describe and the benchmarks)."""
+        model = self.runner.model
+        return {"linear_backend": getattr(model, "linear_backend", "torch"),
+                "compile": bool(getattr(model, "compiled", False)),
+                "attention": self.config.attention_backend or ("triton" if self.config.device.startswith("cuda")
+                                                               else "torch"),
+                "threads": torch.get_num_threads()}
+
+    def step_timings(self) -> dict:
+        """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""
+        return self.timer.report()

@@ -25,7 +25,8 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in prompt order. All prompts are validated before any runs."""
+        """One RequestOutput per prompt, in prompt order. All prompts are validated before any runs.
+        A request that failed alone (see ``RequestOutput.error``) is returned like the others."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if sampling_params is None:
@@ -39,7 +40,7 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 request_id = f"offline-{self._counter}"
                 self._counter += 1
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(request_id, prompt, p, stream=False)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:

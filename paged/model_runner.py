@@ -1,28 +1,82 @@
-"""Runs the model on one scheduled step: builds the flat batch, owns the KV caches, samples.
+"""Runs the model on one step's plan: applies its block moves, builds the flat batch, returns logits.
 
 The step's scheduled tokens (each sequence's next ``num_new_tokens`` uncomputed tokens) become
 one flat batch: input ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc. Only
-sequences whose every token is computed after the step produce logits.
+sequences whose last token runs this step produce logits. ``ModelInput`` is that batch as plain
+lists, so the same input can be shipped to other processes (tensor-parallel ranks).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 
 from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
-from paged.sequence import ScheduledSeq
+from paged.scheduler import SchedulerOutput
+from paged.step_timer import StepTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInput:
+    """One step's flat batch and block moves, as plain data (picklable, no tensors)."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    seq_lens: list[int]
+    query_start_loc: list[int]
+    block_tables: np.ndarray           # int32 [num_seqs, blocks of the longest sequence], 0-padded
+    logits_indices: list[int]          # rows of the flat batch whose logits are sampled
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)
+
+
+def build_model_input(plan: SchedulerOutput, block_size: int) -> ModelInput:
+    """The flat batch of a plan: each scheduled sequence's new tokens are its last positions."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    seq_lens: list[int] = []
+    query_start_loc = [0]
+    logits_indices: list[int] = []
+    max_blocks = 0
+    for item, table in zip(plan.scheduled, plan.block_tables):
+        seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+        end = start + count
+        if count == 1:
+            input_ids.append(seq.token_ids[start])
+            positions.append(start)
+            slot_mapping.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        seq_lens.append(end)
+        query_start_loc.append(query_start_loc[-1] + count)
+        if item.samples:
+            logits_indices.append(query_start_loc[-1] - 1)
+        max_blocks = max(max_blocks, (end + block_size - 1) // block_size)
+    # numpy rows: ~3x cheaper than torch.tensor on nested lists, and one buffer to pickle
+    tables = np.zeros((len(plan.block_tables), max_blocks), dtype=np.int32)
+    for row, table in enumerate(plan.block_tables):
+        width = min(len(table), max_blocks)
+        tables[row, :width] = table if width == len(table) else table[:width]
+    return ModelInput(input_ids, positions, slot_mapping, seq_lens, query_start_loc, tables, logits_indices,
+                      plan.swap_out, plan.swap_in, plan.copies)
 
 
 class KVCache:
     """Device pool and CPU swap pool, one tensor each: [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]."""
 
-    def __init__(self, args: ModelArgs, num_blocks: int, num_cpu_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: str):
-        shape = (args.num_layers, 2, num_blocks, block_size, args.num_kv_heads, args.head_dim)
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, num_cpu_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: str):
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         self.device_cache = torch.zeros(shape, dtype=dtype, device=device)
-        cpu_shape = (args.num_layers, 2, num_cpu_blocks, block_size, args.num_kv_heads, args.head_dim)
+        cpu_shape = (num_layers, 2, num_cpu_blocks, block_size, num_kv_heads, head_dim)
         self.cpu_cache = torch.zeros(cpu_shape, dtype=dtype, device="cpu")
 
     def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -36,70 +90,53 @@ class KVCache:
         dst_ids = torch.tensor([p[1] for p in pairs], device=dst.device)
         dst[:, :, dst_ids] = src[:, :, src_ids].to(dst.device)
 
-    def swap_out(self, pairs):
-        self._copy(self.cpu_cache, self.device_cache, pairs)
-
-    def swap_in(self, pairs):
-        self._copy(self.device_cache, self.cpu_cache, pairs)
-
-    def copy_blocks(self, pairs):
-        self._copy(self.device_cache, self.device_cache, pairs)
+    def apply(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]],
+              copies: list[tuple[int, int]]) -> None:
+        """Block moves of a plan, in the order the plan requires."""
+        self._copy(self.cpu_cache, self.device_cache, swap_out)
+        self._copy(self.device_cache, self.cpu_cache, swap_in)
+        self._copy(self.device_cache, self.device_cache, copies)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, args: ModelArgs, num_blocks: int, num_cpu_blocks: int):
+    def __init__(self, config: EngineConfig, args: ModelArgs, num_blocks: int, num_cpu_blocks: int,
+                 timer: StepTimer | None = None):
         self.config = config
         self.args = args
         self.block_size = config.block_size
         self.device = config.device
         self.dtype = DTYPES[config.dtype]
+        self.timer = timer or StepTimer(enabled=False)
         self.model = LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device)
-        self.kv_cache = KVCache(args, num_blocks, num_cpu_blocks, config.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
+                                config.block_size, self.dtype, self.device)
         self.layer_caches = self.kv_cache.layer_caches()
 
-    def prepare(self, scheduled: list[ScheduledSeq], block_tables: list[list[int]]):
-        """Flat tensors for one step. ``block_tables[i]`` is the table of ``scheduled[i]``."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        seq_lens: list[int] = []
-        query_start_loc = [0]
-        logits_indices: list[int] = []
-        for item, table in zip(scheduled, block_tables):
-            seq, start, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            end = start + count
-            if count == 1:
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slot_mapping.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids[start:end])
-                positions.extend(range(start, end))
-                slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            query_start_loc.append(query_start_loc[-1] + count)
-            if item.samples:
-                logits_indices.append(query_start_loc[-1] - 1)
-        max_blocks = max(-(-n // bs) for n in seq_lens)
-        padded = [t[:max_blocks] + [0] * (max_blocks - min(len(t), max_blocks)) for t in block_tables]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            backend=self.config.attention_backend,
-        )
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                torch.tensor(logits_indices, dtype=torch.long, device=dev))
+    def execute(self, plan: SchedulerOutput) -> torch.Tensor:
+        """Run the plan; returns fp32 logits [num sampling sequences, vocab] in plan order."""
+        with self.timer.phase("prepare"):
+            model_input = build_model_input(plan, self.block_size)
+        return self.execute_model_input(model_input)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], block_tables: list[list[int]]) -> torch.Tensor:
-        """Run the step; returns fp32 logits [num_sampling_seqs, vocab] in ``scheduled`` order."""
-        input_ids, positions, meta, logits_indices = self.prepare(scheduled, block_tables)
-        hidden = self.model(input_ids, positions, self.layer_caches, meta)
-        if logits_indices.numel() == 0:
-            return torch.empty(0, self.args.vocab_size)
-        return self.model.compute_logits(hidden[logits_indices]).to("cpu")
+    def execute_model_input(self, inp: ModelInput) -> torch.Tensor:
+        with self.timer.phase("prepare"):
+            self.kv_cache.apply(inp.swap_out, inp.swap_in, inp.copies)
+            dev = self.device
+            input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
+            positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long, device=dev),
+                block_tables=torch.from_numpy(inp.block_tables).to(dev),
+                seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
+                backend=self.config.attention_backend,
+            )
+            logits_indices = torch.tensor(inp.logits_indices, dtype=torch.long, device=dev)
+        with self.timer.phase("forward_other"):
+            hidden = self.model(input_ids, positions, self.layer_caches, meta)
+            if not inp.logits_indices:
+                return torch.empty(0, self.args.vocab_size)
+            if len(inp.logits_indices) != hidden.shape[0]:
+                hidden = hidden[logits_indices]
+            return self.model.compute_logits(hidden).to("cpu")

@@ -1,7 +1,7 @@
 """What the engine hands back to callers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -18,7 +18,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: float | None = None  # None unless logprobs were asked for (or beams)
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, chosen first
     finish_reason: str | None = None  # None while running, "stop" | "length" | "abort" | "timeout"
 
@@ -44,4 +44,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    extra: dict = field(default_factory=dict)
+    # Set when this request failed alone (finished is then True): a paged.errors.RequestFailedError
+    # whose ``status`` says whose fault it was (400: its own parameters, 500: the engine's).
+    error: Exception | None = None

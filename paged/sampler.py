@@ -2,7 +2,11 @@
 
 Each request draws from its own torch.Generator (seeded from the request's ``seed`` or from the
 engine seed and the request's arrival index), so a seeded request's tokens do not depend on what
-else is in the batch. Rows that are all greedy without penalties take one batched argmax.
+else is in the batch. Rows that are greedy without penalties or logprobs take one batched argmax
+and no softmax: their chosen logprob is not computed (None).
+
+A row that yields no token (its logits are not finite, or the request's own parameters leave no
+token allowed) fails that request alone: its result carries a ``RequestFailedError``.
 """
 from __future__ import annotations
 
@@ -10,15 +14,27 @@ from dataclasses import dataclass
 
 import torch
 
+from paged.errors import RequestFailedError
 from paged.sampling_params import SamplingParams
 from paged.sequence import Sequence
 
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]              # one per requested sample (best_of at a fork, else 1)
-    logprobs: list[dict[int, float]]  # per sample: chosen token first, then top alternatives
-    chosen_logprobs: list[float]
+    token_ids: list[int]                      # one per requested sample (best_of at a fork, else 1)
+    logprobs: list[dict[int, float]] | None   # per sample: chosen token first, then top alternatives
+    chosen_logprobs: list[float] | None       # None: not computed (greedy without logprobs)
+    error: RequestFailedError | None = None   # set: no token, the request fails
+
+
+def _no_usable_token(row: torch.Tensor) -> bool:
+    """NaN or +inf anywhere (softmax turns either into NaN), or nothing above -inf."""
+    return bool(torch.isnan(row).any()) or bool((row == float("inf")).any()) or \
+        not bool((row > float("-inf")).any())
+
+
+def _failed(message: str, status: int) -> SampleResult:
+    return SampleResult([], None, None, RequestFailedError(message, status))
 
 
 def _apply_penalties(logits: torch.Tensor, seq: Sequence, params: SamplingParams) -> torch.Tensor:
@@ -63,22 +79,35 @@ class Sampler:
                 or params.frequency_penalty != 0.0 or seq.num_output_tokens < params.min_tokens)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], num_samples: list[int]) -> list[SampleResult]:
-        """logits [len(seqs), vocab] fp32 -> one SampleResult per sequence."""
+        """logits [len(seqs), vocab] fp32 -> one SampleResult per sequence (the caller's logits
+        are not modified)."""
         results: list[SampleResult | None] = [None] * len(seqs)
         greedy_rows = []
         for row, (seq, count) in enumerate(zip(seqs, num_samples)):
             params = seq.group.params
             if self._needs_row_processing(seq, params, count):
-                results[row] = self._sample_row(logits[row].clone(), seq, params, count)
+                results[row] = self._sample_row_safely(logits[row], seq, params, count)
             else:
                 greedy_rows.append(row)
+        if len(greedy_rows) == logits.shape[0]:
+            best, tokens = logits.max(dim=-1)
+        elif greedy_rows:
+            best, tokens = logits[torch.tensor(greedy_rows, dtype=torch.long)].max(dim=-1)
         if greedy_rows:
-            rows = logits[torch.tensor(greedy_rows, dtype=torch.long)]
-            best, tokens = rows.max(dim=-1)
-            chosen = (best - torch.logsumexp(rows, dim=-1)).tolist()
-            for row, token, logprob in zip(greedy_rows, tokens.tolist(), chosen):
-                results[row] = SampleResult([token], [{token: logprob}], [logprob])
+            finite = torch.isfinite(best).tolist()
+            for row, token, ok in zip(greedy_rows, tokens.tolist(), finite):
+                results[row] = SampleResult([token], None, None) if ok else \
+                    _failed("the model produced non-finite logits for this request", 500)
         return results
+
+    def _sample_row_safely(self, logits: torch.Tensor, seq: Sequence, params: SamplingParams,
+                           count: int) -> SampleResult:
+        if _no_usable_token(logits):
+            return _failed("the model produced non-finite logits for this request", 500)
+        try:
+            return self._sample_row(logits.clone(), seq, params, count)
+        except Exception as exc:  # noqa: BLE001 - one request's sampling must not fail the batch
+            return _failed(f"sampling failed: {type(exc).__name__}", 500)
 
     def _sample_row(self, logits: torch.Tensor, seq: Sequence, params: SamplingParams, count: int) -> SampleResult:
         logits = _apply_penalties(logits, seq, params)
@@ -86,6 +115,9 @@ class Sampler:
             banned = [t for t in self.eos_token_ids + params.stop_token_ids if t < logits.shape[-1]]
             if banned:
                 logits[banned] = float("-inf")
+        if _no_usable_token(logits):
+            return _failed("the request's sampling parameters leave no token to choose (its penalties make "
+                           "the logits non-finite, or min_tokens with stop_token_ids exclude every token)", 400)
         logprobs = torch.log_softmax(logits, dim=-1)
         if params.greedy:
             tokens = [int(logits.argmax())] * count

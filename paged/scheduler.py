@@ -1,4 +1,5 @@
-"""Iteration-level scheduler: which sequences run this step, and how many tokens each.
+"""Iteration-level scheduler: which sequences run this step, how many tokens each, and what the
+step's outcome does to them.
 
 Token-centric: a sequence is scheduled for ``min(num_tokens - num_computed_tokens, budget)`` new
 tokens, so a decode (1 token), a prefill, the next chunk of a long prompt and the recompute of a
@@ -7,6 +8,13 @@ first (oldest first), then swapped requests, then waiting ones; waiting requests
 order and none jumps the queue. When the pool runs dry the newest running request is preempted,
 by recompute (free its blocks, requeue at the front) or swap (move them to the CPU pool), chosen
 by ``preemption_mode`` ("auto" compares the estimated cost of each per victim).
+
+Invariants between steps:
+- every RUNNING sequence is in ``running`` and holds device blocks for its computed tokens;
+  every SWAPPED one belongs to a group in ``swapped``; WAITING ones hold no blocks;
+- ``running`` never holds more than ``max_num_seqs`` sequences: a request is admitted only when
+  every sequence it will fork into (``params.num_seqs``) fits;
+- ``num_computed_tokens`` only grows in ``update_from_output``, after the model ran.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from dataclasses import dataclass, field
 
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
+from paged.decoding import StepDecisions
 from paged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 
 
@@ -24,7 +33,7 @@ class PreemptionCostModel:
     """Rough seconds to recompute tokens vs to move blocks out and back in."""
     flops_per_token: float
     block_bytes: int
-    compute_flops_per_s: float = 2.5e11   # this project's CPU roofline (CPU_NOTES.md)
+    compute_flops_per_s: float = 2.5e11   # fp32 GEMM roofline of a 2-core AVX-512 CPU
     copy_bytes_per_s: float = 2.0e10
 
     def prefers_swap(self, num_tokens_to_recompute: int, num_blocks_to_move: int) -> bool:
@@ -35,21 +44,40 @@ class PreemptionCostModel:
 
 @dataclass
 class SchedulerOutput:
+    """The plan of one step: everything the model runner needs, in order.
+
+    ``scheduled[i]`` runs its next ``num_new_tokens`` tokens with block table ``block_tables[i]``
+    (final for this step). Before the forward, the runner applies ``swap_out`` (device -> CPU
+    block), then ``swap_in`` (CPU -> device block), then ``copies`` (copy-on-write, device ->
+    device). Blocks freed by a swap-out may be handed out again in the same plan, which is why
+    swap-outs run first.
+    """
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    swapped_out: list[SequenceGroup] = field(default_factory=list)  # preempted by swap in this plan
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """Sequences whose last token runs this step (they get logits), in plan order."""
+        return [item.seq for item in self.scheduled if item.samples]
+
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, cost_model: PreemptionCostModel):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, cost_model: PreemptionCostModel,
+                 eos_token_ids: list[int], max_model_len: int):
         self.config = config
         self.block_manager = block_manager
         self.cost_model = cost_model
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.num_prompt_tokens_computed = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: list[SequenceGroup] = []
@@ -70,18 +98,21 @@ class Scheduler:
     def remove_group(self, group: SequenceGroup) -> None:
         """Drop every sequence of the group from the queues and free its blocks."""
         ids = {seq.seq_id for seq in group.seqs}
-        self.waiting = deque(s for s in self.waiting if s.seq_id not in ids)
+        if any(seq.status == SequenceStatus.WAITING for seq in group.seqs):
+            self.waiting = deque(s for s in self.waiting if s.seq_id not in ids)
         self.running = [s for s in self.running if s.seq_id not in ids]
         self.swapped = [g for g in self.swapped if g is not group]
         for seq in group.seqs:
             self.block_manager.free(seq.seq_id)
 
-    def add_forked(self, parent: Sequence, child: Sequence) -> None:
-        """A child forked from a running parent runs right after it (same priority)."""
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """A child forked from a running parent shares its blocks and runs right after it."""
         self.block_manager.fork(parent.seq_id, child.seq_id)
         self.running.insert(self.running.index(parent) + 1, child)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """The running sequence is done: it leaves ``running`` and gives its blocks back."""
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.running.remove(seq)
         self.block_manager.free(seq.seq_id)
 
@@ -97,6 +128,7 @@ class Scheduler:
         self.running = [s for s in self.running if s.group is not group]
         if use_swap:
             out.swap_out.extend(bm.swap_out([s.seq_id for s in seqs]))
+            out.swapped_out.append(group)
             for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
             self.swapped.append(group)
@@ -110,7 +142,7 @@ class Scheduler:
                 self.waiting.appendleft(seq)
             self.num_recompute_preemptions += 1
 
-    # ---- the step ---------------------------------------------------------------------------
+    # ---- the plan -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         bm = self.block_manager
@@ -118,10 +150,10 @@ class Scheduler:
         preempted = False
         scheduled_groups: set[int] = set()
 
-        def schedule_seq(seq: Sequence, num_new: int) -> None:
+        def add_to_plan(seq: Sequence, num_new: int) -> None:
             nonlocal budget
-            out.copies.extend(bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, num_new))
-            out.scheduled.append(ScheduledSeq(seq, num_new))
+            out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens))
+            out.block_tables.append(bm.block_table(seq.seq_id))
             scheduled_groups.add(id(seq.group))
             budget -= num_new
 
@@ -130,19 +162,18 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not bm.can_allocate(seq.seq_id, seq.num_computed_tokens, num_new):
+            while (copies := bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, num_new)) is None:
                 victim = self.running[-1].group
-                if victim is seq.group:
-                    if id(seq.group) not in scheduled_groups:
-                        self._preempt(victim, out)
-                        preempted = True
-                    seq = None  # cannot run this step
-                    break
+                if victim is seq.group and id(seq.group) in scheduled_groups:
+                    break  # a sibling already runs this step: this one waits for the next
                 self._preempt(victim, out)
                 preempted = True
-            if seq is None:
+                if victim is seq.group:
+                    break
+            if copies is None:
                 break
-            schedule_seq(seq, num_new)
+            out.copies.extend(copies)
+            add_to_plan(seq, num_new)
             index += 1
 
         # 2. Swapped requests come back before new ones, if nothing was preempted this step.
@@ -151,39 +182,92 @@ class Scheduler:
             seqs = group.seqs_with_status(SequenceStatus.SWAPPED)
             if len(self.running) + len(seqs) > self.config.max_num_seqs or budget < len(seqs):
                 break
-            # Room for the blocks, for every sequence's next tokens (a prompt swapped out
-            # mid-prefill has many) and for one copy-on-write each.
-            growth = sum(max(0, -(-(s.num_computed_tokens + min(s.num_tokens - s.num_computed_tokens, budget))
-                                  // bm.block_size) - bm.num_swapped_blocks(s.seq_id)) + 1 for s in seqs)
-            if bm.num_blocks_to_swap_in([s.seq_id for s in seqs]) + growth > bm.num_free_blocks:
+            # a prompt swapped out mid-prefill has many tokens left; each gets at most the budget
+            num_new = [min(s.num_tokens - s.num_computed_tokens, budget) for s in seqs]
+            ids = [s.seq_id for s in seqs]
+            if sum(num_new) > budget or not bm.can_swap_in(
+                    ids, [s.num_computed_tokens + n for s, n in zip(seqs, num_new)]):
                 break
             self.swapped.pop(0)
-            out.swap_in.extend(bm.swap_in([s.seq_id for s in seqs]))
-            for seq in seqs:
+            out.swap_in.extend(bm.swap_in(ids))
+            for seq, count in zip(seqs, num_new):
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-                schedule_seq(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+                out.copies.extend(bm.allocate_slots(seq.seq_id, seq.num_computed_tokens, count))
+                add_to_plan(seq, count)
 
         # 3. Waiting sequences in arrival order (preempted-by-recompute ones sit at the front).
+        # Every sequence a request will fork into counts against max_num_seqs from its admission.
+        num_seqs = len(self.running) + sum(s.group.params.num_seqs - 1 for s in self.running if not s.group.forked)
         while self.waiting and not preempted and budget > 0 and not self.swapped:
-            if len(self.running) >= self.config.max_num_seqs:
-                break
             seq = self.waiting[0]
+            group = seq.group
+            will_run = 1 if group.forked else group.params.num_seqs
+            if num_seqs + will_run > self.config.max_num_seqs:
+                break
             hits = bm.find_cached_prefix(seq.token_ids)
             computed = len(hits) * bm.block_size
             num_new = min(seq.num_tokens - computed, budget)
-            needed = -(-(computed + num_new) // bm.block_size) - len(hits)
-            if needed > bm.num_free_blocks_after_hits(hits):
+            if bm.allocate_slots(seq.seq_id, computed, num_new, new_computed_blocks=hits) is None:
                 break
             self.waiting.popleft()
-            group = seq.group
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = time.time()
                 group.num_cached_tokens = computed
                 bm.prefix_cache.record_query(seq.num_tokens, computed)
-            bm.take_cached_prefix(seq.seq_id, hits)
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            schedule_seq(seq, num_new)
+            num_seqs += will_run
+            add_to_plan(seq, num_new)
         return out
+
+    # ---- the outcome --------------------------------------------------------------------------
+    def update_from_output(self, plan: SchedulerOutput, decisions: StepDecisions) -> list[Sequence]:
+        """The model ran the plan and the decoder decided: advance ``num_computed_tokens``,
+        register full blocks in the prefix cache, fork, append the new tokens and finish what
+        ends by token (end token, max_tokens, max_model_len). Returns the sequences that got a
+        token, in decision order. Failed requests (``decisions.failed``) are left to the caller."""
+        bm = self.block_manager
+        for item in plan.scheduled:
+            seq = item.seq
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += item.num_new_tokens
+            if before < seq.num_prompt_tokens:
+                self.num_prompt_tokens_computed += min(seq.num_prompt_tokens, seq.num_computed_tokens) - before
+            if seq.num_computed_tokens // bm.block_size > before // bm.block_size:
+                bm.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        for parent, child in decisions.forks:
+            self.fork(parent, child)
+        grown = []
+        for new in decisions.new_tokens:
+            seq = new.seq
+            seq.token_ids.append(new.token)
+            if new.cumulative_logprob is not None:
+                seq.cumulative_logprob = new.cumulative_logprob
+            elif new.logprob is not None:
+                seq.cumulative_logprob += new.logprob
+            if new.top_logprobs is not None:
+                seq.logprobs.append(new.top_logprobs)
+            self._check_stop_token(seq, new.token)
+            grown.append(seq)
+        for beam in decisions.dropped:
+            self.drop(beam)
+        return grown
+
+    def _check_stop_token(self, seq: Sequence, token: int) -> None:
+        params = seq.group.params
+        if seq.num_output_tokens >= params.min_tokens and (
+                token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)):
+            self.finish(seq, "stop")
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.finish(seq, "length")
+
+    def drop(self, seq: Sequence) -> None:
+        """A beam that ends without a result: out of the queues and out of its request."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq.seq_id)
+        seq.group.seqs.remove(seq)

@@ -73,7 +73,7 @@ class SequenceGroup:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, first_seq_id: int, arrival_time: float | None,
-                 generator: torch.Generator | None, deadline: float | None):
+                 generator: torch.Generator | None, deadline: float | None, stream: bool = True):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -84,8 +84,9 @@ class SequenceGroup:
         self.deadline = deadline
         self.forked = params.num_seqs == 1
         self.num_cached_tokens = 0
-        self.timed_out = False
-
+        # stream: report after every step that produced text; otherwise only once, when finished
+        self.stream = stream and not params.use_beam_search
+        self.error: Exception | None = None  # set when the request failed alone
     def seqs_with_status(self, status: SequenceStatus) -> list[Sequence]:
         return [seq for seq in self.seqs if seq.status == status]
 
@@ -96,11 +97,8 @@ class SequenceGroup:
 
 @dataclass
 class ScheduledSeq:
-    """One sequence in a step: its next ``num_new_tokens`` uncomputed tokens run."""
+    """One sequence in a step: its next ``num_new_tokens`` uncomputed tokens run; ``samples``:
+    the step computes its last token, so its next token is sampled from this step's logits."""
     seq: Sequence
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Does this step compute the sequence's last token (so its next token is sampled)?"""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    samples: bool

@@ -31,8 +31,10 @@ Presets (see ``PRESETS``)
 * ``tiny-llama3`` LlamaForCausalLM with llama3 RoPE scaling (factor 8, low/high freq factor
   1/4, original_max_position_embeddings 256), head_dim 32, hidden 256, 8 heads, 4 KV heads,
   2 layers, rope_theta 5e5.
+* ``tiny-odd-vocab`` the tiny-llama3 shapes with 16001 vocabulary rows (one beyond the
+  tokenizer, its LM-head row zero): a vocabulary two tensor-parallel ranks cannot split evenly.
 
-All share vocab 16000, max_position_embeddings 2048, rms_norm_eps 1e-5 and the tokenizer.
+All but tiny-odd-vocab share vocab 16000, max_position_embeddings 2048, rms_norm_eps 1e-5 and the tokenizer.
 
 Tokenizer
 ---------
@@ -141,6 +143,10 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=False,
     ),
 }
+# The tiny-llama3 shapes with a vocabulary of 16001 rows (two tensor-parallel ranks cannot split
+# it evenly). The extra row is not in the tokenizer; its LM-head row is zero, so its logit (0)
+# never wins a greedy step and every generated id decodes.
+PRESETS["tiny-odd-vocab"] = dict(PRESETS["tiny-llama3"], seed=4567, vocab_size=16001)
 
 # Init scales (see the module docstring).  Stds of the linear maps are given as a gain over
 # 1/sqrt(fan_in), so they mean the same thing for every hidden size.
@@ -248,7 +254,7 @@ def model_config(preset: str) -> dict:
     cfg = {
         "architectures": [p["architecture"]],
         "model_type": p["model_type"],
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": p.get("vocab_size", VOCAB_SIZE),
         "hidden_size": p["hidden_size"],
         "intermediate_size": p["intermediate_size"],
         "num_hidden_layers": p["num_hidden_layers"],
@@ -326,6 +332,7 @@ def _init_weights(model, preset: str) -> None:
     # Keep eos possible but unlikely, so greedy generations usually run to max_tokens.
     with torch.no_grad():
         model.get_output_embeddings().weight[EOS_ID].mul_(EOS_ROW_SCALE)
+        model.get_output_embeddings().weight[VOCAB_SIZE:].zero_()  # rows beyond the tokenizer
 
 
 def _build_model(cfg: dict, preset: str):

@@ -70,3 +70,10 @@ def tiny_llama3_dir(tmp_path_factory, make_model, tiny_llama_dir) -> Path:
     return make_model.build_checkpoint(
         tmp_path_factory.mktemp("tiny-llama3"), "tiny-llama3", tokenizer_dir=tiny_llama_dir
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_odd_vocab_dir(tmp_path_factory, make_model, tiny_llama_dir) -> Path:
+    return make_model.build_checkpoint(
+        tmp_path_factory.mktemp("tiny-odd-vocab"), "tiny-odd-vocab", tokenizer_dir=tiny_llama_dir
+    )

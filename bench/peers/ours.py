@@ -71,7 +71,7 @@ def main() -> None:
                          "max_num_seqs": args.max_num_seqs,
                          "max_num_batched_tokens": args.max_num_batched_tokens,
                          "prefix_caching": args.prefix_caching, "threads": args.threads,
-                         "torch": torch.__version__})
+                         "torch": torch.__version__, **llm.engine.performance_info()})
 
 
 if __name__ == "__main__":

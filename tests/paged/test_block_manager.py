@@ -109,17 +109,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for i, block_id in enumerate(hits):
             assert self.gpu[block_id] == prompt[i * BS:(i + 1) * BS], "a prefix hit holds other tokens"
         parked_hits = sum(1 for b in hits if bm.ref_counts[b] == 0)
-        free_after = bm.num_free_blocks_after_hits(hits)
-        assert free_after == bm.num_free_blocks - parked_hits
+        free_after = bm.num_free_blocks - parked_hits
         needed = blocks_for(len(prompt)) - len(hits)
         if not hits:
             assert bm.can_allocate(seq_id, 0, len(prompt)) == (needed <= bm.num_free_blocks)
-        if needed > free_after:
-            return  # the pool cannot take it now (the scheduler would leave it waiting)
-
         computed = len(hits) * BS
-        bm.take_cached_prefix(seq_id, hits)
-        copies = bm.allocate_slots(seq_id, computed, len(prompt) - computed)
+        before = (list(bm.ref_counts), bm.num_free_blocks)
+        copies = bm.allocate_slots(seq_id, computed, len(prompt) - computed, new_computed_blocks=hits)
+        if needed > free_after:
+            # the pool cannot take it now (the scheduler would leave it waiting): nothing changed
+            assert copies is None and (list(bm.ref_counts), bm.num_free_blocks) == before
+            assert not bm.has_table(seq_id)
+            return
         assert copies == [], "a fresh table never needs copy-on-write"
         table = bm.block_table(seq_id)
         assert table[:len(hits)] == hits
@@ -423,8 +424,9 @@ def test_allocation_is_refused_when_the_pool_is_exhausted():
     bm.allocate_slots(2, 0, 4)
     assert bm.num_free_blocks == 0
     assert not bm.can_allocate(3, 0, 1)
-    with pytest.raises(RuntimeError, match="exhausted"):
-        bm.allocate_slots(3, 0, 1)
+    assert bm.allocate_slots(3, 0, 1) is None, "short of blocks: nothing is allocated"
+    assert not bm.has_table(3)
+    bm.check_invariants()
 
 
 def test_copy_on_write_is_refused_when_no_block_is_free_for_the_copy():

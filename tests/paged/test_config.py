@@ -113,3 +113,17 @@ def test_from_dict_still_validates_values():
 def test_to_dict_round_trips_through_from_dict():
     cfg = EngineConfig(model=MODEL, num_kv_blocks=32, request_timeout_s=5.0, compile=False)
     assert EngineConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_tensor_parallel_over_nodes_needs_a_rendezvous_and_an_engine_address():
+    with pytest.raises(ValueError, match="tensor_parallel_rdzv_endpoint"):
+        EngineConfig(model=MODEL, tensor_parallel_size=2, tensor_parallel_nnodes=2)
+    cfg = EngineConfig(model=MODEL, tensor_parallel_size=2, tensor_parallel_nnodes=2,
+                       tensor_parallel_rdzv_endpoint="127.0.0.1:29500",
+                       tensor_parallel_engine_address="tcp:127.0.0.1:29501")
+    assert cfg.tensor_parallel_nnodes == 2
+
+
+def test_tensor_parallel_size_must_divide_over_the_nodes():
+    with pytest.raises(ValueError, match="does not divide"):
+        EngineConfig(model=MODEL, tensor_parallel_size=3, tensor_parallel_nnodes=2)

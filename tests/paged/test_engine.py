@@ -192,10 +192,142 @@ def test_stop_strings_do_not_count_before_min_tokens(llm):
     assert out.token_ids == plain.token_ids and out.text == plain.text
 
 
-def test_greedy_outputs_report_real_cumulative_logprobs(llm):
+def test_greedy_outputs_report_cumulative_logprobs_only_when_logprobs_are_asked_for(llm):
+    """Greedy rows without logprobs skip the softmax (vLLM reports None for them too)."""
     out = llm.generate(["import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0),
                        use_tqdm=False)[0].outputs[0]
     plain = llm.generate(["import os"], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                          use_tqdm=False)[0].outputs[0]
     assert out.cumulative_logprob < 0.0
-    assert abs(plain.cumulative_logprob - out.cumulative_logprob) < 1e-4
+    assert abs(out.cumulative_logprob - sum(entry[t] for t, entry in zip(out.token_ids, out.logprobs))) < 1e-4
+    assert plain.cumulative_logprob is None and plain.token_ids == out.token_ids
+
+
+# ---- faults stay with their requests ----------------------------------------------------------------
+def run_to_completion(engine: LLMEngine) -> dict:
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    return outputs
+
+
+def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm, monkeypatch):
+    engine = llm.engine
+    engine.add_request("victim", "def main():", SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
+    engine.add_request("victim-2", "import os", SamplingParams(max_tokens=8, ignore_eos=True, n=2))
+    real_execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(RuntimeError("boom")))
+    outputs = {o.request_id: o for o in engine.step()}
+    monkeypatch.setattr(engine.runner, "execute", real_execute)
+    assert set(outputs) == {"victim", "victim-2"}
+    for out in outputs.values():
+        assert out.finished and out.error is not None and out.error.status == 500
+        assert all(c.finish_reason == "error" for c in out.outputs)
+    assert not engine.has_unfinished_requests() and pool_is_whole(engine)
+    after = llm.generate(["def main():"], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0),
+                         use_tqdm=False)[0]
+    assert after.error is None and len(after.outputs[0].token_ids) == 8
+    assert engine.kv_stats()["num_step_faults"] >= 1 and "boom" in engine.first_fault
+
+
+def test_repeated_step_faults_make_the_engine_give_up(tiny_llama_dir, monkeypatch):
+    from paged.errors import EngineDeadError
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, compile=False))
+    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(MemoryError("no memory")))
+    with pytest.raises(EngineDeadError, match="no memory"):
+        for index in range(10):
+            engine.add_request(f"r{index}", "hello", SamplingParams(max_tokens=2))
+            engine.step()
+    assert pool_is_whole(engine)
+
+
+def test_non_finite_logits_fail_that_request_alone(llm, monkeypatch):
+    engine = llm.engine
+    engine.add_request("poisoned", "def main():", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
+    engine.add_request("healthy", "def main():", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
+    real_execute = engine.runner.execute
+
+    def poison_first_row(plan):
+        logits = real_execute(plan).clone()
+        for row, seq in enumerate(plan.sampling_seqs):
+            if seq.group.request_id == "poisoned":
+                logits[row, 5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine.runner, "execute", poison_first_row)
+    outputs = run_to_completion(engine)
+    assert outputs["poisoned"].error is not None and outputs["poisoned"].error.status == 500
+    assert outputs["healthy"].error is None and len(outputs["healthy"].outputs[0].token_ids) == 6
+    assert pool_is_whole(engine)
+
+
+def test_parameters_that_leave_no_token_allowed_fail_with_a_client_error(llm):
+    vocab = llm.engine.vocab_size
+    bad = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=list(range(vocab)), temperature=0.0)
+    good = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(["hello", "hello"], [bad, good], use_tqdm=False)
+    assert outs[0].finished and outs[0].error is not None and outs[0].error.status == 400
+    assert outs[1].error is None and len(outs[1].outputs[0].token_ids) == 4
+    assert pool_is_whole(llm.engine)
+
+
+# ---- admission ------------------------------------------------------------------------------------
+def test_max_num_seqs_counts_every_sample_a_request_forks_into(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=128, max_num_seqs=4, compile=False))
+    engine.add_request("three", "def main():", SamplingParams(max_tokens=6, n=3, temperature=1.0, seed=1,
+                                                              ignore_eos=True))
+    engine.add_request("two", "import os", SamplingParams(max_tokens=6, n=2, temperature=1.0, seed=2,
+                                                          ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert len(engine.scheduler.running) <= 4
+        running = {seq.group.request_id for seq in engine.scheduler.running}
+        assert running != {"three", "two"}, "3 + 2 samples would exceed max_num_seqs=4"
+    assert pool_is_whole(engine)
+
+
+def test_a_request_that_forks_beyond_max_num_seqs_is_refused(tiny_llama_dir):
+    from paged.errors import InvalidRequestError
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=128, max_num_seqs=4, compile=False))
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("wide", "hello", SamplingParams(n=2, best_of=6, temperature=1.0))
+    assert info.value.param == "best_of"
+
+
+@pytest.mark.parametrize("prompt, params, param", [
+    ([5] * 600, SamplingParams(max_tokens=2), "prompt"),
+    ([5] * 500, SamplingParams(max_tokens=22), "max_tokens"),
+    ([10**9], SamplingParams(), "prompt"),
+    ("hello", SamplingParams(stop_token_ids=[10**7]), "stop_token_ids"),
+])
+def test_refusals_name_the_request_field_at_fault(llm, prompt, params, param):
+    from paged.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError) as info:
+        llm.engine.add_request("refused", prompt, params)
+    assert info.value.param == param
+
+
+def test_a_request_can_be_aborted_while_it_waits(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False))
+    engine.add_request("runs", "hello", SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("waits", "import os", SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step()
+    assert [s.group.request_id for s in engine.scheduler.waiting] == ["waits"]
+    engine.abort_request("waits")
+    assert not engine.scheduler.waiting
+    outputs = run_to_completion(engine)
+    assert set(outputs) == {"runs"} and pool_is_whole(engine)
+
+
+def test_non_streamed_requests_report_once_when_finished(llm):
+    engine = llm.engine
+    engine.add_request("quiet", "hello", SamplingParams(max_tokens=5, ignore_eos=True), stream=False)
+    engine.add_request("loud", "hello", SamplingParams(max_tokens=5, ignore_eos=True))
+    reports = {"quiet": 0, "loud": 0}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            reports[out.request_id] += 1
+            if out.request_id == "quiet":
+                assert out.finished and len(out.outputs[0].token_ids) == 5
+    assert reports["quiet"] == 1 and reports["loud"] >= 2

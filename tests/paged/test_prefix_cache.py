@@ -1,5 +1,5 @@
 """Prefix cache: chain hashes of full blocks, the LRU of parked blocks, hit accounting, and
-BlockManager.find_cached_prefix / take_cached_prefix on top of it."""
+BlockManager.find_cached_prefix / allocate_slots(new_computed_blocks=...) on top of it."""
 from __future__ import annotations
 
 import random
@@ -133,14 +133,11 @@ def test_taking_a_parked_block_back_unparks_it_and_holds_it():
     bm.free(1)
     hits = bm.find_cached_prefix(prompt)
     free_before = bm.num_free_blocks
-    assert bm.num_free_blocks_after_hits(hits) == free_before - 2
-    bm.take_cached_prefix(2, hits)
-    assert bm.block_table(2) == table[:2]
+    assert bm.allocate_slots(2, len(hits) * BS, len(prompt) - len(hits) * BS, new_computed_blocks=hits) == []
+    assert bm.block_table(2)[:2] == table[:2] and len(bm.block_table(2)) == 3
     assert bm.prefix_cache.num_evictable == 0
     assert [bm.ref_counts[b] for b in hits] == [1, 1]
-    assert bm.num_free_blocks == free_before - 2
-    bm.allocate_slots(2, len(hits) * BS, len(prompt) - len(hits) * BS)
-    assert len(bm.block_table(2)) == 3
+    assert bm.num_free_blocks == free_before - 3, "two parked hits taken back plus one fresh block"
     bm.check_invariants()
 
 
@@ -150,10 +147,9 @@ def test_taking_a_live_cached_block_shares_it_without_using_a_free_block():
     table = computed_sequence(bm, 1, prompt)
     hits = bm.find_cached_prefix(prompt)
     free_before = bm.num_free_blocks
-    assert bm.num_free_blocks_after_hits(hits) == free_before
-    bm.take_cached_prefix(2, hits)
+    bm.allocate_slots(2, len(hits) * BS, 1, new_computed_blocks=hits)
     assert [bm.ref_counts[b] for b in table[:2]] == [2, 2]
-    assert bm.num_free_blocks == free_before
+    assert bm.num_free_blocks == free_before - 1, "only the block for the new token is taken"
     bm.check_invariants()
 
 
@@ -163,10 +159,23 @@ def test_a_sequence_started_from_hits_registers_only_its_new_blocks():
     computed_sequence(bm, 1, prompt)
     longer = prompt[:8] + [50, 51, 52, 53, 54]
     hits = bm.find_cached_prefix(longer)
-    bm.take_cached_prefix(2, hits)
-    bm.allocate_slots(2, 8, len(longer) - 8)
+    bm.allocate_slots(2, 8, len(longer) - 8, new_computed_blocks=hits)
     bm.cache_full_blocks(2, longer, len(longer))
     assert bm.find_cached_prefix(longer + [0]) == bm.block_table(2)[:3]
+    bm.check_invariants()
+
+
+def test_allocation_from_hits_that_does_not_fit_changes_nothing():
+    bm = BlockManager(num_blocks=4, num_cpu_blocks=0, block_size=BS)
+    prompt = list(range(9))
+    computed_sequence(bm, 1, prompt)
+    bm.free(1)
+    hits = bm.find_cached_prefix(prompt + list(range(20, 31)))
+    assert len(hits) == 2
+    before = (list(bm.ref_counts), bm.prefix_cache.num_evictable, bm.num_free_blocks)
+    assert bm.allocate_slots(2, 8, 12, new_computed_blocks=hits) is None, "needs 3 more blocks, 2 are free"
+    assert (list(bm.ref_counts), bm.prefix_cache.num_evictable, bm.num_free_blocks) == before
+    assert not bm.has_table(2)
     bm.check_invariants()
 
 
