@@ -199,7 +199,7 @@ class LLMService:
         """Engine outputs, with engine errors turned into RequestError and a wall-clock backstop."""
         timeout = self.engine.config.request_timeout_s
         agen = self.engine.generate(p.request_id, p.prompt_ids, p.params,
-                                    deadline_s=None if timeout is None else timeout + 10.0)
+                                    deadline_s=None if timeout is None else timeout + 10.0, stream=p.stream)
         try:
             while True:
                 try:

@@ -61,6 +61,7 @@ class AddRequest:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float
+    report_every_step: bool = True  # False: the engine reports the request once, when finished
     cancelled: bool = False
 
 
@@ -169,12 +170,13 @@ class AsyncLLMEngine:
 
     # ------------------------------------------------------------------ asyncio side
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       arrival_time: float | None = None,
-                       deadline_s: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None, deadline_s: float | None = None,
+                       stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs; several outputs ready at once are coalesced to the newest.
 
         ``prompt`` should be token ids (tokenize before calling: the engine thread then does no
-        tokenizer work); a string is tokenized by the engine. The engine hands out fresh
+        tokenizer work); a string is tokenized by the engine. ``stream=False``: only the finished
+        output is wanted, and the engine builds no intermediate ones. The engine hands out fresh
         ``RequestOutput`` / ``CompletionOutput`` objects every step, so they are passed through
         without copying. Raises EngineOverloadedError when the inbox is full, what
         ``add_request`` raises (InvalidRequestError, EngineOverloadedError), RequestFailedError
@@ -190,23 +192,23 @@ class AsyncLLMEngine:
                                             "the engine")
             self._pending_adds += 1
         loop = asyncio.get_running_loop()
-        stream = _Stream(request_id, loop)
-        add = AddRequest(stream, prompt, params, arrival_time or time.time())
+        request_stream = _Stream(request_id, loop)
+        add = AddRequest(request_stream, prompt, params, arrival_time or time.time(), report_every_step=stream)
         self._post(add)
         if self._dead is not None:  # died between the check and the post: nobody drains the inbox
             raise EngineDeadError(f"engine loop stopped: {self._dead!r}")
         timer = None
         if deadline_s is not None:
-            timer = loop.call_later(deadline_s, stream.queue.put_nowait,
+            timer = loop.call_later(deadline_s, request_stream.queue.put_nowait,
                                     TimeoutError(f"request {request_id} exceeded its {deadline_s:.0f} s deadline"))
         finished = False
         error: BaseException | None = None  # arrived behind an output: raised after yielding it
         try:
             while True:
-                item = error or await stream.queue.get()
+                item = error or await request_stream.queue.get()
                 error = None
-                while not isinstance(item, BaseException) and not stream.queue.empty():
-                    nxt = stream.queue.get_nowait()  # coalesce: outputs are cumulative
+                while not isinstance(item, BaseException) and not request_stream.queue.empty():
+                    nxt = request_stream.queue.get_nowait()  # coalesce: outputs are cumulative
                     if isinstance(nxt, BaseException):
                         error = nxt
                         break
@@ -390,7 +392,8 @@ class AsyncLLMEngine:
             self._send(stream, ValueError(f"duplicate request id {stream.request_id!r}"))
             return
         try:
-            engine.add_request(stream.request_id, msg.prompt, msg.params, arrival_time=msg.arrival_time)
+            engine.add_request(stream.request_id, msg.prompt, msg.params, arrival_time=msg.arrival_time,
+                               stream=msg.report_every_step)
         except Exception as exc:  # noqa: BLE001 - InvalidRequestError, EngineOverloadedError, ...
             self._send(stream, exc)
             return

@@ -34,7 +34,7 @@ class FakeEngine:
         self.params: dict[str, object] = {}          # request id -> SamplingParams
         self.aborted: list[str] = []
 
-    def add_request(self, request_id, prompt, params, arrival_time=None):
+    def add_request(self, request_id, prompt, params, arrival_time=None, stream=True):
         self.added.append((request_id, prompt))
         self.params[request_id] = params
         if request_id in self.reqs:
@@ -49,7 +49,7 @@ class FakeEngine:
             raise InvalidRequestError("max_tokens", "prompt + max_tokens longer than max_model_len")
         if len(self.reqs) >= self.config.max_waiting_requests:
             raise EngineOverloadedError("too many waiting requests")
-        self.reqs[request_id] = dict(prompt=list(prompt), params=params, out=[],
+        self.reqs[request_id] = dict(prompt=list(prompt), params=params, out=[], stream=stream,
                                      metrics=RequestMetrics(arrival_time or time.time()))
 
     def abort_request(self, request_id):
@@ -84,7 +84,8 @@ class FakeEngine:
             logprobs = [{t: -0.5} for t in r["out"]] if params.logprobs is not None else None
             choices = [CompletionOutput(i, text, list(r["out"]), logprobs=logprobs,
                                         finish_reason="length" if done else None) for i in range(params.n)]
-            outs.append(RequestOutput(rid, None, r["prompt"], choices, done, r["metrics"]))
+            if r["stream"] or done:  # stream=False: reported once, when finished
+                outs.append(RequestOutput(rid, None, r["prompt"], choices, done, r["metrics"]))
             if done:
                 del self.reqs[rid]
         return outs
