@@ -33,6 +33,13 @@ def make(max_pending_adds=None, on_dead=None, restart_budget=(0, 3600.0), **kw):
     return eng, holder
 
 
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def block_engine_thread(eng) -> threading.Event:
     """Hold the engine thread inside a Call until the returned event is set."""
     release = threading.Event()
@@ -306,6 +313,7 @@ def test_engine_death_calls_on_dead_once_and_keeps_the_first_cause():
             return await asyncio.wait_for(asyncio.gather(*others, killer, return_exceptions=True), 30)
         res = asyncio.run(main())
         assert all(isinstance(r, EngineDeadError) for r in res), res
+        wait_for(lambda: causes)  # called on the engine thread once the requests are failed
         assert len(causes) == 1 and "cannot go on" in str(causes[0])
     finally:
         eng.shutdown()
@@ -335,10 +343,7 @@ def test_an_engine_that_cannot_go_on_is_rebuilt_in_process_within_the_budget():
             with pytest.raises(EngineDeadError):
                 await collect(eng, "kill2", [KILL_ENGINE_TOKEN], max_tokens=5)
         asyncio.run(kill_again())
-        for _ in range(200):  # the budget is spent: the loop stops for good
-            if causes:
-                break
-            time.sleep(0.05)
+        wait_for(lambda: causes)  # the budget is spent: the loop stops for good
         assert len(causes) == 1 and eng.dead_error is eng.first_error and not eng.is_running
     finally:
         eng.shutdown()

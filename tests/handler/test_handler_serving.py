@@ -92,6 +92,21 @@ def test_openai_client(torchserve, offline_llm):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model="llm", prompt="x", max_tokens=-3)
     assert ei.value.status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+
+    # logprobs when asked: the completions object of parallel lists, chat's content entries
+    c = client.completions.create(model="llm", prompt=PROMPTS[0], max_tokens=16, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert all(len(top) <= 3 and max(top.values()) >= chosen - 1e-6
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the chosen one is the top
+    assert "".join(lp.tokens) == ref["text"][0]
+    chat = client.chat.completions.create(model="llm", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
 
 
 def test_raw_sse_framing(torchserve):
