@@ -26,6 +26,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -315,6 +316,7 @@ def main() -> int:
     model_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     config, _ = parse_handler_config(model_config["handler"], args.model)
     engine_settings = {k: v for k, v in config.to_dict().items() if k not in ("model", "request_timeout_s")}
+    engine_settings["max_waiting_requests"] = 1 << 20  # the reference queues the whole plan at once
     plan = make_plan(args.requests, args.seed)
     t0 = time.time()
     print(f"computing offline references for {sum(p.kind not in ('bad', 'disconnect') for p in plan)} requests ...",
@@ -339,12 +341,22 @@ def main() -> int:
         pid = ts.worker_pid()
         memory = {"frontend_rss_mb_before": rss_mb(ts.java_pid), "worker_rss_mb_before": rss_mb(pid)}
         t_start = time.time()
+        samples, done = [], threading.Event()
+
+        def sample_memory():  # RSS every few seconds: growth that levels off is warm-up, not a leak
+            while not done.wait(5.0):
+                samples.append((round(time.time() - t_start, 1), rss_mb(ts.java_pid), rss_mb(pid)))
+        sampler = threading.Thread(target=sample_memory, daemon=True)
+        sampler.start()
         with ThreadPoolExecutor(args.concurrency) as pool:
             results = list(pool.map(lambda p: send(soak, p), plan))
         elapsed = time.time() - t_start
+        done.set()
+        sampler.join()
         d = drained(ts)
         kv = d["kv_stats"]
-        memory.update(frontend_rss_mb_after=rss_mb(ts.java_pid), worker_rss_mb_after=rss_mb(ts.worker_pid()))
+        memory.update(frontend_rss_mb_after=rss_mb(ts.java_pid), worker_rss_mb_after=rss_mb(ts.worker_pid()),
+                      samples_s_frontend_worker=samples)
         checks = {
             "all good answers complete and equal to offline": all(r.ok for r in results if r.kind != "bad"),
             "all bad requests a 400 naming the field": all(r.ok for r in results if r.kind == "bad"),
@@ -389,6 +401,10 @@ def print_table(report: dict) -> None:
     m = report["memory"]
     print(f"  frontend RSS {m['frontend_rss_mb_before']} -> {m['frontend_rss_mb_after']} MB; "
           f"worker RSS {m['worker_rss_mb_before']} -> {m['worker_rss_mb_after']} MB")
+    series = m["samples_s_frontend_worker"]
+    if series:
+        quarters = [series[min(len(series) - 1, round(q * (len(series) - 1)))] for q in (0, 0.25, 0.5, 0.75, 1)]
+        print("  RSS during the run (s, frontend MB, worker MB): " + ", ".join(f"{q}" for q in quarters))
     print("PASSED" if report["passed"] else "FAILED")
 
 
