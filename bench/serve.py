@@ -79,7 +79,7 @@ def _ms(x):
 
 # ------------------------------------------------------------------------------------ in-process
 def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
-    """Runs in its own process: everything on the main thread (the CPU_NOTES rule)."""
+    """Runs in its own process: everything on the main thread (the one-torch-thread rule of docs/serving.md)."""
     from paged import EngineConfig, LLMEngine, SamplingParams
 
     wl = Workload.load(wl_path)
@@ -193,7 +193,7 @@ def run_served(ts, wl_path: str) -> dict:
 
 
 def start_server(args, work: Path):
-    from handler.ts_launcher import TorchServe, build_model_folder, free_ports
+    from tools.ts_launcher import TorchServe, build_model_folder, free_ports
 
     ts = TorchServe(work, free_ports(5))
     ts.store.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,7 @@
-"""TorchServe side of paged-serve: the handler, request schemas, OpenAI routes and metrics.
+"""TorchServe side of paged-serve.
 
-Importing this package runs no torch ops (see handler/llm_handler.py for why that matters).
+``ts_adapter`` (TorchServe context and framing) -> ``service`` (the protocol-neutral stream loop)
+-> ``formats`` (one response format per protocol); ``schemas`` and ``tokenization`` prepare
+requests, ``lifecycle`` keeps the worker process honest. Importing this package runs no torch ops
+(see paged/async_engine.py for why that matters).
 """

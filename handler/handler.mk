@@ -3,7 +3,7 @@ VENV_BIN := $(dir $(PY))
 MAR := model-store/llm.mar
 TS_LOG_DIR := logs
 
-.PHONY: mar serve serve-stop bench-serve
+.PHONY: mar serve serve-stop bench-serve soak
 
 $(MAR): $(STAMP) handler/ts_entry.py model-config.yaml $(wildcard $(MODEL_DIR)/*)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) model
@@ -33,3 +33,12 @@ serve-stop:
 bench-serve: $(MAR)
 	PATH="$(abspath $(VENV_BIN)):$$PATH" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
 	    $(PY) bench/serve.py --mar $(MAR) --model $(MODEL_DIR) --out bench/results/serve.json
+
+# Soak (not part of `make test`, a few minutes): >= 500 mixed requests through TorchServe with the
+# shipped config.properties and model-config.yaml; prints a table, writes bench/results/soak.json,
+# exits non-zero if any check fails. SOAK_ARGS="--requests 1000 --concurrency 16" to change the load.
+SOAK_ARGS ?=
+soak: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	PATH="$(abspath $(VENV_BIN)):$$PATH" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
+	    $(PY) bench/soak.py --model $(MODEL_DIR) --out bench/results/soak.json $(SOAK_ARGS)

@@ -1,112 +1,109 @@
-"""Request schemas (pydantic, strict) and the one error shape every route answers with.
+"""Request bodies: decoding (size, UTF-8, JSON shape) and strict pydantic schemas. Pure Python, no torch.
 
+The sampling fields of every route are generated from ``paged.sampling_params`` (its dataclass
+fields, the ``LIMITS`` ranges and the ``LIST_LIMITS`` caps), so a bound is written once, there.
 Strict mode on purpose: ``"max_tokens": "5"`` or ``true`` is a client bug, not a number; unknown
-fields are rejected so a typo (``max_token``) is not silently ignored. Pure Python: no torch.
+fields are rejected so a typo (``max_token``) is not silently ignored.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
+import typing
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      conint, conlist, constr, create_model)
 
-from paged.sampling_params import MAX_N, SamplingParams
+from paged.errors import InvalidRequestError
+from paged.sampling_params import LIMITS, LIST_LIMITS, SamplingParams
 
-MAX_TOKENS_CAP = 1 << 20  # anything above is "huge"; the engine then checks against max_model_len
+from handler.errors import RequestError
+
+MAX_JSON_DEPTH = 16  # the deepest legal body (chat content parts) is 5 levels
 Number = Union[StrictInt, StrictFloat]
-
-
-class RequestError(Exception):
-    """A request-level failure: HTTP status + the OpenAI-style error body."""
-
-    def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
-
-
-_PHRASES = {400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-            503: "Service Unavailable"}
-
-
-def phrase(status: int) -> str:
-    return _PHRASES.get(status, "Error")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _SamplingFields(_Strict):
-    """Fields shared by every route, with the engine's bounds (the engine checks them again)."""
+def _sampling_field(name: str, hint: Any) -> tuple[Any, Any]:
+    """(type, Field) of one SamplingParams field: optional, bounded as SamplingParams bounds it."""
+    if name in LIMITS:
+        rng = LIMITS[name]
+        bounds: dict[str, float] = {}
+        if rng.low is not None:
+            bounds["ge" if rng.low_inclusive else "gt"] = rng.low
+        if rng.high is not None:
+            bounds["le" if rng.high_inclusive else "lt"] = rng.high
+        return (StrictInt if rng.integer else Number) | None, Field(None, **bounds)
+    if name == "stop":
+        most, longest = LIST_LIMITS[name]
+        item = constr(strict=True, min_length=1, max_length=longest)
+        return item | conlist(item, max_length=most) | None, Field(None)
+    if name == "stop_token_ids":
+        most, _ = LIST_LIMITS[name]
+        return conlist(conint(strict=True, ge=0), max_length=most) | None, Field(None)
+    if hint is bool:
+        return StrictBool | None, Field(None)
+    raise TypeError(f"SamplingParams.{name}: no request schema for this field; add it to handler/schemas.py")
 
-    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
-    temperature: Number | None = Field(None, ge=0.0, le=100.0)
-    top_p: Number | None = Field(None, gt=0.0, le=1.0)
-    top_k: StrictInt | None = Field(None, ge=-1)
-    min_p: Number | None = Field(None, ge=0.0, le=1.0)
-    n: StrictInt | None = Field(None, ge=1, le=MAX_N)
-    best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    ignore_eos: StrictBool | None = None
-    min_tokens: StrictInt | None = Field(None, ge=0)
-    presence_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: Number | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: Number | None = Field(None, gt=0.0, le=10.0)
+
+_HINTS = typing.get_type_hints(SamplingParams)
+SAMPLING_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SamplingParams))
+SamplingFields = create_model("SamplingFields", __base__=_Strict,
+                              **{name: _sampling_field(name, _HINTS[name]) for name in SAMPLING_FIELD_NAMES})
+
+
+class _Request(SamplingFields):
     stream: StrictBool = False
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "seed", "stop",
-                "stop_token_ids", "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
-                "repetition_penalty")
-        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        """The SamplingParams arguments the client gave (absent ones keep their defaults)."""
+        out = {k: getattr(self, k) for k in SAMPLING_FIELD_NAMES if getattr(self, k) is not None}
         if isinstance(out.get("stop"), str):
             out["stop"] = [out["stop"]]
         return out
 
 
-class NativeRequest(_SamplingFields):
-    """``POST /predictions/llm``: the schema of DESIGN.md."""
+class NativeRequest(_Request):
+    """``POST /predictions/llm`` (and gRPC): every SamplingParams field, a prompt, ``stream``."""
 
     prompt: StrictStr | list[StrictInt]
-    beam_width: StrictInt | None = Field(None, ge=1, le=MAX_N)
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    length_penalty: Number | None = Field(None, ge=-10.0, le=10.0)
-
-    def sampling_kwargs(self) -> dict[str, Any]:
-        out = super().sampling_kwargs()
-        for k in ("beam_width", "logprobs", "length_penalty"):
-            if getattr(self, k) is not None:
-                out[k] = getattr(self, k)
-        return out
 
 
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
-class CompletionRequest(_SamplingFields):
-    """OpenAI ``/v1/completions`` (one prompt per request)."""
-
+class _OpenAIRequest(_Request):
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    echo: StrictBool = False
-    suffix: StrictStr | None = None
     user: StrictStr | None = None
     logit_bias: dict[str, Number] | None = None
     stream_options: StreamOptions | None = None
+
+    def check_options(self) -> None:
+        """Refuse what the schema admits but this server does not do."""
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported", param="logit_bias")
+
+
+class CompletionRequest(_OpenAIRequest):
+    """OpenAI ``/v1/completions`` (one prompt per request)."""
+
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.echo:
+            raise RequestError("echo is not supported", param="echo")
+        if self.suffix:
+            raise RequestError("suffix is not supported", param="suffix")
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -115,12 +112,6 @@ class CompletionRequest(_SamplingFields):
                 raise RequestError("only one prompt per request is supported; send one request per prompt",
                                    param="prompt")
             p = p[0]
-        if self.echo:
-            raise RequestError("echo is not supported", param="echo")
-        if self.suffix:
-            raise RequestError("suffix is not supported", param="suffix")
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported", param="logit_bias")
         return p
 
 
@@ -142,69 +133,104 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class ChatRequest(_SamplingFields):
-    """OpenAI ``/v1/chat/completions``."""
+_LOGPROBS = LIMITS["logprobs"]
 
-    model: StrictStr | None = None
+
+class ChatRequest(_OpenAIRequest):
+    """OpenAI ``/v1/chat/completions``: ``logprobs`` is a switch and ``top_logprobs`` the count."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    max_completion_tokens: StrictInt | None = Field(None, ge=LIMITS["max_tokens"].low, le=LIMITS["max_tokens"].high)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
-    user: StrictStr | None = None
-    logit_bias: dict[str, Number] | None = None
-    stream_options: StreamOptions | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=_LOGPROBS.low, le=_LOGPROBS.high)
     add_generation_prompt: StrictBool = True
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
 
     def sampling_kwargs(self) -> dict[str, Any]:
         out = super().sampling_kwargs()
+        out.pop("logprobs", None)
         if self.max_completion_tokens is not None:
             out["max_tokens"] = self.max_completion_tokens
         if self.logprobs:
             out["logprobs"] = self.top_logprobs or 0
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported", param="logit_bias")
         return out
 
 
-# ---------------------------------------------------------------------------- parsing helpers
+# ---------------------------------------------------------------------------- decoding
 def decode_body(raw: Any, max_bytes: int) -> dict:
-    """Whatever TorchServe handed over (bytes, str, or already-decoded JSON) -> a JSON object."""
+    """Whatever TorchServe handed over (bytes, str, or already-decoded JSON) -> a checked JSON object.
+
+    Checked: size (bytes, or an estimate for decoded values), UTF-8, JSON, an object at the top,
+    nesting depth, and strings that cannot be encoded (lone UTF-16 surrogates such as "\\ud800",
+    which JSON can spell but no tokenizer can take).
+    """
     if isinstance(raw, (bytes, bytearray)):
         if len(raw) > max_bytes:
-            raise RequestError(f"request body is {len(raw)} bytes; the limit is {max_bytes}", param=None)
+            raise RequestError(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
         try:
-            text = bytes(raw).decode("utf-8")
+            raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise RequestError(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
-        raw = text
     if isinstance(raw, str):
         if len(raw) > max_bytes:
-            raise RequestError(f"request body is {len(raw)} characters; the limit is {max_bytes}", param=None)
+            raise RequestError(f"request body is {len(raw)} characters; the limit is {max_bytes}")
         if not raw.strip():
             raise RequestError("request body is empty; send a JSON object")
         try:
             raw = json.loads(raw)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise RequestError(f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise RequestError(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer literal too long to convert
+            raise RequestError(f"request body is not valid JSON: {str(exc)[:200]}") from None
     elif raw is None:
         raise RequestError("request body is empty; send a JSON object")
     if not isinstance(raw, dict):
         raise RequestError(f"request body must be a JSON object, got {type(raw).__name__}")
-    # already-decoded bodies (the frontend parsed application/json): bound the prompt size too
-    size = _rough_size(raw)
+    size = check_json(raw)
     if size > max_bytes:
         raise RequestError(f"request body is about {size} bytes; the limit is {max_bytes}")
     return raw
 
 
-def _rough_size(obj: Any) -> int:
-    if isinstance(obj, str):
-        return len(obj)
-    if isinstance(obj, dict):
-        return sum(len(str(k)) + _rough_size(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return sum(_rough_size(v) + 1 for v in obj)
-    return 8
+def check_json(body: dict) -> int:
+    """Walk a decoded body without recursion: depth and encodable strings; returns a size estimate.
+
+    The error names the top-level field that holds the offending value.
+    """
+    size = 0
+    stack: list[tuple[Any, int, str | None]] = [(body, 1, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)",
+                               param=field)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_string(key, field)
+                size += len(key) + 4
+                stack.append((item, depth + 1, key if field is None else field))
+        elif isinstance(value, list):
+            size += 2
+            stack.extend((item, depth + 1, field) for item in value)
+        elif isinstance(value, str):
+            _check_string(value, field)
+            size += len(value) + 2
+        else:
+            size += 8
+    return size
+
+
+def _check_string(text: str, field: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"'{field or 'body'}' holds a character that is not valid Unicode text "
+                           f"(U+{ord(text[exc.start]):04X}, a lone surrogate) at position {exc.start}",
+                           param=field) from None
 
 
 def validate(model: type[BaseModel], body: dict) -> Any:
@@ -234,42 +260,9 @@ def from_validation_error(exc: ValidationError) -> RequestError:
     return RequestError(msg, param=param)
 
 
-_PARAM_NAMES = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "beam_width", "seed",
-                "stop_token_ids", "stop", "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty",
-                "repetition_penalty", "length_penalty", "logprobs")
-
-
-def guess_param(message: str) -> str | None:
-    """Best effort: the field an engine ValueError names (SamplingParams messages start with it)."""
-    low = message.lower()
-    first = low.split(" ", 1)[0].strip("'\"():,")
-    if first in _PARAM_NAMES:
-        return first
-    if "prompt" in low or "token id" in low or "vocab" in low or "max_model_len" in low \
-            or "kv block" in low or "pool" in low:
-        return "prompt" if "max_tokens" not in low else "max_tokens"
-    for name in _PARAM_NAMES:
-        if re.search(rf"\b{re.escape(name)}\b", low):
-            return name
-    return None
-
-
 def make_sampling_params(kwargs: dict[str, Any]) -> SamplingParams:
+    """SamplingParams, with its refusal turned into a 400 naming the field it names."""
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise RequestError(str(exc), param=guess_param(str(exc))) from None
-
-
-def check_prompt_ids(prompt: str | list[int], vocab_size: int | None) -> None:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise RequestError("prompt must not be empty", param="prompt")
-        return
-    if not prompt:
-        raise RequestError("prompt must not be empty", param="prompt")
-    if vocab_size is not None:
-        bad = [t for t in prompt if t < 0 or t >= vocab_size]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
-                               param="prompt")
+    except InvalidRequestError as exc:
+        raise RequestError(exc.message, param=exc.param) from None

@@ -1,9 +1,9 @@
 """The handler file packed into the .mar: a thin shim over the installed ``handler`` package.
 
-TorchServe's loader wants exactly one class defined in this module; it subclasses the real one.
+TorchServe's loader wants exactly one class defined in this module; it subclasses the adapter.
 """
 try:
-    from handler.llm_handler import LLMHandler as _LLMHandler
+    from handler.ts_adapter import TorchServeHandler as _TorchServeHandler
 except ImportError as exc:  # pragma: no cover - a clear message in the worker log
     raise ImportError(
         "cannot import the 'handler' package of paged-serve in the TorchServe worker: install the "
@@ -11,5 +11,5 @@ except ImportError as exc:  # pragma: no cover - a clear message in the worker l
         f"PYTHONPATH ({exc})") from exc
 
 
-class PagedLLMHandler(_LLMHandler):
+class PagedLLMHandler(_TorchServeHandler):
     pass

@@ -1,12 +1,11 @@
 """A real TorchServe, started once per session on free loopback ports and always stopped.
 
-The server gets its own TMPDIR (TorchServe keeps its pid file there, so `torchserve --stop` can
-only ever stop this one), its own cwd/log dir, and after `--stop` every process it had spawned
-that is still alive is killed by pid.
+The server gets its own TMPDIR and TEMP, cwd and log dir (tools/ts_launcher.py), and after `--stop`
+every process it had spawned that is still alive is killed by pid. Client helpers and the test
+server's engine settings live in ts_client.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,21 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from handler.ts_launcher import ROOT, TorchServe, build_model_folder, free_ports  # noqa: F401
-
-# engine settings for the test server: a small pool so preemption and the pool limit are reachable
-TEST_HANDLER = {
-    "block_size": 16,
-    "num_kv_blocks": 96,          # 1536 token slots < max_model_len 2048
-    "max_num_seqs": 32,
-    "max_num_batched_tokens": 1024,
-    "enable_prefix_caching": True,
-    "dtype": "float32",
-    "preemption_mode": "recompute",
-    "max_waiting_requests": 64,
-    "request_timeout": 120,
-    "max_request_bytes": 1 << 20,
-}
+from tools.offline_reference import OfflineReference
+from tools.ts_launcher import ROOT, TorchServe, build_model_folder, free_ports
+from ts_client import TEST_HANDLER
 
 
 def model_source_dir(request) -> Path:
@@ -70,44 +57,11 @@ def torchserve(tmp_path_factory, ts_model_dir):
 
 @pytest.fixture(scope="session")
 def offline_llm(ts_model_dir):
-    """The in-process engine with the same settings, for reference outputs.
-
-    One persistent subprocess (the model loads once) answering JSON lines, so that this pytest
-    process never runs torch itself and the references cost no repeated loads.
-    """
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", _OFFLINE, str(ts_model_dir), json.dumps(TEST_HANDLER)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-    cache: dict = {}
-
-    def generate(prompts, **params):
-        key = json.dumps([prompts, params], sort_keys=True)
-        if key not in cache:
-            proc.stdin.write(json.dumps({"prompts": prompts, "params": params}) + "\n")
-            proc.stdin.flush()
-            line = proc.stdout.readline()
-            assert line, "offline reference process died"
-            cache[key] = json.loads(line)
-        return cache[key]
+    """The offline engine with the test server's settings: ``offline_llm(prompts, **params)``."""
+    engine_settings = {k: v for k, v in TEST_HANDLER.items()
+                       if k not in ("request_timeout", "max_request_bytes", "max_response_bytes")}
+    reference = OfflineReference(ts_model_dir, engine_settings)
     try:
-        yield generate
+        yield reference.generate
     finally:
-        proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-_OFFLINE = r"""
-import json, sys
-from paged import LLM, SamplingParams
-h = json.loads(sys.argv[2]); h.pop("request_timeout", None); h.pop("max_request_bytes", None)
-llm = LLM(sys.argv[1], **h)
-for line in sys.stdin:
-    args = json.loads(line)
-    outs = llm.generate(args["prompts"], SamplingParams(**args["params"]), use_tqdm=False)
-    print(json.dumps([{"text": [c.text for c in o.outputs], "token_ids": [list(c.token_ids) for c in o.outputs],
-                       "finish_reason": [c.finish_reason for c in o.outputs],
-                       "prompt_token_ids": list(o.prompt_token_ids)} for o in outs]), flush=True)
-"""
+        reference.close()

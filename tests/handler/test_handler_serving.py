@@ -9,50 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from ts_client import error_of, post, stream_native, wait_no_frontend_jobs, wait_pool_whole
+
 GREEDY = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Foo(object):\n    def __init__(self"]
-
-
-def post(ts, body, path="", stream=False, timeout=300, **kw):
-    url = f"{ts.base}/predictions/llm" + (f"/1.0/{path}" if path else "")
-    if isinstance(body, (bytes, str)):
-        return requests.post(url, data=body, headers={"Content-Type": "application/json"}, stream=stream,
-                             timeout=timeout, **kw)
-    return requests.post(url, json=body, stream=stream, timeout=timeout, **kw)
-
-
-def stream_native(ts, body) -> dict:
-    """Read an NDJSON stream; returns the joined text / ids per choice, finish reasons, usage."""
-    r = post(ts, dict(body, stream=True), stream=True)
-    assert r.status_code == 200, r.text
-    assert r.headers.get("content-type", "").startswith("application/x-ndjson")
-    text, ids, finish, usage, n_chunks = {}, {}, {}, None, 0
-    for line in r.iter_lines():
-        if not line:
-            continue
-        obj = json.loads(line)
-        assert "error" not in obj, obj
-        n_chunks += 1
-        for c in obj["choices"]:
-            text[c["index"]] = text.get(c["index"], "") + c["text"]
-            ids.setdefault(c["index"], []).extend(c["token_ids"])
-            if c["finish_reason"]:
-                finish[c["index"]] = c["finish_reason"]
-        usage = obj.get("usage") or usage
-    return {"text": text, "ids": ids, "finish": finish, "usage": usage, "chunks": n_chunks}
-
-
-def wait_pool_whole(ts, timeout=20):
-    d = None
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        d = ts.describe()
-        kv = d["kv_stats"]
-        if d["inflight_requests"] == 0 and kv["free_blocks"] == kv["num_blocks"] and kv.get("num_running", 0) == 0 \
-                and kv.get("num_waiting", 0) == 0:
-            return d
-        time.sleep(0.5)
-    raise AssertionError(f"KV pool not whole again: {d}")
 
 
 def test_native_matches_offline(torchserve, offline_llm):
@@ -132,6 +92,21 @@ def test_openai_client(torchserve, offline_llm):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model="llm", prompt="x", max_tokens=-3)
     assert ei.value.status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+
+    # logprobs when asked: the completions object of parallel lists, chat's content entries
+    c = client.completions.create(model="llm", prompt=PROMPTS[0], max_tokens=16, temperature=0, logprobs=3)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
+    assert all(len(top) <= 3 and max(top.values()) >= chosen - 1e-6
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the chosen one is the top
+    assert "".join(lp.tokens) == ref["text"][0]
+    chat = client.chat.completions.create(model="llm", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob - 1e-6 for e in content)
 
 
 def test_raw_sse_framing(torchserve):
@@ -143,32 +118,34 @@ def test_raw_sse_framing(torchserve):
     assert all(e.startswith("data: ") or e.startswith(":") for e in events)
 
 
-def test_grpc_stream_predictions(torchserve, offline_llm, tmp_path_factory):
+def test_grpc_predictions_answer_in_one_message(torchserve, offline_llm, tmp_path_factory):
     grpc = pytest.importorskip("grpc")
-    from handler.grpc_stubs import load_stubs
+    from tools.grpc_stubs import load_stubs
 
     pb, pb_grpc = load_stubs(tmp_path_factory.mktemp("grpc_stubs"))
     ref = offline_llm([PROMPTS[1]], **GREEDY)[0]
+    pid = torchserve.worker_pid()
     with grpc.insecure_channel(f"127.0.0.1:{torchserve.grpc}") as channel:
         stub = pb_grpc.InferenceAPIsServiceStub(channel)
-        req = pb.PredictionsRequest(model_name="llm", input={
-            "data": json.dumps(dict(GREEDY, prompt=PROMPTS[1], stream=True)).encode()})
-        chunks = [json.loads(resp.prediction) for resp in stub.StreamPredictions(req, timeout=300)]
-        assert len(chunks) >= 2
-        assert "".join(c["choices"][0]["text"] for c in chunks) == ref["text"][0]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        # a non-streaming body over StreamPredictions: one response, stream closed properly
         req = pb.PredictionsRequest(model_name="llm", input={"data": json.dumps(dict(GREEDY, prompt=PROMPTS[1])).encode()})
         (only,) = [json.loads(r.prediction) for r in stub.StreamPredictions(req, timeout=300)]
-        assert only["choices"][0]["text"] == ref["text"][0]
+        assert only["choices"][0]["text"] == ref["text"][0] and only["choices"][0]["token_ids"] == ref["token_ids"][0]
+        unary = json.loads(stub.Predictions(req, timeout=300).prediction)
+        assert unary["choices"][0]["token_ids"] == ref["token_ids"][0]
+        # streaming is refused on both calls: a second message on a Predictions call would make
+        # the frontend drop the worker (TorchServe 0.12 cannot tell the two calls apart)
+        streamed = pb.PredictionsRequest(model_name="llm", input={
+            "data": json.dumps(dict(GREEDY, prompt=PROMPTS[1], stream=True)).encode()})
+        for call in (stub.Predictions, lambda r, timeout: next(iter(stub.StreamPredictions(r, timeout=timeout)))):
+            err = json.loads(call(streamed, timeout=60).prediction)["error"]
+            assert err["code"] == 400 and err["param"] == "stream"
         # bad input: the same JSON error (TorchServe 0.12's gRPC frontend drops per-request status codes)
         bad = pb.PredictionsRequest(model_name="llm", input={"data": b'{"prompt": "x", "top_p": 7}'})
         (err,) = [json.loads(r.prediction) for r in stub.StreamPredictions(bad, timeout=60)]
         assert err["error"]["code"] == 400 and err["error"]["param"] == "top_p"
         err = json.loads(stub.Predictions(bad, timeout=60).prediction)
         assert err["error"]["code"] == 400
-    workers = requests.get(f"{torchserve.mgmt_url}/models/llm", timeout=10).json()[0]["workers"]
-    assert all(w["status"] == "READY" for w in workers)
+    assert torchserve.worker_pid() == pid
 
 
 def _bad_requests():
@@ -206,13 +183,18 @@ def _bad_requests():
         "chat no messages": ("v1/chat/completions", {"model": "llm", "messages": []}),
         "chat bad role": ("v1/chat/completions", {"model": "llm", "messages": [{"role": "x", "content": "y"}]}),
         "completion bad n": ("v1/completions", {"model": "llm", "prompt": "x", "n": -1}),
+        "lone surrogate": b'{"prompt": "\\ud800 x"}',
+        "deep nesting": b'{"prompt": "x", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "stop id beyond vocab": {"prompt": "x", "stop_token_ids": [16000]},
+        "tiny repetition penalty": {"prompt": "x", "repetition_penalty": 1e-300, "temperature": 1.0},
+        "stream_options without stream": ("v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}),
     }
 
 
 def test_bad_input_while_a_good_stream_runs(torchserve, offline_llm):
     long_params = {"max_tokens": 160, "temperature": 0.0, "ignore_eos": True}
     ref = offline_llm([PROMPTS[2]], **long_params)[0]
-    pid_before = requests.get(f"{torchserve.mgmt_url}/models/llm", timeout=10).json()[0]["workers"][0]["pid"]
+    pid_before = torchserve.worker_pid()
     result = {}
     first_chunk = threading.Event()
 
@@ -240,9 +222,7 @@ def test_bad_input_while_a_good_stream_runs(torchserve, offline_llm):
             path, body = body
         r = post(torchserve, body, path=path, timeout=120)
         try:
-            err = r.json()["error"]
-            ok = r.status_code == 400 and isinstance(err["message"], str) and err["message"] \
-                and isinstance(err["type"], str) and "param" in err
+            ok = r.status_code == 400 and error_of(r)
         except Exception:  # noqa: BLE001
             ok = False
         if not ok:
@@ -255,9 +235,9 @@ def test_bad_input_while_a_good_stream_runs(torchserve, offline_llm):
     assert not failures, failures
     assert result.get("status") == 200 and result["finish"] == "length"
     assert result["text"] == ref["text"][0]
-    pid_after = requests.get(f"{torchserve.mgmt_url}/models/llm", timeout=10).json()[0]["workers"][0]["pid"]
-    assert pid_after == pid_before, "the worker restarted"
+    assert torchserve.worker_pid() == pid_before, "the worker restarted"
     wait_pool_whole(torchserve)
+    assert wait_no_frontend_jobs(torchserve) == 0, "error answers left jobs in the frontend"
 
 
 def test_unknown_route_and_describe(torchserve):

@@ -300,3 +300,62 @@ def test_visible_text_only_grows_and_never_shows_a_possible_stop_prefix(tok, pie
     feed(Detokenizer(tok.hf), seq, ids, stop=stops, on_step=check)
     assert Detokenizer.visible_text(seq, stops) == seq.text
     assert all(seq.text.startswith(v) for v in shown), "the final text extends everything shown"
+
+
+# ---- the stop-string automaton --------------------------------------------------------------------
+ALPHABET = "abc!é東"
+
+
+def brute_force_hold(text: str, stops: list[str]) -> int:
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+@SETTINGS
+@given(stops=st.lists(st.text(ALPHABET, min_size=1, max_size=5), min_size=1, max_size=6),
+       text=st.text(ALPHABET, max_size=30), split=st.integers(0, 30))
+def test_the_automaton_finds_the_earliest_stop_string_and_the_tail_to_hold(stops, text, split):
+    from paged.detokenizer import StopMatcher
+
+    matcher = StopMatcher(tuple(stops))
+    split = min(split, len(text))
+    state, first = matcher.scan(text, 0)
+    starts = [text.find(s) for s in stops if s in text]
+    assert first == (min(starts) if starts else None)
+    if first is None:
+        assert matcher.hold[state] == brute_force_hold(text, stops)
+        # feeding in two pieces reaches the same state as feeding at once
+        mid, _ = matcher.scan(text[:split], 0)
+        assert matcher.scan(text, split, mid)[0] == state
+
+
+def test_each_step_scans_only_the_new_characters(tok, monkeypatch):
+    """O(new text) per step: with the state remembered, a step feeds the automaton only the
+    characters it added, however many stop strings there are."""
+    from paged import detokenizer
+
+    scanned = []
+    real_scan = detokenizer.StopMatcher.scan
+
+    def counting_scan(self, text, start, state=0):
+        scanned.append(len(text) - start)
+        return real_scan(self, text, start, state)
+
+    monkeypatch.setattr(detokenizer.StopMatcher, "scan", counting_scan)
+    stops = [f"never{i:04d}" for i in range(30)]
+    seq = new_seq(tok, stop=stops)
+    detok = Detokenizer(tok.hf)
+    added = []
+    for token in tok.encode("a long enough output " * 10):
+        before = len(seq.text)
+        seq.token_ids.append(token)
+        assert not detok.append_token(seq, stops)
+        added.append(len(seq.text) - before)
+        Detokenizer.visible_text(seq, stops)
+    # the very first step has no remembered state: it rebuilds it from the (empty) text
+    assert sum(scanned) == sum(added)
+
+
+def test_the_automaton_of_a_stop_list_is_built_once():
+    from paged.detokenizer import stop_matcher
+
+    assert stop_matcher(("x", "yz")) is stop_matcher(("x", "yz"))

@@ -1,11 +1,13 @@
-"""SamplingParams validation: every invalid value is a ValueError that names the field."""
+"""SamplingParams validation: every invalid value is an InvalidRequestError (a ValueError) naming the field."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from paged.sampling_params import MAX_N, SamplingParams
+from paged.errors import InvalidRequestError
+from paged.sampling_params import (LIMITS, MAX_BEAM_WIDTH, MAX_N, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS,
+                                    MAX_STOP_TOKEN_IDS, SamplingParams)
 
 NAN = float("nan")
 INF = float("inf")
@@ -22,8 +24,8 @@ INVALID = [
     ("best_of", dict(best_of=MAX_N + 1)),
     ("best_of", dict(best_of=2.5)),
     ("beam_width", dict(beam_width=0)),
-    ("beam_width", dict(beam_width=MAX_N + 1)),
-    ("beam_width", dict(beam_width=2, n=3)),
+    ("beam_width", dict(beam_width=MAX_BEAM_WIDTH + 1)),
+    ("n", dict(beam_width=2, n=3)),
     ("temperature", dict(temperature=-0.1)),
     ("temperature", dict(temperature=100.5)),
     ("temperature", dict(temperature=NAN)),
@@ -60,6 +62,8 @@ INVALID = [
     ("repetition_penalty", dict(repetition_penalty=0.0)),
     ("repetition_penalty", dict(repetition_penalty=-1.0)),
     ("repetition_penalty", dict(repetition_penalty=10.5)),
+    ("repetition_penalty", dict(repetition_penalty=1e-300)),
+    ("repetition_penalty", dict(repetition_penalty=0.009)),
     ("length_penalty", dict(length_penalty=11.0)),
     ("length_penalty", dict(length_penalty=-11.0)),
     ("logprobs", dict(logprobs=-1)),
@@ -71,11 +75,14 @@ INVALID = [
     ("stop", dict(stop=["ok", 3])),
     ("stop", dict(stop=None)),
     ("stop", dict(stop=7)),
+    ("stop", dict(stop=["s"] * (MAX_STOP_STRINGS + 1))),
+    ("stop", dict(stop=["x" * (MAX_STOP_STRING_CHARS + 1)])),
     ("stop_token_ids", dict(stop_token_ids=[-1])),
     ("stop_token_ids", dict(stop_token_ids=[True])),
     ("stop_token_ids", dict(stop_token_ids=["2"])),
     ("stop_token_ids", dict(stop_token_ids=[1.0])),
     ("stop_token_ids", dict(stop_token_ids=5)),
+    ("stop_token_ids", dict(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1)))),
     ("ignore_eos", dict(ignore_eos=1)),
     ("ignore_eos", dict(ignore_eos="yes")),
     ("best_of", dict(beam_width=2, n=1, best_of=2)),
@@ -83,9 +90,11 @@ INVALID = [
 
 
 @pytest.mark.parametrize("field, kwargs", INVALID, ids=[f"{f}-{kw}" for f, kw in INVALID])
-def test_an_invalid_value_is_a_value_error_naming_the_field(field, kwargs):
-    with pytest.raises(ValueError, match=field):
+def test_an_invalid_value_is_an_invalid_request_error_naming_the_field(field, kwargs):
+    with pytest.raises(InvalidRequestError, match=field) as info:
         SamplingParams(**kwargs)
+    assert info.value.param == field
+    assert isinstance(info.value, ValueError)  # callers that catch ValueError keep working
 
 
 def test_defaults_are_valid_and_mean_plain_sampling():
@@ -102,7 +111,7 @@ VALID_EDGES = [
     dict(top_p=1e-9), dict(top_p=1.0), dict(top_k=-1), dict(top_k=0), dict(top_k=1), dict(top_k=10**6),
     dict(min_p=0.0), dict(min_p=1.0), dict(seed=0), dict(seed=2**63 - 1), dict(max_tokens=1),
     dict(min_tokens=16, max_tokens=16), dict(presence_penalty=-2.0), dict(presence_penalty=2.0),
-    dict(frequency_penalty=-2), dict(repetition_penalty=1e-6), dict(repetition_penalty=10.0),
+    dict(frequency_penalty=-2), dict(repetition_penalty=0.01), dict(repetition_penalty=10.0),
     dict(length_penalty=-10.0), dict(logprobs=0), dict(logprobs=20), dict(stop_token_ids=[0, 5]),
     dict(beam_width=4, n=4), dict(beam_width=4, n=1, temperature=0.0), dict(ignore_eos=True),
 ]
@@ -154,5 +163,20 @@ def test_greedy_means_temperature_zero_or_top_k_one(kwargs, greedy):
 def test_the_error_message_shows_the_rejected_value():
     with pytest.raises(ValueError, match=r"top_p.*1\.5"):
         SamplingParams(top_p=1.5)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="finite"):
         SamplingParams(temperature=math.nan)
+
+
+@pytest.mark.parametrize("name", [n for n, r in LIMITS.items() if r.high is not None and n != "min_tokens"])
+def test_every_bounded_field_is_checked_against_the_limits_table(name):
+    allowed = LIMITS[name]
+    above = allowed.high + 1 if allowed.integer else allowed.high * 1.5 + 1
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**{name: above})
+    assert info.value.param == name
+
+
+def test_the_largest_allowed_lists_are_accepted():
+    p = SamplingParams(stop=["s" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS,
+                       stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)))
+    assert len(p.stop) == MAX_STOP_STRINGS and len(p.stop_token_ids) == MAX_STOP_TOKEN_IDS

@@ -1,10 +1,12 @@
-"""Start and stop a private TorchServe (free loopback ports, own TMPDIR/logs); used by the tests and
-bench/serve.py.
+"""Start and stop a private TorchServe (free loopback ports, own TMPDIR/logs); used by the tests,
+bench/serve.py and bench/soak.py.
 
 The server gets its own TMPDIR (TorchServe keeps its pid file there, so `torchserve --stop` only
-ever stops this one) and its own cwd/log dir; after `--stop`, every process it had spawned that is
-still alive is killed by pid. Model folders are built with ``--archive-format no-archive`` and a
-config whose ``handler.model`` points at the checkpoint, so nothing large is copied.
+ever stops this one), its own TEMP (the JVM's java.io.tmpdir, where the frontend puts the unix
+sockets of its workers: without it, two servers on one machine would share /tmp/.ts.sock.9000)
+and its own cwd/log dir; after `--stop`, every process it had spawned that is still alive is
+killed by pid. Model folders are built with ``--archive-format no-archive`` and a config whose
+``handler.model`` points at the checkpoint, so nothing large is copied.
 """
 from __future__ import annotations
 
@@ -35,8 +37,12 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def build_model_folder(store: Path, name: str, model_dir: Path, handler: dict, extra_yaml: dict | None = None) -> Path:
-    """A no-archive model folder whose config points at the checkpoint (no 150 MB copy)."""
+def build_model_folder(store: Path, name: str, model_dir: Path, handler: dict, extra_yaml: dict | None = None,
+                       handler_file: Path | None = None, extra_files: list[Path] = ()) -> Path:
+    """A no-archive model folder whose config points at the checkpoint (no 150 MB copy).
+
+    ``handler_file`` replaces handler/ts_entry.py; ``extra_files`` are copied next to it (the
+    worker puts the model folder on sys.path, so the handler file can import them)."""
     cfg = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0, "asyncCommunication": True,
            "startupTimeout": 600, "responseTimeout": 600, "deviceType": "cpu",
            "handler": dict(handler, model=str(model_dir))}
@@ -45,16 +51,42 @@ def build_model_folder(store: Path, name: str, model_dir: Path, handler: dict, e
     tmp.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, TMPDIR=str(store.parent / "archiver-tmp"))
     os.makedirs(env["TMPDIR"], exist_ok=True)
+    extra = ["--extra-files", ",".join(str(f) for f in extra_files)] if extra_files else []
     subprocess.run([str(VENV_BIN / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
-                    "--handler", str(ROOT / "handler" / "ts_entry.py"), "--config-file", str(tmp),
-                    "--export-path", str(store), "--archive-format", "no-archive", "--force"],
+                    "--handler", str(handler_file or ROOT / "handler" / "ts_entry.py"), "--config-file", str(tmp),
+                    "--export-path", str(store), "--archive-format", "no-archive", "--force", *extra],
                    check=True, env=env, cwd=str(store.parent))
     return store / name
 
 
+def parse_properties(text: str) -> dict[str, str]:
+    """key=value lines of a config.properties (comments and blank lines dropped)."""
+    props = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+TEST_PROPERTIES = {
+    "disable_token_authorization": "true",
+    "enable_model_api": "true",
+    "metrics_mode": "prometheus",
+    "max_request_size": "16777216",
+    "max_response_size": "16777216",
+    "default_workers_per_model": "1",
+    "install_py_dep_per_model": "false",
+}
+
+
 class TorchServe:
-    def __init__(self, workdir: Path, ports: list[int]):
+    def __init__(self, workdir: Path, ports: list[int], properties: dict[str, str] | None = None):
+        """``properties``: the config.properties to run (default TEST_PROPERTIES); its addresses,
+        ports, model store and metrics config are always replaced by this server's own."""
         self.workdir = workdir
+        self.properties = dict(TEST_PROPERTIES if properties is None else properties)
         self.http, self.mgmt, self.metrics_port, self.grpc, self.grpc_mgmt = ports
         self.base = f"http://127.0.0.1:{self.http}"
         self.mgmt_url = f"http://127.0.0.1:{self.mgmt}"
@@ -63,33 +95,28 @@ class TorchServe:
         self.tmp = workdir / "tmp"
         self.logs = workdir / "logs"
         self.java_pid: int | None = None
-        self.env = dict(os.environ, TMPDIR=str(self.tmp), LOG_LOCATION=str(self.logs),
+        self.env = dict(os.environ, TMPDIR=str(self.tmp), TEMP=str(self.tmp), LOG_LOCATION=str(self.logs),
                         METRICS_LOCATION=str(self.logs),
                         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                         PYTHONPATH=str(ROOT) + (":" + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
         self.env.pop("OMP_NUM_THREADS", None)
 
     def write_config(self) -> Path:
-        props = f"""
-inference_address=http://127.0.0.1:{self.http}
-management_address=http://127.0.0.1:{self.mgmt}
-metrics_address=http://127.0.0.1:{self.metrics_port}
-grpc_inference_address=127.0.0.1
-grpc_management_address=127.0.0.1
-grpc_inference_port={self.grpc}
-grpc_management_port={self.grpc_mgmt}
-disable_token_authorization=true
-enable_model_api=true
-model_store={self.store}
-metrics_mode=prometheus
-metrics_config={ROOT / 'handler' / 'metrics.yaml'}
-max_request_size=16777216
-max_response_size=16777216
-default_workers_per_model=1
-install_py_dep_per_model=false
-"""
+        props = dict(self.properties)
+        props.pop("load_models", None)  # the models to load are given to start()
+        props.update({
+            "inference_address": f"http://127.0.0.1:{self.http}",
+            "management_address": f"http://127.0.0.1:{self.mgmt}",
+            "metrics_address": f"http://127.0.0.1:{self.metrics_port}",
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_management_address": "127.0.0.1",
+            "grpc_inference_port": str(self.grpc),
+            "grpc_management_port": str(self.grpc_mgmt),
+            "model_store": str(self.store),
+            "metrics_config": str(ROOT / "handler" / "metrics.yaml"),
+        })
         path = self.workdir / "config.properties"
-        path.write_text(props)
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return path
 
     def start(self, models: str) -> None:
@@ -108,18 +135,25 @@ install_py_dep_per_model=false
                 break
             time.sleep(0.1)
 
+    @property
+    def mgmt_headers(self) -> dict:
+        """What a management call needs: the management key when token authorization is on."""
+        if self.properties.get("disable_token_authorization", "false") == "true":
+            return {}
+        return {"Authorization": f"Bearer {self.keys()['management']}"}
+
     def wait_ready(self, model: str = "llm", timeout: float = 600) -> None:
         t0 = time.time()
         last = None
         while time.time() - t0 < timeout:
             try:
-                r = requests.get(f"{self.mgmt_url}/models/{model}", timeout=5)
+                r = requests.get(f"{self.mgmt_url}/models/{model}", headers=self.mgmt_headers, timeout=5)
                 if r.status_code == 200:
                     workers = r.json()[0].get("workers", [])
                     last = workers
                     if workers and all(w.get("status") == "READY" for w in workers):
                         return
-            except requests.RequestException as exc:
+            except (requests.RequestException, OSError, ValueError, KeyError) as exc:  # keys not written yet
                 last = exc
             time.sleep(1)
         raise TimeoutError(f"TorchServe model {model} not ready after {timeout}s: {last}\n{self.log_tail()}")
@@ -157,8 +191,33 @@ install_py_dep_per_model=false
             return ""
         return "\n".join(f.read_text(errors="replace").splitlines()[-n:])
 
+    def keys(self) -> dict:
+        """The token-authorization keys TorchServe wrote (``{"management": ..., "inference": ...}``)."""
+        data = json.loads((self.workdir / "key_file.json").read_text())
+        return {kind: data[kind]["key"] for kind in ("management", "inference")}
+
+    def worker_pid(self, model: str = "llm") -> int:
+        r = requests.get(f"{self.mgmt_url}/models/{model}", headers=self.mgmt_headers, timeout=30)
+        r.raise_for_status()
+        return r.json()[0]["workers"][0]["pid"]
+
+    def frontend_jobs(self) -> int:
+        """Request jobs the frontend still holds (live RestJob / GRPCJob objects after a full GC).
+
+        TorchServe keeps a job until its final response says ``ts_stream_next: false``; once
+        every request is answered this must be 0, or jobs (and their request bodies) pile up.
+        """
+        out = subprocess.run(["jcmd", str(self.java_pid), "GC.class_histogram"], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        count = 0
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[3] in ("org.pytorch.serve.job.RestJob", "org.pytorch.serve.job.GRPCJob"):
+                count += int(parts[1])
+        return count
+
     def describe(self, model: str = "llm") -> dict:
-        r = requests.get(f"{self.mgmt_url}/models/{model}?customized=true", timeout=30)
+        r = requests.get(f"{self.mgmt_url}/models/{model}?customized=true", headers=self.mgmt_headers, timeout=30)
         r.raise_for_status()
         meta = r.json()[0]["customizedMetadata"]
         return json.loads(meta) if isinstance(meta, str) else meta

@@ -1,0 +1,54 @@
+"""The ``handler:`` section of model-config.yaml: engine settings (paged.config.EngineConfig) plus
+a few settings of the serving layer itself, split and validated in one place."""
+from __future__ import annotations
+
+import os
+
+from paged.config import EngineConfig
+
+# TorchServe's own default max_request_size / max_response_size (bytes).
+TORCHSERVE_DEFAULT_MESSAGE_SIZE = 6_553_500
+
+HANDLER_DEFAULTS = {
+    "served_model_name": None,        # name in OpenAI answers; default: the TorchServe model name
+    "max_request_bytes": 1 << 20,     # keep equal to max_request_size in config.properties
+    "max_response_bytes": TORCHSERVE_DEFAULT_MESSAGE_SIZE,  # keep equal to max_response_size there
+    "tokenizer_threads": 2,           # prompt tokenization / chat templates run on these threads
+    "max_pending_tokenizations": 64,  # more requests waiting for a tokenizer thread answer 503
+    # An engine whose step fails for good is rebuilt inside the worker at most this many times
+    # an hour; beyond that the worker exits and TorchServe starts a new one (docs/serving.md: why
+    # not always, under TorchServe 0.12).
+    "engine_restarts_per_hour": 3,
+    "metrics_interval_s": 1.0,
+    "load_timeout_s": 1800,
+}
+ALIASES = {"request_timeout": "request_timeout_s"}
+_POSITIVE_INTS = ("max_request_bytes", "max_response_bytes", "tokenizer_threads", "max_pending_tokenizations")
+
+
+def parse_handler_config(section: dict | None, model_dir: str) -> tuple[EngineConfig, dict]:
+    """Split the yaml section into (EngineConfig, handler settings); ValueError with a clear message."""
+    section = dict(section or {})
+    for alias, real in ALIASES.items():
+        if alias in section:
+            if real in section:
+                raise ValueError(f"give {alias} or {real}, not both")
+            section[real] = section.pop(alias)
+    settings = dict(HANDLER_DEFAULTS)
+    for key in list(section):
+        if key in HANDLER_DEFAULTS:
+            settings[key] = section.pop(key)
+    restarts = settings["engine_restarts_per_hour"]
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise ValueError(f"engine_restarts_per_hour must be an integer >= 0, got {restarts!r}")
+    for key in _POSITIVE_INTS:
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    model = section.pop("model", None) or model_dir
+    if not os.path.isabs(model):
+        model = os.path.join(model_dir, model)
+    section["model"] = model
+    if section.get("request_timeout_s") is None:
+        section.pop("request_timeout_s", None)
+    return EngineConfig.from_dict(section), settings
