@@ -135,19 +135,29 @@ class LLMEngine:
             raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
                                                     f"has {bm.num_blocks} (short by {needed - bm.num_blocks})")
 
+    def validate_request(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Everything ``add_request`` checks about the request itself, without queueing it:
+        returns (prompt text or None, prompt token ids) or raises InvalidRequestError."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(None, f"params must be SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._check_fits(len(token_ids), params)
+        return text, token_ids
+
+    def can_accept_request(self) -> bool:
+        """Would ``add_request`` find room in the waiting queue now?"""
+        return self.scheduler.num_waiting_requests < self.config.max_waiting_requests
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, stream: bool = True) -> None:
         """Queue a request. Raises InvalidRequestError (a ValueError) for bad input (nothing is
         queued then) and EngineOverloadedError when ``max_waiting_requests`` requests already wait.
         ``stream=False``: ``step`` reports the request only once, when it is finished."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(None, f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise InvalidRequestError(None, f"request id {request_id!r} is already in use")
-        if self.scheduler.num_waiting_requests >= self.config.max_waiting_requests:
+        if not self.can_accept_request():
             raise EngineOverloadedError(f"{self.config.max_waiting_requests} requests are already waiting")
-        text, token_ids = self._tokenize(prompt)
-        self._check_fits(len(token_ids), params)
+        text, token_ids = self.validate_request(prompt, params)
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else \

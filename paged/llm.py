@@ -1,6 +1,7 @@
 """Offline batch generation, vLLM-style: ``LLM(model_dir).generate(prompts, params)``."""
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence as SequenceABC
 
 from tqdm import tqdm
@@ -35,24 +36,28 @@ class LLM:
                   else list(sampling_params))
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids = []
+        for prompt, p in zip(prompts, params):  # every prompt is checked before any runs
+            self.engine.validate_request(prompt, p)
+        pending = deque()
+        for prompt, p in zip(prompts, params):
+            pending.append((f"offline-{self._counter}", prompt, p))
+            self._counter += 1
+        ids = [request_id for request_id, _, _ in pending]
+        finished: dict[str, RequestOutput] = {}
         try:
-            for prompt, p in zip(prompts, params):
-                request_id = f"offline-{self._counter}"
-                self._counter += 1
-                self.engine.add_request(request_id, prompt, p, stream=False)
-                ids.append(request_id)
-        except Exception:
+            with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+                while len(finished) < len(ids):
+                    # more prompts than the waiting queue holds enter as room frees up
+                    while pending and self.engine.can_accept_request():
+                        self.engine.add_request(*pending.popleft(), stream=False)
+                    for out in self.engine.step():
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update(1)
+        except BaseException:
             for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
-        finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
-            while len(finished) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update(1)
         return [finished[request_id] for request_id in ids]
 
     def kv_stats(self) -> dict:

@@ -264,7 +264,8 @@ def test_non_finite_logits_fail_that_request_alone(llm, monkeypatch):
 
 def test_parameters_that_leave_no_token_allowed_fail_with_a_client_error(llm):
     vocab = llm.engine.vocab_size
-    bad = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=list(range(vocab)), temperature=0.0)
+    bad = SamplingParams(max_tokens=4, min_tokens=2, temperature=0.0)
+    bad.stop_token_ids = list(range(vocab))  # past the request limit, as an engine-internal caller could
     good = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     outs = llm.generate(["hello", "hello"], [bad, good], use_tqdm=False)
     assert outs[0].finished and outs[0].error is not None and outs[0].error.status == 400
@@ -331,3 +332,18 @@ def test_non_streamed_requests_report_once_when_finished(llm):
             if out.request_id == "quiet":
                 assert out.finished and len(out.outputs[0].token_ids) == 5
     assert reports["quiet"] == 1 and reports["loud"] >= 2
+
+
+def test_generate_takes_more_prompts_than_the_waiting_queue_holds(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=64, max_waiting_requests=2, compile=False)
+    outs = llm.generate([f"x = {i}" for i in range(7)], SamplingParams(max_tokens=3, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3] * 7
+    assert pool_is_whole(llm.engine)
+
+
+def test_generate_checks_every_prompt_before_any_runs(llm):
+    steps_before = llm.engine.num_steps
+    with pytest.raises(ValueError):
+        llm.generate(["fine", [10**9]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.num_steps == steps_before
