@@ -316,7 +316,6 @@ def main() -> int:
     model_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     config, _ = parse_handler_config(model_config["handler"], args.model)
     engine_settings = {k: v for k, v in config.to_dict().items() if k not in ("model", "request_timeout_s")}
-    engine_settings["max_waiting_requests"] = 1 << 20  # the reference queues the whole plan at once
     plan = make_plan(args.requests, args.seed)
     t0 = time.time()
     print(f"computing offline references for {sum(p.kind not in ('bad', 'disconnect') for p in plan)} requests ...",
