@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from paged.parallel.executor import TensorParallelExecutor, WorkerGroupError, WorkerGroupSpec
-from tp_helpers import reference_runner, subprocess_env, wait_gone
+from tp_helpers import engine_config, reference_runner, subprocess_env, wait_gone
 from tp_plans import PlanBuilder
 
 ENGINE_PROGRAM = Path(__file__).with_name("tp_engine_program.py")
@@ -22,10 +22,10 @@ FAILURE_BOUND_S = 30.0
 EXIT_BOUND_S = 20.0
 
 
-def make_spec(model_dir, **overrides) -> WorkerGroupSpec:
-    values = dict(model=str(model_dir), world_size=2, num_blocks=NUM_BLOCKS, num_cpu_blocks=0,
-                  block_size=BLOCK_SIZE, max_logits_rows=4, threads_per_rank=1)
-    return WorkerGroupSpec(**{**values, **overrides})
+def make_spec(model_dir, heartbeat_timeout_s: float = 5.0, **overrides) -> WorkerGroupSpec:
+    config = engine_config(model_dir, block_size=BLOCK_SIZE, tensor_parallel_heartbeat_timeout_s=heartbeat_timeout_s)
+    values = dict(num_blocks=NUM_BLOCKS, num_cpu_blocks=0, max_logits_rows=4, threads_per_rank=1)
+    return WorkerGroupSpec(config, **{**values, **overrides})
 
 
 def prefill_plan():
@@ -40,7 +40,7 @@ def execute_bounded(executor, plan):
 
     def target():
         try:
-            outcome["value"] = executor.execute(plan)
+            outcome["value"] = executor.execute_model_input(plan)
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             outcome["error"] = exc
 
@@ -76,10 +76,10 @@ def test_failed_group_refuses_steps_until_restarted_and_then_serves_again(group,
     os.kill(group_pids(group)[1], signal.SIGKILL)
     assert "error" in execute_bounded(group, prefill_plan())
     with pytest.raises(WorkerGroupError):
-        group.execute(prefill_plan())
+        group.execute_model_input(prefill_plan())
     group.restart()
-    got = group.execute(prefill_plan())
-    want = reference_runner(tiny_llama_dir, NUM_BLOCKS, 0, BLOCK_SIZE).execute(prefill_plan())
+    got = group.execute_model_input(prefill_plan())
+    want = reference_runner(tiny_llama_dir, NUM_BLOCKS, 0, BLOCK_SIZE).execute_model_input(prefill_plan())
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
