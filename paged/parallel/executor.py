@@ -53,7 +53,7 @@ from paged.parallel.worker import ADDRESS_ENV, AUTHKEY_ENV
 from paged.scheduler import SchedulerOutput
 from paged.step_timer import StepTimer
 
-__all__ = ["TensorParallelExecutor", "WorkerGroupError", "WorkerGroupSpec"]
+__all__ = ["TensorParallelExecutor", "WorkerGroupError", "WorkerGroupSpec", "remote_node_command"]
 
 _POLL_S = 0.25  # how often a wait re-checks the agent, heartbeats and deadlines
 
@@ -146,6 +146,12 @@ class WorkerGroupSpec:
             raise ValueError("a single-node group has no other nodes")
         env = {ADDRESS_ENV: self.engine_address, AUTHKEY_ENV: self.authkey.hex()}
         return env, self.launch_argv()
+
+
+def remote_node_command(config: EngineConfig) -> tuple[dict[str, str], list[str]]:
+    """``WorkerGroupSpec.remote_node_command`` for an engine's configuration (the key from
+    PAGED_TP_AUTHKEY): what every node but the engine's runs to join the group."""
+    return WorkerGroupSpec(config, num_blocks=1, num_cpu_blocks=0).remote_node_command()
 
 
 @dataclass
