@@ -2,17 +2,18 @@
 
 Two measurements. (1) The engine end to end: ``LLM(tensor_parallel_size=N)`` against
 ``LLM(tensor_parallel_size=1)`` on a small seeded workload (``bench/workload.py``, greedy, EOS
-ignored, the same number of KV blocks for both, prefix caching off): output tokens/s, and for the
-TP engine where its steps' time went (the split below, per engine step), and how many greedy
-outputs equal TP=1's. (2) The model's step time (decode at several batch sizes over a fixed context, and
-one long prefill) with the unsharded model in this process (``--threads`` torch threads) and with
-torchrun groups of ``--tp`` ranks (cores / N threads each; one group all-reduces through shared
-memory, the other through gloo), driven through the same plans. For a group it splits each step into: plan broadcast (engine pickles and writes the plan), channel
-(all engine-side time that no rank's step accounts for: the broadcast, delivery and unpickling,
-wake-ups, the answers' trip back), all-reduce (time the ranks spend inside the 2 x layers + 1
-all-reduces, which includes waiting for the slower rank) and logits gather (engine copies the
-assembled logits out). On a 2-core CPU this is
-the overhead of tensor parallelism, not its scaling: both variants share the same cores and DRAM.
+ignored, the same number of KV blocks for both, prefix caching off): output tokens/s, how many
+greedy outputs equal TP=1's, and for the TP engine where its steps' time went (the split below,
+per engine step). (2) The model's step time (decode at several batch sizes over a fixed context,
+and one long prefill) with the unsharded model in this process (``--threads`` torch threads) and
+with torchrun groups of ``--tp`` ranks (cores / N threads each; one group all-reduces through
+shared memory, the other through gloo), driven through the same step inputs. For a group it splits
+each step into: plan broadcast (engine pickles and writes the plan), channel (all engine-side time
+that no rank's step accounts for: the broadcast, delivery and unpickling, wake-ups, the answers'
+trip back), all-reduce (time the ranks spend inside the 2 x layers + 1 all-reduces, which
+includes waiting for the slower rank) and logits gather (engine copies the assembled logits out).
+On a 2-core CPU this is the overhead of tensor parallelism, not its scaling: both variants share
+the same cores and DRAM.
 
 Variants are interleaved per repeat (the machine is noisy); the table shows medians over repeats
 of each repeat's median step. The last table is a paper estimate of TP scaling for 7B / 70B
@@ -321,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "engine": engine_figures, "results": summary, "load_start": start_load, "load_end": load_avg(),
-                   "cpu": cpu_model()}, f, indent=1)
+        json.dump({"args": vars(args), "engine": engine_figures, "results": summary, "load_start": start_load,
+                   "load_end": load_avg(), "cpu": cpu_model()}, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(text + "\n")
     return 0

@@ -222,7 +222,8 @@ class TensorParallelExecutor:
             self._staging = self._buffer.logits
         else:
             self._staging = torch.empty(spec.max_logits_rows, padded_vocab)
-        if spec.shared_memory_all_reduce and spec.config.device == "cpu" and spec.nnodes == 1 and shm_allreduce.supported():
+        if (spec.shared_memory_all_reduce and spec.config.device == "cpu" and spec.nnodes == 1
+                and shm_allreduce.supported()):
             self._arena = SharedSegment.create(shm_allreduce.arena_bytes(spec.world_size), "paged-tp-allreduce")
         # The ranks import the engine's own copy of the package (a source checkout may be on the
         # engine's path only through its working directory); an installed copy needs nothing, and
