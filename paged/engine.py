@@ -215,8 +215,9 @@ class LLMEngine:
         if self._restart_ranks:
             self._restart_worker_group()
         touched = self._expire_deadlines()
+        ready = self.config.tensor_parallel_size == 1 or self._check_worker_group(touched)
         with self.timer.phase("schedule"):
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule() if ready else SchedulerOutput()
         if not plan.is_empty:
             self.num_steps += 1
             try:
@@ -317,6 +318,21 @@ class LLMEngine:
         fresh.prefix_cache.queried_tokens = old.prefix_cache.queried_tokens
         fresh.prefix_cache.hit_tokens = old.prefix_cache.hit_tokens
         self.block_manager = self.scheduler.block_manager = fresh
+
+    def _check_worker_group(self, touched: dict[str, SequenceGroup]) -> bool:
+        """Whether the tensor-parallel group can run this step. A group that died between steps
+        (a rank killed while the engine idled) is found before anything is scheduled: with no
+        request holding KV it restarts now and the step runs; otherwise those requests fail and
+        this step only reports them (the group restarts at the next step, after they heard)."""
+        try:
+            self.runner.check()
+        except WorkerGroupError as exc:
+            num_touched = len(touched)
+            self._recover_from_lost_ranks(exc, touched)
+            if len(touched) > num_touched:
+                return False
+            self._restart_worker_group()
+        return True
 
     def _restart_worker_group(self) -> None:
         try:

@@ -14,7 +14,8 @@ Failure model (a ``WorkerGroupError`` in every case, raised within seconds):
   sends a heartbeat every ``heartbeat_period_s``; none for ``heartbeat_timeout_s`` means hung;
 * a rank's step raises: it sends the traceback, which becomes the error's message;
 * the torchrun agent exits.
-The KV cache lived on the ranks, so after the error every sequence that held KV blocks is lost:
+A rank that exits between steps is found by ``check()``, which the engine calls before it
+schedules a step. The KV cache lived on the ranks, so after the error every sequence that held KV blocks is lost:
 the engine fails those requests, resets its block manager and calls ``restart()``, which starts a
 fresh group (the weights load again). A group that spans several nodes cannot be restarted from
 here (the other nodes' torchrun agents belong to their operators): ``restart()`` raises and the
@@ -300,6 +301,28 @@ class TensorParallelExecutor:
         code = self.agent.poll() if self.agent is not None else None
         if code is not None:
             raise WorkerGroupError(f"the torchrun agent of the tensor-parallel group exited with code {code}")
+
+    def check(self) -> None:
+        """Raise WorkerGroupError if the group failed since the last step (a rank or the agent
+        exited while the engine idled), so the engine can restart it before it schedules work.
+        One select() without waiting; a heartbeat sent just after a step's answer is consumed."""
+        if self._failure is not None:
+            raise self._failure
+        by_fd = {info.conn.fileno(): info for info in self.ranks}
+        readable, _, _ = select.select(list(by_fd), [], [], 0)
+        try:
+            for fd in readable:
+                info = by_fd[fd]
+                try:
+                    message = info.conn.recv()
+                except (ChannelClosed, OSError) as exc:
+                    raise WorkerGroupError(f"tensor-parallel rank {info.rank} (pid {info.pid} on {info.host}) "
+                                           f"exited between steps: {exc}", info.rank) from None
+                if not isinstance(message, Heartbeat):
+                    raise WorkerGroupError(f"rank {info.rank} sent {message!r} between steps", info.rank)
+            self._check_agent()
+        except WorkerGroupError as exc:
+            raise self._fail(exc) from None
 
     def restart(self) -> None:
         """Tear the group down (whatever state it is in) and start a fresh one with empty KV pools."""

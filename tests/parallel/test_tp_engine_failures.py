@@ -1,6 +1,7 @@
 """A rank lost under the engine: every request that held KV fails with a clear error within
 seconds, the pool is whole again, and a restarted group serves the waiting and the next requests.
-A group that cannot restart makes the engine give up (EngineDeadError) so its owner restarts it.
+A rank lost while the engine idles is replaced before the next request runs. A group that cannot
+restart makes the engine give up (EngineDeadError) so its owner restarts it.
 """
 import os
 import signal
@@ -45,7 +46,9 @@ def run_until_finished(engine: LLMEngine, request_ids: set[str]) -> dict:
 
 def generate_alone(engine: LLMEngine, request_id: str) -> list[int]:
     engine.add_request(request_id, PROMPT, GREEDY)
-    return run_until_finished(engine, {request_id})[request_id].outputs[0].token_ids
+    out = run_until_finished(engine, {request_id})[request_id]
+    assert out.error is None, out.error
+    return out.outputs[0].token_ids
 
 
 def start_two_long_requests_and_lose_a_rank(engine: LLMEngine, tag: str) -> tuple[dict, float]:
@@ -84,6 +87,15 @@ def test_lost_rank_fails_running_requests_clearly_and_a_new_group_serves_the_res
     assert generate_alone(engine, "after") == reference
     assert set(rank_pids(engine)).isdisjoint(old_pids)
     assert wait_gone(old_pids, 20) == []
+
+
+def test_rank_lost_between_steps_is_replaced_before_the_next_request_runs(engine):
+    reference = generate_alone(engine, "idle-reference")
+    faults, pids = engine.num_step_faults, rank_pids(engine)
+    os.kill(pids[0], signal.SIGKILL)
+    assert wait_gone(pids[:1], 20) == []
+    assert generate_alone(engine, "after-idle-loss") == reference  # served, not failed
+    assert engine.num_step_faults == faults + 1 and set(rank_pids(engine)).isdisjoint(pids)
 
 
 def test_group_that_cannot_restart_makes_the_engine_give_up(engine, monkeypatch):
