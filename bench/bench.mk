@@ -43,8 +43,9 @@ bench-quick: $(BENCH_STAMP)
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
 
-# Tensor parallel: TP=2 ranks vs the model in one process, per-step time split into plan broadcast,
-# channel, all-reduce and logits gather, plus a paper estimate for 7B/70B on 2/4/8 GPUs (~1-2 min).
+# Tensor parallel: the TP=2 engine vs TP=1 end to end (tokens/s on a small workload), per-step time split
+# into plan broadcast, channel, all-reduce and logits gather, and a paper estimate for 7B/70B on
+# 2/4/8 GPUs (~3-4 min).
 bench-tp: $(STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)

@@ -1,14 +1,19 @@
-"""Tensor parallel on this machine: TP = N ranks vs the same model in one process, per step.
+"""Tensor parallel on this machine: TP = N ranks vs the same model in one process.
 
-What it measures: the model's step time (decode at several batch sizes over a fixed context, and
-one long prefill) with the unsharded model in this process (``--threads`` torch threads) and with
-torchrun groups of ``--tp`` ranks (cores / N threads each; one group all-reduces through shared
-memory, the other through gloo), driven through the same plans. For a group it splits each step into: plan broadcast (engine pickles and writes the plan), channel
-(all engine-side time that no rank's step accounts for: the broadcast, delivery and unpickling,
-wake-ups, the answers' trip back), all-reduce (time the ranks spend inside the 2 x layers + 1
-all-reduces, which includes waiting for the slower rank) and logits gather (engine copies the
-assembled logits out). On a 2-core CPU this is
-the overhead of tensor parallelism, not its scaling: both variants share the same cores and DRAM.
+Two measurements. (1) The engine end to end: ``LLM(tensor_parallel_size=N)`` against
+``LLM(tensor_parallel_size=1)`` on a small seeded workload (``bench/workload.py``, greedy, EOS
+ignored, the same number of KV blocks for both, prefix caching off): output tokens/s, how many
+greedy outputs equal TP=1's, and for the TP engine where its steps' time went (the split below,
+per engine step). (2) The model's step time (decode at several batch sizes over a fixed context,
+and one long prefill) with the unsharded model in this process (``--threads`` torch threads) and
+with torchrun groups of ``--tp`` ranks (cores / N threads each; one group all-reduces through
+shared memory, the other through gloo), driven through the same step inputs. For a group it splits
+each step into: plan broadcast (engine pickles and writes the plan), channel (all engine-side time
+that no rank's step accounts for: the broadcast, delivery and unpickling, wake-ups, the answers'
+trip back), all-reduce (time the ranks spend inside the 2 x layers + 1 all-reduces, which
+includes waiting for the slower rank) and logits gather (engine copies the assembled logits out).
+On a 2-core CPU this is the overhead of tensor parallelism, not its scaling: both variants share
+the same cores and DRAM.
 
 Variants are interleaved per repeat (the machine is noisy); the table shows medians over repeats
 of each repeat's median step. The last table is a paper estimate of TP scaling for 7B / 70B
@@ -16,7 +21,7 @@ Llama models on 2 / 4 / 8 GPUs, from the all-reduce count and sizes this engine 
 here) and stated hardware assumptions.
 
     python bench/tp.py                               # make bench-tp
-    python bench/tp.py --batches 1,8 --repeats 1 --decode-steps 8 --prefill 256
+    python bench/tp.py --batches 1,8 --repeats 1 --decode-steps 8 --prefill 256 --engine-workload alpaca:1:16
 
 Results: bench/results/tp.json and bench/results/tp.md.
 """
@@ -29,19 +34,21 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 # The engine first: once bench/ is on the path, bench/kernels.py would shadow the kernels package.
-from paged.model_runner import KVCache  # noqa: E402
-from paged.models.llama import LlamaForCausalLM, ModelArgs  # noqa: E402
+from paged import LLM, EngineConfig, SamplingParams  # noqa: E402
+from paged.model_runner import ModelInput, ModelRunner  # noqa: E402
+from paged.models.llama import ModelArgs  # noqa: E402
 from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec  # noqa: E402
-from paged.parallel.step import ShardRunner, StepPlan  # noqa: E402
 
 sys.path.insert(1, BENCH)
-from throughput import cpu_model, load_avg  # noqa: E402
+from throughput import cpu_model, load_avg, parse_workloads  # noqa: E402
+from workload import workload_for_model  # noqa: E402
 
 BLOCK_SIZE = 16
 
@@ -63,8 +70,9 @@ class Batch:
         start = self.first_block + seq * self.blocks_per_seq
         return list(range(start, start + self.blocks_per_seq))
 
-    def _plan(self, count: int) -> StepPlan:
-        plan = StepPlan([], [], [], [], [0], [], [])
+    def _plan(self, count: int) -> ModelInput:
+        plan = ModelInput([], [], [], [], [0], np.zeros((0, 0), dtype=np.int32), [])
+        tables = []
         for seq in range(self.num_seqs):
             table = self._table(seq)
             for pos in range(self.length, self.length + count):
@@ -73,17 +81,28 @@ class Batch:
                 plan.slot_mapping.append(table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
             plan.seq_lens.append(self.length + count)
             plan.query_start_loc.append(plan.query_start_loc[-1] + count)
-            plan.block_tables.append(table[:-(-(self.length + count) // BLOCK_SIZE)])
+            tables.append(table[:-(-(self.length + count) // BLOCK_SIZE)])
             plan.logits_indices.append(plan.query_start_loc[-1] - 1)
+        plan.block_tables = np.array(tables, dtype=np.int32)  # equal lengths: no padding
         self.length += count
         return plan
 
-    def prefill(self) -> StepPlan:
+    def prefill(self) -> ModelInput:
         self.length = 0
         return self._plan(self.context)
 
-    def decode(self) -> StepPlan:
+    def decode(self) -> ModelInput:
         return self._plan(1)
+
+
+def stats_per_step(stats, before: dict) -> dict:
+    """A group's ``ExecutorStats`` since ``before`` (a ``vars()`` copy), per step."""
+    after = vars(stats)
+    steps = max(1, after["steps"] - before["steps"])
+    per_step = {k: (after[k] - before[k]) / steps for k in before if k != "steps"}
+    per_step["channel_s"] = per_step["total_s"] - per_step["rank_step_s"]
+    per_step["steps"] = after["steps"] - before["steps"]
+    return per_step
 
 
 def time_steps(runner, plans) -> tuple[float, dict | None]:
@@ -93,14 +112,76 @@ def time_steps(runner, plans) -> tuple[float, dict | None]:
     times = []
     for plan in plans:
         started = time.perf_counter()
-        runner.execute(plan)
+        runner.execute_model_input(plan)
         times.append(time.perf_counter() - started)
-    if before is None:
-        return statistics.median(times), None
-    after = vars(stats)
-    per_step = {k: (after[k] - before[k]) / len(times) for k in before if k != "steps"}
-    per_step["channel_s"] = per_step["total_s"] - per_step["rank_step_s"]
-    return statistics.median(times), per_step
+    return statistics.median(times), (stats_per_step(stats, before) if before is not None else None)
+
+
+def split_cells(part: dict) -> str:
+    """The broadcast / channel / all-reduce / gather cells of a table row (milliseconds)."""
+    kib = part["collective_bytes"] / max(1, part["collective_calls"]) / 1024
+    return (f" {part['broadcast_s'] * 1e3:.3f} | {part['channel_s'] * 1e3:.3f} | "
+            f"{part['collective_s'] * 1e3:.2f} ({part['collective_calls']:.0f}, {kib:.0f}) | "
+            f"{part['gather_s'] * 1e3:.3f} |")
+
+
+# ---- the engine end to end --------------------------------------------------------------------------
+def engine_throughput(args) -> tuple[list[str], dict]:
+    """TP=N vs TP=1 engines on one workload, interleaved per repeat: table lines and raw figures."""
+    (profile, scale, num_requests), = parse_workloads(args.engine_workload)
+    workload = workload_for_model(args.model, profile, num_requests, scale)
+    settings = dict(block_size=BLOCK_SIZE, num_kv_blocks=args.engine_kv_blocks, max_num_seqs=256,
+                    max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in workload.output_lens]
+    tp_label = f"TP={args.tp}"
+    engines = {"TP=1": LLM(args.model, **settings)}
+    engines[tp_label] = LLM(args.model, tensor_parallel_size=args.tp, **settings)
+    labels = list(engines)
+    results = {label: {"tokens_per_s": [], "parts": []} for label in labels}
+    tokens = {}
+    try:
+        for llm in engines.values():  # warm-up
+            llm.generate(workload.prompts[:4], params[:4], use_tqdm=False)
+        for repeat in range(args.repeats):
+            for label in labels[repeat % 2:] + labels[:repeat % 2]:
+                llm = engines[label]
+                stats = getattr(llm.engine.runner, "stats", None)
+                before = dict(vars(stats)) if stats is not None else None
+                started = time.perf_counter()
+                outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+                elapsed = time.perf_counter() - started
+                results[label]["tokens_per_s"].append(sum(workload.output_lens) / elapsed)
+                if before is not None:
+                    results[label]["parts"].append(stats_per_step(stats, before))
+                tokens[label] = [out.outputs[0].token_ids for out in outputs]
+    finally:
+        for llm in engines.values():
+            llm.close()
+    equal = sum(a == b for a, b in zip(tokens["TP=1"], tokens[tp_label]))
+    summary = workload.summary()
+    lines = [f"Engine end to end: {workload.name}, {num_requests} requests ({summary['prompt_tokens']} prompt, "
+             f"{summary['output_tokens']} output tokens), greedy, EOS ignored, {args.engine_kv_blocks} KV blocks "
+             f"each, prefix caching off; TP=1 on {args.threads} threads, TP={args.tp} on "
+             f"{engines[tp_label].engine.runner.spec.resolved_threads_per_rank()} thread(s) per rank.", "",
+             "| engine | out tok/s | vs TP=1 | engine steps | broadcast ms | channel ms | "
+             "all-reduce ms (calls, KiB each) | gather ms | greedy = TP=1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = statistics.median(results["TP=1"]["tokens_per_s"])
+    figures = {}
+    for label in labels:
+        r = results[label]
+        rate = statistics.median(r["tokens_per_s"])
+        row = f"| {label} | {rate:.1f} | {rate / base:.2f}x |"
+        part = None
+        if r["parts"]:
+            part = {k: statistics.median(p[k] for p in r["parts"]) for k in r["parts"][0]}
+            row += f" {part['steps']:.0f} |" + split_cells(part) + f" {equal}/{num_requests} |"
+        else:
+            row += " | | | | | |"
+        lines.append(row)
+        figures[label] = {"tokens_per_s": rate, "raw": r["tokens_per_s"], "parts": part}
+    figures["greedy_equal"] = [equal, num_requests]
+    return lines, figures
 
 
 def run_workload(runner, name: str, args) -> tuple[float, dict | None]:
@@ -109,7 +190,7 @@ def run_workload(runner, name: str, args) -> tuple[float, dict | None]:
         batch = Batch(1, args.prefill, 0)
         return time_steps(runner, [batch.prefill() for _ in range(3)])
     batch = Batch(int(name.split("-")[1]), args.context, args.decode_steps)
-    runner.execute(batch.prefill())
+    runner.execute_model_input(batch.prefill())
     return time_steps(runner, [batch.decode() for _ in range(args.decode_steps)])
 
 
@@ -172,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engine-workload", default="alpaca:1:48", help="profile:scale:num_requests (bench/workload.py)")
+    ap.add_argument("--engine-kv-blocks", type=int, default=1024)
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "tp.json"))
     args = ap.parse_args(argv)
 
@@ -181,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
                      Batch(1, args.prefill, 0).num_blocks)
     start_load = load_avg()
     torch.set_num_threads(args.threads)
-    model_args = ModelArgs.from_checkpoint(args.model)
-    runners = {"TP=1": ShardRunner(LlamaForCausalLM.from_pretrained(args.model, torch.float32),
-                                   KVCache(model_args, num_blocks, 0, BLOCK_SIZE, torch.float32, "cpu"),
-                                   BLOCK_SIZE, "cpu")}
+    engine_lines, engine_figures = engine_throughput(args)
+    config = EngineConfig(model=args.model, block_size=BLOCK_SIZE)
+    runners = {"TP=1": ModelRunner(config, ModelArgs.from_checkpoint(args.model), num_blocks, 0)}
+    tp_config = EngineConfig(model=args.model, block_size=BLOCK_SIZE, tensor_parallel_size=args.tp)
     for label, shm in ((f"TP={args.tp} shm all-reduce", True), (f"TP={args.tp} gloo all-reduce", False)):
-        runners[label] = TensorParallelExecutor(WorkerGroupSpec(
-            model=args.model, world_size=args.tp, num_blocks=num_blocks, num_cpu_blocks=0, block_size=BLOCK_SIZE,
-            max_logits_rows=max_batch, shared_memory_all_reduce=shm))
+        runners[label] = TensorParallelExecutor(WorkerGroupSpec(tp_config, num_blocks=num_blocks, num_cpu_blocks=0,
+                                                                max_logits_rows=max_batch,
+                                                                shared_memory_all_reduce=shm))
     labels = list(runners)
     results = {(w, v): {"step_s": [], "parts": []} for w in workloads for v in labels}
     try:
@@ -211,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"TP={args.tp} ({args.tp} ranks x {threads} threads) vs TP=1 ({args.threads} threads), "
               f"{os.path.basename(os.path.normpath(args.model))}, fp32, context {args.context}, "
               f"{args.repeats} interleaved repeats, medians")
-    lines = [header, "",
+    lines = engine_lines + ["", "Model steps: " + header, "",
              "| step | variant | ms / step | tokens/s | vs TP=1 | broadcast ms | channel ms | "
              "all-reduce ms (calls, KiB each) | gather ms |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -226,10 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             part = None
             if r["parts"]:
                 part = {k: statistics.median(p[k] for p in r["parts"]) for k in r["parts"][0]}
-                kib = part["collective_bytes"] / max(1, part["collective_calls"]) / 1024
-                row += (f" {part['broadcast_s'] * 1e3:.3f} | {part['channel_s'] * 1e3:.3f} | "
-                        f"{part['collective_s'] * 1e3:.2f} ({part['collective_calls']:.0f}, {kib:.0f}) | "
-                        f"{part['gather_s'] * 1e3:.3f} |")
+                row += split_cells(part)
             else:
                 row += " | | | |"
             lines.append(row)
@@ -242,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "results": summary, "load_start": start_load, "load_end": load_avg(),
-                   "cpu": cpu_model()}, f, indent=1)
+        json.dump({"args": vars(args), "engine": engine_figures, "results": summary, "load_start": start_load,
+                   "load_end": load_avg(), "cpu": cpu_model()}, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(text + "\n")
     return 0

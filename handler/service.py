@@ -303,4 +303,9 @@ class LLMService:
         except Exception as exc:  # noqa: BLE001
             info["kv_stats"] = eng.stats_snapshot()
             info["kv_stats_error"] = repr(exc)
+        try:  # fast paths chosen at load; with tensor parallel, the ranks and their pids
+            info["performance"] = await asyncio.wait_for(
+                asyncio.wrap_future(eng.call(lambda e: e.performance_info())), 10)
+        except Exception as exc:  # noqa: BLE001
+            info["performance_error"] = repr(exc)
         return info

@@ -283,6 +283,7 @@ class AsyncLLMEngine:
                 _drop_frames(exc)  # its frames hold the old engine, which must be freed before a rebuild
                 if self.first_error is None:
                     self.first_error = exc
+                _close_quietly(engine)  # a tensor-parallel engine's ranks go with it
                 engine = self._engine = None
                 if self._take_restart():
                     self._fail_streams(exc)
@@ -297,6 +298,7 @@ class AsyncLLMEngine:
                         logger.exception("on_dead callback failed")
                 return
             self._fail_all(EngineDeadError("engine shut down"))
+            _close_quietly(engine)
             return
 
     def _build(self):
@@ -461,6 +463,15 @@ def _drop_frames(exc: BaseException) -> None:
         seen.add(id(exc))
         exc.__traceback__ = None
         exc = exc.__cause__ or exc.__context__
+
+
+def _close_quietly(engine) -> None:
+    close = getattr(engine, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - the engine is being dropped anyway
+            logger.exception("closing the engine failed")
 
 
 def _deliver(items) -> None:

@@ -7,6 +7,12 @@ Faults stay with the requests they touch: a row without a usable token fails its
 exception while running a plan fails the requests of that plan (their blocks go back to the pool)
 and the engine serves on. Only ``MAX_CONSECUTIVE_STEP_FAULTS`` failed steps in a row make ``step``
 raise ``EngineDeadError``: then the engine cannot go on and its owner should restart it.
+
+With ``tensor_parallel_size > 1`` the runner is a ``TensorParallelExecutor`` (torchrun-launched
+ranks, see docs/tensor_parallel.md); the scheduler, block manager and sampler stay here. When the
+group fails, the KV cache on the ranks is gone: every request holding KV fails, the pool is reset
+and the group restarts before the next step (``_recover_from_lost_ranks``). ``close()`` stops the
+ranks.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from paged.errors import EngineDeadError, EngineOverloadedError, InvalidRequestE
 from paged.model_runner import DTYPES, ModelRunner
 from paged.models.llama import ModelArgs
 from paged.outputs import CompletionOutput, RequestOutput
+from paged.parallel.errors import WorkerGroupError
+from paged.parallel.partition import kv_bytes_per_token_per_rank
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
 from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
@@ -52,8 +60,6 @@ def _eos_token_ids(model_dir: str, args: ModelArgs, tokenizer) -> list[int]:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        if config.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not available in this build (see README: roadmap)")
         self.config = config
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -65,7 +71,11 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {limit}")
         self.max_model_len = config.max_model_len or limit
         element_size = torch.tensor([], dtype=DTYPES[config.dtype]).element_size()
-        block_bytes = args.kv_bytes_per_token * element_size * config.block_size
+        # With tensor parallel every rank holds num_blocks blocks of its own KV heads, so the KV
+        # memory settings are per rank (as vLLM's are per GPU). Raises for a model that cannot be
+        # split over tensor_parallel_size, before anything starts.
+        block_bytes = (kv_bytes_per_token_per_rank(args, config.tensor_parallel_size) * element_size
+                       * config.block_size)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
@@ -84,7 +94,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.block_manager, cost_model, self.eos_token_ids, self.max_model_len)
         torch.manual_seed(config.seed)
         self.timer = StepTimer()
-        self.runner = ModelRunner(config, args, num_blocks, num_cpu_blocks, self.timer)
+        self.runner = self._make_runner(num_blocks, num_cpu_blocks)
         self.decoder = Decoder(Sampler(self.eos_token_ids), self.eos_token_ids, self._new_seq_id)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
@@ -97,6 +107,23 @@ class LLMEngine:
         self.first_fault: str | None = None
         self._utilization_sum = 0.0
         self._utilization_steps = 0
+        self._restart_ranks = False
+        self.closed = False
+
+    def _make_runner(self, num_blocks: int, num_cpu_blocks: int):
+        """The model in this process, or the tensor-parallel ranks behind the same contract."""
+        if self.config.tensor_parallel_size == 1:
+            return ModelRunner(self.config, self.model_args, num_blocks, num_cpu_blocks, self.timer)
+        from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
+
+        return TensorParallelExecutor(WorkerGroupSpec(self.config, num_blocks, num_cpu_blocks), self.timer)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (a single-device engine holds no process).
+        Idempotent; ``step`` raises EngineDeadError afterwards."""
+        self.closed = True
+        if self.config.tensor_parallel_size > 1:
+            self.runner.shutdown()
 
     # ---- requests -----------------------------------------------------------------------------
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -193,15 +220,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration; returns the outputs of requests that produced text or finished
         (a ``stream=False`` request only when finished)."""
+        if self.closed:
+            raise EngineDeadError("the engine was closed")
+        if self._restart_ranks:
+            self._restart_worker_group()
         touched = self._expire_deadlines()
+        ready = self.config.tensor_parallel_size == 1 or self._check_worker_group(touched)
         with self.timer.phase("schedule"):
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule() if ready else SchedulerOutput()
         if not plan.is_empty:
             self.num_steps += 1
             try:
                 logits = self.runner.execute(plan)
                 with self.timer.phase("sample"):
                     decisions = self.decoder.decide(plan.sampling_seqs, logits)
+            except WorkerGroupError as exc:
+                self._recover_from_lost_ranks(exc, touched)
             except Exception as exc:  # noqa: BLE001 - the plan's requests fail, the engine goes on
                 self._fail_plan(plan, exc, touched)
             else:
@@ -257,6 +291,66 @@ class LLMEngine:
         if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
             raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
                                   f"{self.first_fault}; last: {cause}") from exc
+
+    def _recover_from_lost_ranks(self, exc: WorkerGroupError, touched: dict[str, SequenceGroup]) -> None:
+        """The tensor-parallel group failed and took the KV cache with it: every request that held
+        KV blocks (running or swapped, not only this plan's) fails, the pool is made whole and empty
+        (cached prefixes are gone too), and the group restarts before the next step, so the failed
+        requests hear about it now rather than after the weights have loaded again. Waiting
+        requests hold no KV: they run on the new group. A group over several nodes cannot be
+        restarted from here: EngineDeadError, so the owner exits and its supervisor restarts it."""
+        self.num_step_faults += 1
+        self._consecutive_step_faults += 1
+        cause = f"{type(exc).__name__}: {exc.summary}"
+        if self.first_fault is None:
+            self.first_fault = cause
+        logger.error("the tensor-parallel worker group failed; failing every request that held KV: %s", exc)
+        error = RequestFailedError(f"the tensor-parallel worker group failed and this request's KV cache was lost "
+                                   f"({exc.summary}); retry the request", 503)
+        for group in list(self.requests.values()):
+            if any(seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED) for seq in group.seqs):
+                self._end_group(group, "error", error)
+                touched[group.request_id] = group
+        self._reset_block_pool()
+        if self.config.tensor_parallel_nnodes > 1:
+            raise EngineDeadError(f"the multi-node tensor-parallel group failed and cannot be restarted from the "
+                                  f"engine: {cause}") from exc
+        if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
+            raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
+                                  f"{self.first_fault}; last: {cause}") from exc
+        self._restart_ranks = True
+
+    def _reset_block_pool(self) -> None:
+        """A fresh, empty block manager of the same shape (no holder is left: only waiting
+        sequences, which hold no blocks, survive a lost group); prefix statistics carry over."""
+        old = self.block_manager
+        fresh = BlockManager(old.num_blocks, old.num_cpu_blocks, old.block_size, old.prefix_cache.enabled)
+        fresh.prefix_cache.queried_tokens = old.prefix_cache.queried_tokens
+        fresh.prefix_cache.hit_tokens = old.prefix_cache.hit_tokens
+        self.block_manager = self.scheduler.block_manager = fresh
+
+    def _check_worker_group(self, touched: dict[str, SequenceGroup]) -> bool:
+        """Whether the tensor-parallel group can run this step. A group that died between steps
+        (a rank killed while the engine idled) is found before anything is scheduled: with no
+        request holding KV it restarts now and the step runs; otherwise those requests fail and
+        this step only reports them (the group restarts at the next step, after they heard)."""
+        try:
+            self.runner.check()
+        except WorkerGroupError as exc:
+            num_touched = len(touched)
+            self._recover_from_lost_ranks(exc, touched)
+            if len(touched) > num_touched:
+                return False
+            self._restart_worker_group()
+        return True
+
+    def _restart_worker_group(self) -> None:
+        try:
+            self.runner.restart()
+        except Exception as exc:  # noqa: BLE001 - whatever stops the restart ends the engine
+            raise EngineDeadError(f"the tensor-parallel worker group could not be restarted: {exc}") from exc
+        self._restart_ranks = False
+        logger.info("tensor-parallel worker group restarted: %s", self.runner.describe())
 
     def _end_group(self, group: SequenceGroup, reason: str, error: Exception | None = None) -> None:
         """End every unfinished sequence of the request and give back all of its blocks."""
@@ -346,12 +440,9 @@ class LLMEngine:
         }
 
     def performance_info(self) -> dict:
-        """The fast paths this engine chose at load (reported by describe and the benchmarks)."""
-        model = self.runner.model
-        return {"linear_backend": getattr(model, "linear_backend", "torch"),
-                "compile": bool(getattr(model, "compiled", False)),
-                "attention": getattr(self.runner, "attention_impl", self.config.attention_backend),
-                "threads": torch.get_num_threads()}
+        """The fast paths this engine chose at load (reported by describe and the benchmarks); with
+        tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids."""
+        return self.runner.performance_info()
 
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""

@@ -13,7 +13,11 @@ from paged.sampling_params import SamplingParams
 
 
 class LLM:
-    """An engine for offline use. Keyword arguments are ``EngineConfig`` fields."""
+    """An engine for offline use. Keyword arguments are ``EngineConfig`` fields.
+
+    With ``tensor_parallel_size > 1`` the engine runs worker processes: ``close()`` them (or use
+    ``with LLM(...) as llm:``) when done; they also die with this process in any case.
+    """
 
     def __init__(self, model: str, **engine_kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
@@ -62,3 +66,13 @@ class LLM:
 
     def kv_stats(self) -> dict:
         return self.engine.kv_stats()
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks, if any. Idempotent."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

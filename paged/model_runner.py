@@ -100,8 +100,15 @@ class KVCache:
 
 
 class ModelRunner:
+    """The model and its KV pools; ``execute`` runs one plan.
+
+    ``model``: a model built elsewhere (a tensor-parallel rank passes its shard, with ``args``
+    holding the rank's head and MLP sizes, so the KV pools hold only its KV heads); None loads
+    ``config.model`` whole. The logits then cover the model's vocabulary (a rank's: its shard).
+    """
+
     def __init__(self, config: EngineConfig, args: ModelArgs, num_blocks: int, num_cpu_blocks: int,
-                 timer: StepTimer | None = None):
+                 timer: StepTimer | None = None, model: LlamaForCausalLM | None = None):
         self.config = config
         self.args = args
         self.block_size = config.block_size
@@ -112,10 +119,19 @@ class ModelRunner:
         self.attention_impl = config.attention_backend or ("triton" if str(self.device).startswith("cuda") else "torch")
         if self.attention_impl == "torch":
             self.attention_impl = "compiled" if kernels.prepare_cpu_kernels() else "plain"
-        self.model = LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device)
+        self.model = model if model is not None else \
+            LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device)
         self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
                                 config.block_size, self.dtype, self.device)
         self.layer_caches = self.kv_cache.layer_caches()
+
+    def performance_info(self) -> dict:
+        """The fast paths this runner chose at load (reported by describe and the benchmarks)."""
+        model = self.model
+        return {"linear_backend": getattr(model, "linear_backend", "torch"),
+                "compile": bool(getattr(model, "compiled", False)),
+                "attention": self.attention_impl,
+                "threads": torch.get_num_threads()}
 
     def execute(self, plan: SchedulerOutput) -> torch.Tensor:
         """Run the plan; returns fp32 logits [num sampling sequences, vocab] in plan order."""

@@ -1,10 +1,12 @@
 """The engine's side of tensor parallelism: start N ranks with torchrun, drive them step by step.
 
-``TensorParallelExecutor.execute(plan)`` has the single-device runner's contract (fp32 logits
-``[plan.num_logits_rows, vocab]`` on the CPU) and is the only thing the engine sees. Per step it
-pickles the plan once and writes it to every rank's connection; each rank runs its shard and puts
-its vocabulary slice of the logits into a shared buffer (ranks on other hosts send it over their
-connection); the engine returns the assembled logits. No collective involves the engine process.
+``TensorParallelExecutor`` is the engine's model runner when ``tensor_parallel_size > 1``: it has
+``ModelRunner``'s contract (``execute(plan)`` and ``execute_model_input(model_input)`` return fp32
+logits ``[sampling rows, vocab]`` on the CPU). The engine builds each step's ``ModelInput`` once;
+the executor pickles it once and writes it to every rank's connection; each rank runs it on its
+own ``ModelRunner`` (its weight shards, its KV heads) and puts its vocabulary slice of the logits
+into a shared buffer (ranks on other hosts send it over their connection); the executor returns
+the assembled logits. No collective involves the engine process.
 
 Failure model (a ``WorkerGroupError`` in every case, raised within seconds):
 * a rank process exits or is killed: its connection closes, which the engine sees at once;
@@ -12,11 +14,12 @@ Failure model (a ``WorkerGroupError`` in every case, raised within seconds):
   sends a heartbeat every ``heartbeat_period_s``; none for ``heartbeat_timeout_s`` means hung;
 * a rank's step raises: it sends the traceback, which becomes the error's message;
 * the torchrun agent exits.
-The KV cache lived on the ranks, so after the error every sequence that held KV blocks is lost:
+A rank that exits between steps is found by ``check()``, which the engine calls before it
+schedules a step. The KV cache lived on the ranks, so after the error every sequence that held KV blocks is lost:
 the engine fails those requests, resets its block manager and calls ``restart()``, which starts a
 fresh group (the weights load again). A group that spans several nodes cannot be restarted from
 here (the other nodes' torchrun agents belong to their operators): ``restart()`` raises and the
-engine should exit, so its supervisor (TorchServe) restarts it.
+engine gives up (``EngineDeadError``), so its supervisor (TorchServe) restarts it.
 
 The processes form the chain engine -> torchrun agent (``paged.parallel.launch``, its own
 session) -> ranks; each arms a parent-death signal, so SIGKILL of the engine takes the group down.
@@ -35,79 +38,90 @@ from dataclasses import dataclass, field
 
 import torch
 
+from paged.config import EngineConfig
+from paged.model_runner import ModelInput, build_model_input
 from paged.models.llama import ModelArgs
 from paged.parallel import shm_allreduce
 from paged.parallel.channel import ChannelClosed, Connection, Listener
 from paged.parallel.context import default_threads_per_rank
+from paged.parallel.errors import WorkerGroupError
 from paged.parallel.launch import PARENT_PID_ENV
 from paged.parallel.logits_buffer import LogitsBuffer
 from paged.parallel.partition import ShardLayout, layout_for
 from paged.parallel.protocol import (Done, Heartbeat, Hello, RankFailed, Ready, ShardLogits, Stop, WorkerInit)
 from paged.parallel.shared_segment import SharedSegment
-from paged.parallel.step import StepPlan
 from paged.parallel.worker import ADDRESS_ENV, AUTHKEY_ENV
+from paged.scheduler import SchedulerOutput
+from paged.step_timer import StepTimer
+
+__all__ = ["TensorParallelExecutor", "WorkerGroupError", "WorkerGroupSpec", "remote_node_command"]
 
 _POLL_S = 0.25  # how often a wait re-checks the agent, heartbeats and deadlines
 
 
-class WorkerGroupError(RuntimeError):
-    """The tensor-parallel worker group failed; the KV cache on the ranks is gone.
-
-    ``rank`` is the failing rank when one is known. After this, ``execute`` keeps raising until
-    ``restart()`` succeeds."""
-
-    def __init__(self, message: str, rank: int | None = None):
-        super().__init__(message)
-        self.rank = rank
-
-
 @dataclass
 class WorkerGroupSpec:
-    """What to start: the model and KV pool of every rank, and how the group is launched."""
+    """What to start: the engine's configuration (model, dtype, device, ``tensor_parallel_size``,
+    the multi-node settings and the heartbeat timeout), every rank's pool sizes, and launch knobs.
 
-    model: str
-    world_size: int
+    ``num_blocks`` / ``num_cpu_blocks`` are the same on every rank: a block id names the same
+    block in every rank's pool, each holding only that rank's KV heads."""
+
+    config: EngineConfig
     num_blocks: int
     num_cpu_blocks: int
-    block_size: int
-    max_logits_rows: int                 # rows the shared logits buffer holds (one per running sequence);
-                                         # a step with more sends its logits over the channel instead
-    dtype: str = "float32"
-    device: str = "cpu"
-    attention_backend: str | None = None
-    seed: int = 0
+    max_logits_rows: int | None = None   # rows the shared logits buffer holds; None: config.max_num_seqs
+                                         # (one per running sequence); a step with more uses the channel
     threads_per_rank: int | None = None  # None: cores / ranks on this host
     heartbeat_period_s: float = 0.5
-    heartbeat_timeout_s: float = 5.0
     start_timeout_s: float = 600.0       # loading the shards; a big checkpoint takes minutes
     logits_via_shared_memory: bool = True
     shared_memory_all_reduce: bool = True  # CPU ranks on one x86-64 host; otherwise gloo / NCCL
-    # Across nodes (torchrun's c10d rendezvous); nnodes == 1 runs a standalone rendezvous.
-    nnodes: int = 1
-    rdzv_endpoint: str | None = None     # host:port of the rendezvous store, reachable by every node
-    rdzv_id: str = "paged-tp"
-    engine_address: str | None = None    # tcp:<host>:<port> the ranks of every node can reach
-    authkey: bytes | None = field(default=None, repr=False)  # the same on every node; None: random
+    rdzv_id: str = "paged-tp"            # names the rendezvous of a multi-node group
+    # The key every rank proves it knows. None: from PAGED_TP_AUTHKEY (hex, the same on every node)
+    # for a group over several nodes, a random one for a single node.
+    authkey: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.world_size < 2:
-            raise ValueError(f"a worker group needs world_size >= 2, got {self.world_size}")
-        if self.nnodes < 1 or self.world_size % self.nnodes:
-            raise ValueError(f"world_size {self.world_size} does not divide over nnodes {self.nnodes}")
-        if self.nnodes > 1 and not (self.rdzv_endpoint and self.engine_address and self.authkey):
-            raise ValueError("a group over several nodes needs rdzv_endpoint, engine_address (tcp:<host>:<port>) "
-                             "and a shared authkey")
+            raise ValueError(f"a worker group needs tensor_parallel_size >= 2, got {self.world_size}")
+        if self.max_logits_rows is None:
+            self.max_logits_rows = self.config.max_num_seqs
+        if self.authkey is None and self.nnodes > 1:
+            key = os.environ.get(AUTHKEY_ENV, "")
+            try:
+                self.authkey = bytes.fromhex(key) or None
+            except ValueError:
+                raise ValueError(f"{AUTHKEY_ENV} must be a hex string") from None
+            if self.authkey is None:
+                raise ValueError(f"a group over several nodes needs its shared key in {AUTHKEY_ENV} (hex, the same "
+                                 f"on every node), e.g. from: python -c 'import os; print(os.urandom(32).hex())'")
         if self.heartbeat_timeout_s <= self.heartbeat_period_s:
-            raise ValueError("heartbeat_timeout_s must exceed heartbeat_period_s")
+            raise ValueError("the heartbeat timeout must exceed heartbeat_period_s")
 
-    @classmethod
-    def for_engine(cls, config, num_blocks: int, num_cpu_blocks: int, **launch) -> "WorkerGroupSpec":
-        """The spec of an engine's group (``config``: ``paged.config.EngineConfig``); ``launch``
-        overrides the rest (heartbeats, multi-node settings)."""
-        return cls(model=config.model, world_size=config.tensor_parallel_size, num_blocks=num_blocks,
-                   num_cpu_blocks=num_cpu_blocks, block_size=config.block_size, max_logits_rows=config.max_num_seqs,
-                   dtype=config.dtype, device=config.device, attention_backend=config.attention_backend,
-                   seed=config.seed, **launch)
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def world_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    @property
+    def nnodes(self) -> int:
+        return self.config.tensor_parallel_nnodes
+
+    @property
+    def rdzv_endpoint(self) -> str | None:
+        return self.config.tensor_parallel_rdzv_endpoint
+
+    @property
+    def engine_address(self) -> str | None:
+        return self.config.tensor_parallel_engine_address
+
+    @property
+    def heartbeat_timeout_s(self) -> float:
+        return self.config.tensor_parallel_heartbeat_timeout_s
 
     @property
     def nproc_per_node(self) -> int:
@@ -135,6 +149,12 @@ class WorkerGroupSpec:
         return env, self.launch_argv()
 
 
+def remote_node_command(config: EngineConfig) -> tuple[dict[str, str], list[str]]:
+    """``WorkerGroupSpec.remote_node_command`` for an engine's configuration (the key from
+    PAGED_TP_AUTHKEY): what every node but the engine's runs to join the group."""
+    return WorkerGroupSpec(config, num_blocks=1, num_cpu_blocks=0).remote_node_command()
+
+
 @dataclass
 class RankInfo:
     rank: int
@@ -146,6 +166,7 @@ class RankInfo:
     logits_in_shared_memory: bool = False
     all_reduce: str = ""
     load_seconds: float = 0.0
+    performance: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -168,10 +189,11 @@ class ExecutorStats:
 
 
 class TensorParallelExecutor:
-    """``execute(plan) -> logits`` over a torchrun-launched group of ``spec.world_size`` ranks."""
+    """``ModelRunner``'s contract over a torchrun-launched group of ``spec.world_size`` ranks."""
 
-    def __init__(self, spec: WorkerGroupSpec):
+    def __init__(self, spec: WorkerGroupSpec, timer: StepTimer | None = None):
         self.spec = spec
+        self.timer = timer or StepTimer(enabled=False)
         args = ModelArgs.from_checkpoint(spec.model)
         # Validate the split here, before any process starts (ValueError names the numbers).
         self.layouts: list[ShardLayout] = [layout_for(args, spec.world_size, r) for r in range(spec.world_size)]
@@ -201,7 +223,8 @@ class TensorParallelExecutor:
             self._staging = self._buffer.logits
         else:
             self._staging = torch.empty(spec.max_logits_rows, padded_vocab)
-        if spec.shared_memory_all_reduce and spec.device == "cpu" and spec.nnodes == 1 and shm_allreduce.supported():
+        if (spec.shared_memory_all_reduce and spec.config.device == "cpu" and spec.nnodes == 1
+                and shm_allreduce.supported()):
             self._arena = SharedSegment.create(shm_allreduce.arena_bytes(spec.world_size), "paged-tp-allreduce")
         # The ranks import the engine's own copy of the package (a source checkout may be on the
         # engine's path only through its working directory); an installed copy needs nothing, and
@@ -254,10 +277,8 @@ class TensorParallelExecutor:
             hellos[hello.rank] = (hello, conn)
         self.ranks = [RankInfo(h.rank, h.local_rank, h.host, h.pid, conn)
                       for h, conn in (hellos[r] for r in range(spec.world_size))]
-        init = WorkerInit(model=spec.model, dtype=spec.dtype, device=spec.device, block_size=spec.block_size,
-                          num_blocks=spec.num_blocks, num_cpu_blocks=spec.num_cpu_blocks,
-                          attention_backend=spec.attention_backend, threads_per_rank=spec.threads_per_rank,
-                          heartbeat_period_s=spec.heartbeat_period_s, seed=spec.seed,
+        init = WorkerInit(config=spec.config, num_blocks=spec.num_blocks, num_cpu_blocks=spec.num_cpu_blocks,
+                          threads_per_rank=spec.threads_per_rank, heartbeat_period_s=spec.heartbeat_period_s,
                           max_logits_rows=spec.max_logits_rows,
                           logits_segment=self._buffer.segment.info if self._buffer is not None else None,
                           all_reduce_segment=self._arena.info if self._arena is not None else None)
@@ -271,6 +292,7 @@ class TensorParallelExecutor:
             info.logits_in_shared_memory = message.logits_in_shared_memory
             info.all_reduce = message.all_reduce
             info.load_seconds = message.load_seconds
+            info.performance = message.performance
             return True
 
         self._collect(on_ready, deadline=deadline, use_heartbeats=False)
@@ -279,6 +301,28 @@ class TensorParallelExecutor:
         code = self.agent.poll() if self.agent is not None else None
         if code is not None:
             raise WorkerGroupError(f"the torchrun agent of the tensor-parallel group exited with code {code}")
+
+    def check(self) -> None:
+        """Raise WorkerGroupError if the group failed since the last step (a rank or the agent
+        exited while the engine idled), so the engine can restart it before it schedules work.
+        One select() without waiting; a heartbeat sent just after a step's answer is consumed."""
+        if self._failure is not None:
+            raise self._failure
+        by_fd = {info.conn.fileno(): info for info in self.ranks}
+        readable, _, _ = select.select(list(by_fd), [], [], 0)
+        try:
+            for fd in readable:
+                info = by_fd[fd]
+                try:
+                    message = info.conn.recv()
+                except (ChannelClosed, OSError) as exc:
+                    raise WorkerGroupError(f"tensor-parallel rank {info.rank} (pid {info.pid} on {info.host}) "
+                                           f"exited between steps: {exc}", info.rank) from None
+                if not isinstance(message, Heartbeat):
+                    raise WorkerGroupError(f"rank {info.rank} sent {message!r} between steps", info.rank)
+            self._check_agent()
+        except WorkerGroupError as exc:
+            raise self._fail(exc) from None
 
     def restart(self) -> None:
         """Tear the group down (whatever state it is in) and start a fresh one with empty KV pools."""
@@ -352,6 +396,16 @@ class TensorParallelExecutor:
     def agent_pid(self) -> int | None:
         return self.agent.pid if self.agent is not None else None
 
+    def performance_info(self) -> dict:
+        """The ranks' fast paths (rank 0's: every rank runs the same code on the same shapes) and
+        the group: its size, nodes, state, the torchrun agent's pid and every rank with its pid."""
+        info = dict(self.ranks[0].performance) if self.ranks else {}
+        info["tensor_parallel"] = {
+            "size": self.spec.world_size, "nnodes": self.spec.nnodes,
+            "state": "running" if self._failure is None else f"down: {self._failure.summary}",
+            "agent_pid": self.agent_pid if self.ranks else None, "ranks": self.describe()}
+        return info
+
     # ---- the step ---------------------------------------------------------------------------------
     def _collect(self, handle, deadline: float | None, use_heartbeats: bool) -> None:
         """Read messages until ``handle(rank_info, message)`` returned True once for every rank.
@@ -394,13 +448,23 @@ class TensorParallelExecutor:
                 if info.rank in pending and handle(info, message):
                     pending.discard(info.rank)
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run one step on every rank; fp32 logits ``[plan.num_logits_rows, vocab]`` (CPU)."""
+    def execute(self, plan: SchedulerOutput) -> torch.Tensor:
+        """Run the plan on every rank; fp32 logits [num sampling sequences, vocab] in plan order."""
+        with self.timer.phase("prepare"):
+            model_input = build_model_input(plan, self.spec.config.block_size)
+        return self.execute_model_input(model_input)
+
+    def execute_model_input(self, model_input: ModelInput) -> torch.Tensor:
+        """Run one step on every rank; fp32 logits ``[len(model_input.logits_indices), vocab]`` (CPU)."""
         if self._failure is not None:
             raise self._failure
-        rows = plan.num_logits_rows
+        with self.timer.phase("forward_other"):
+            return self._execute(model_input)
+
+    def _execute(self, model_input: ModelInput) -> torch.Tensor:
+        rows = len(model_input.logits_indices)
         started = time.perf_counter()
-        payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(model_input, protocol=pickle.HIGHEST_PROTOCOL)
         for info in self.ranks:
             try:
                 info.conn.send_bytes(payload)
@@ -423,9 +487,10 @@ class TensorParallelExecutor:
             if isinstance(message, ShardLogits):
                 t = time.perf_counter()
                 data = info.conn.recv_bytes()
-                shard = torch.frombuffer(data, dtype=torch.float32).view(message.rows, message.cols)
-                start = self.layouts[info.rank].vocab_start
-                staging[:message.rows, start:start + message.cols].copy_(shard)
+                if message.rows:  # a step without sampling rows still sends its (empty) frame
+                    shard = torch.frombuffer(data, dtype=torch.float32).view(message.rows, message.cols)
+                    start = self.layouts[info.rank].vocab_start
+                    staging[:message.rows, start:start + message.cols].copy_(shard)
                 gather_s += time.perf_counter() - t
                 return True
             raise WorkerGroupError(f"rank {info.rank} answered a step with {message!r}", info.rank)

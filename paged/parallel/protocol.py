@@ -2,7 +2,7 @@
 
 Start-up: rank -> ``Hello``; engine -> ``WorkerInit``; rank joins the process group, maps the
 shared segments it can reach, loads its shards -> ``Ready``.
-Each step: engine -> ``StepPlan`` (``paged.parallel.step``) to every rank; while it runs, a rank
+Each step: engine -> ``ModelInput`` (``paged.model_runner``) to every rank; while it runs, a rank
 sends a ``Heartbeat`` every ``heartbeat_period_s``; at the end -> ``Done`` (its logits shard is in
 the shared buffer) or ``ShardLogits`` followed by one raw frame of fp32 logits (ranks that cannot
 map the buffer, e.g. on another node). A rank whose step raised sends ``RankFailed`` and exits.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paged.config import EngineConfig
 from paged.parallel.shared_segment import SegmentInfo
 
 
@@ -27,16 +28,11 @@ class Hello:
 
 @dataclass(frozen=True)
 class WorkerInit:
-    model: str
-    dtype: str
-    device: str                      # "cpu" or "cuda" (a CUDA rank uses cuda:<local rank>)
-    block_size: int
-    num_blocks: int
+    config: EngineConfig             # the engine's own: every rank builds its ModelRunner from it
+    num_blocks: int                  # KV blocks in every rank's pool (block ids mean the same on all ranks)
     num_cpu_blocks: int
-    attention_backend: str | None
     threads_per_rank: int | None     # None: the host's cores / ranks on this host
     heartbeat_period_s: float
-    seed: int
     max_logits_rows: int
     logits_segment: SegmentInfo | None     # the shared logits buffer; None: logits go over the channel
     all_reduce_segment: SegmentInfo | None  # the shared-memory all-reduce arena; None: the group's backend
@@ -49,6 +45,7 @@ class Ready:
     all_reduce: str                  # "shared memory", or the process group's backend ("gloo", "nccl")
     num_kv_heads: int                # KV heads in this rank's pool
     load_seconds: float
+    performance: dict                # the rank's ModelRunner.performance_info() (GEMM path, compile, threads)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """A tensor-parallel rank: ``python -m paged.parallel.worker``, started by torchrun.
 
 The rank connects to its engine (``PAGED_TP_ADDRESS``, key ``PAGED_TP_AUTHKEY``), joins the
-process group torchrun set up (gloo on CPU, NCCL on CUDA), loads its weight shards, allocates a KV
-pool for its own KV heads, then loops: receive a plan, run it, put its logits shard where the
-engine collects it. All torch work happens on the main thread, which is the first to touch torch
+process group torchrun set up (gloo on CPU, NCCL on CUDA), loads its weight shards and builds the
+engine's own ``ModelRunner`` around them (so its KV pools hold only its KV heads), then loops:
+receive a ``ModelInput``, run it (``ModelRunner.execute_model_input``), put its logits shard where
+the engine collects it. All torch work happens on the main thread, which is the first to touch torch
 in this process (small GEMMs run 2-3x slower on any other thread once the main thread has used
 the OpenMP pool). The one other thread only sends heartbeats while a step runs, so the engine can
 tell a slow step from a hung or stopped rank.
@@ -13,6 +14,7 @@ The rank exits when the engine's connection closes (the engine stopped or died),
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -81,55 +83,57 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
     import torch
     import torch.distributed as dist
 
-    from paged.model_runner import DTYPES, KVCache
+    from paged.model_runner import DTYPES, ModelRunner
     from paged.parallel.context import CollectiveClock, ParallelContext, default_backend, default_threads_per_rank
     from paged.parallel.logits_buffer import LogitsBuffer
     from paged.parallel.sharded_model import build_sharded_model
-    from paged.parallel.step import ShardRunner
 
     started = time.perf_counter()
     torch.set_num_threads(init.threads_per_rank or default_threads_per_rank(local_world_size))
-    torch.manual_seed(init.seed)
-    device = init.device
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    backend = default_backend(device)
+    config = init.config
+    torch.manual_seed(config.seed)
+    if config.device.startswith("cuda"):
+        config = dataclasses.replace(config, device=f"cuda:{local_rank}")
+        torch.cuda.set_device(config.device)
+    backend = default_backend(config.device)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     local_all_reduce = _shared_memory_all_reduce(init, rank, world_size)
     ctx = ParallelContext.from_default_group(local_all_reduce)
-    dtype = DTYPES[init.dtype]
-    model, layout = build_sharded_model(init.model, ctx, dtype, device)
-    kv_cache = KVCache(model.args, init.num_blocks, init.num_cpu_blocks, init.block_size, dtype, device)
-    runner = ShardRunner(model, kv_cache, init.block_size, device, init.attention_backend)
+    model, layout = build_sharded_model(config.model, ctx, DTYPES[config.dtype], config.device)
+    # model.args holds this rank's head and MLP sizes: the runner's KV pools get only its KV heads.
+    runner = ModelRunner(config, model.args, init.num_blocks, init.num_cpu_blocks, model=model)
     shared = None
     if init.logits_segment is not None:
         shared = LogitsBuffer.attach(init.logits_segment, init.max_logits_rows, layout.padded_vocab_size)
     conn.send(Ready(rank, shared is not None, "shared memory" if local_all_reduce else backend,
-                    layout.num_kv_heads, time.perf_counter() - started))
+                    layout.num_kv_heads, time.perf_counter() - started, runner.performance_info()))
 
     heartbeat = _Heartbeat(conn, rank, init.heartbeat_period_s)
     heartbeat.start()
     while True:
         try:
-            plan = conn.recv()
+            model_input = conn.recv()
         except ChannelClosed:
             return
-        if isinstance(plan, Stop):
+        if isinstance(model_input, Stop):
             return
         heartbeat.busy.set()
         step_started = time.perf_counter()
         CollectiveClock.take()
-        logits = runner.execute(plan)  # an exception reaches main(), which reports it and exits
-        if shared is not None and logits.shape[0] <= init.max_logits_rows:
-            shared.write_shard(logits, layout.vocab_start)
+        # Every rank runs the forward even when no row wants logits: the all-reduces need all.
+        # An exception reaches main(), which reports it and exits.
+        logits = runner.execute_model_input(model_input)
+        rows = logits.shape[0]
+        if shared is not None and rows <= init.max_logits_rows:
+            if rows:
+                shared.write_shard(logits, layout.vocab_start)
             heartbeat.busy.clear()
             conn.send(Done(rank, StepTiming(time.perf_counter() - step_started, *CollectiveClock.take())))
         else:
-            data = logits.to("cpu").contiguous()
+            data = logits.contiguous()
             heartbeat.busy.clear()
             timing = StepTiming(time.perf_counter() - step_started, *CollectiveClock.take())
-            conn.send(ShardLogits(rank, data.shape[0], data.shape[1], timing))
+            conn.send(ShardLogits(rank, rows, data.shape[1], timing))
             conn.send_bytes(data.numpy().tobytes())
 
 

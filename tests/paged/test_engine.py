@@ -172,9 +172,9 @@ def test_beam_search_is_at_least_as_likely_as_greedy(llm):
     assert beam.cumulative_logprob >= greedy.cumulative_logprob - 1e-4  # fp rounding across batch shapes
 
 
-def test_tensor_parallel_is_refused_clearly(tiny_llama_dir):
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLMEngine(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=2))
+def test_tensor_parallel_size_that_does_not_split_the_model_is_refused_before_any_process_starts(tiny_llama_dir):
+    with pytest.raises(ValueError, match="8 attention heads do not divide by tensor_parallel_size 3"):
+        LLMEngine(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=3))
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

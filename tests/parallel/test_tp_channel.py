@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from paged.config import EngineConfig
 from paged.parallel.channel import ChannelClosed, Listener, connect
 from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
 from paged.parallel.shared_segment import SegmentInfo, SharedSegment
@@ -75,22 +76,31 @@ def test_segment_with_another_nonce_is_not_attached():
 
 
 def test_unsplittable_model_is_refused_before_any_process_starts(tiny_llama_dir):
-    spec = WorkerGroupSpec(model=str(tiny_llama_dir), world_size=3, num_blocks=4, num_cpu_blocks=0,
-                           block_size=16, max_logits_rows=1)
+    spec = WorkerGroupSpec(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=3), num_blocks=4,
+                           num_cpu_blocks=0)
     with pytest.raises(ValueError, match="8 attention heads do not divide by tensor_parallel_size 3"):
         TensorParallelExecutor(spec)
 
 
-def test_multi_node_spec_needs_an_engine_address_and_a_shared_key(tiny_llama_dir):
-    with pytest.raises(ValueError, match="engine_address"):
-        WorkerGroupSpec(model=str(tiny_llama_dir), world_size=2, num_blocks=4, num_cpu_blocks=0, block_size=16,
-                        max_logits_rows=1, nnodes=2, rdzv_endpoint="127.0.0.1:1")
+def multi_node_config(model_dir) -> EngineConfig:
+    return EngineConfig(model=str(model_dir), tensor_parallel_size=2, tensor_parallel_nnodes=2,
+                        tensor_parallel_rdzv_endpoint="127.0.0.1:1", tensor_parallel_engine_address="tcp:127.0.0.1:2")
 
 
-def test_engine_spec_takes_its_sizes_from_the_engine_config(tiny_llama_dir):
-    from paged.config import EngineConfig
+def test_multi_node_spec_needs_the_shared_key_from_the_environment(tiny_llama_dir, monkeypatch):
+    monkeypatch.delenv("PAGED_TP_AUTHKEY", raising=False)
+    with pytest.raises(ValueError, match="PAGED_TP_AUTHKEY"):
+        WorkerGroupSpec(multi_node_config(tiny_llama_dir), num_blocks=4, num_cpu_blocks=0)
+    monkeypatch.setenv("PAGED_TP_AUTHKEY", "ab" * 32)
+    spec = WorkerGroupSpec(multi_node_config(tiny_llama_dir), num_blocks=4, num_cpu_blocks=0)
+    env, argv = spec.remote_node_command()
+    assert env == {"PAGED_TP_ADDRESS": "tcp:127.0.0.1:2", "PAGED_TP_AUTHKEY": "ab" * 32}
+    assert "--nnodes=2" in argv and "--rdzv-endpoint=127.0.0.1:1" in argv
 
-    config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=2, max_num_seqs=32, block_size=8, seed=3)
-    spec = WorkerGroupSpec.for_engine(config, num_blocks=100, num_cpu_blocks=10, heartbeat_timeout_s=9.0)
-    assert (spec.world_size, spec.max_logits_rows, spec.block_size, spec.num_blocks, spec.num_cpu_blocks,
-            spec.seed, spec.heartbeat_timeout_s) == (2, 32, 8, 100, 10, 3, 9.0)
+
+def test_spec_takes_its_sizes_from_the_engine_config(tiny_llama_dir):
+    config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=2, max_num_seqs=32, block_size=8, seed=3,
+                          tensor_parallel_heartbeat_timeout_s=9.0)
+    spec = WorkerGroupSpec(config, num_blocks=100, num_cpu_blocks=10)
+    assert (spec.world_size, spec.nnodes, spec.max_logits_rows, spec.num_blocks, spec.num_cpu_blocks,
+            spec.heartbeat_timeout_s) == (2, 1, 32, 100, 10, 9.0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
-from tp_helpers import reference_runner
+from tp_helpers import engine_config, reference_runner
 from tp_plans import PlanBuilder
 
 BLOCK_SIZE, NUM_BLOCKS, NUM_CPU_BLOCKS = 4, 64, 8
@@ -26,7 +26,7 @@ def run_scenario(executor, reference) -> list[tuple[torch.Tensor, torch.Tensor]]
     steps = []
 
     def run(plan):
-        pair = executor.execute(plan), reference.execute(plan)
+        pair = executor.execute_model_input(plan), reference.execute_model_input(plan)
         steps.append(pair)
         b.append_sampled(pair[1].argmax(-1).tolist())
 
@@ -52,8 +52,8 @@ def run_scenario(executor, reference) -> list[tuple[torch.Tensor, torch.Tensor]]
 @pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir", "tiny_odd_vocab_dir"])
 def scenario(request):
     model_dir = str(request.getfixturevalue(request.param))
-    spec = WorkerGroupSpec(model=model_dir, world_size=2, num_blocks=NUM_BLOCKS, num_cpu_blocks=NUM_CPU_BLOCKS,
-                           block_size=BLOCK_SIZE, max_logits_rows=8, threads_per_rank=1)
+    spec = WorkerGroupSpec(engine_config(model_dir, block_size=BLOCK_SIZE), num_blocks=NUM_BLOCKS,
+                           num_cpu_blocks=NUM_CPU_BLOCKS, max_logits_rows=8, threads_per_rank=1)
     executor = TensorParallelExecutor(spec)
     try:
         reference = reference_runner(model_dir, NUM_BLOCKS, NUM_CPU_BLOCKS, BLOCK_SIZE)
@@ -93,4 +93,5 @@ def test_step_with_more_logits_rows_than_the_shared_buffer_uses_the_channel(scen
         builder.add([1, 40 + i, 7, 9 + i])
     plan = builder.prefill_all()
     reference = reference_runner(model_dir, NUM_BLOCKS, NUM_CPU_BLOCKS, BLOCK_SIZE)
-    torch.testing.assert_close(executor.execute(plan), reference.execute(plan), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(executor.execute_model_input(plan), reference.execute_model_input(plan),
+                               atol=ATOL, rtol=RTOL)

@@ -1,4 +1,5 @@
-"""A stand-in engine process: starts a 2-rank group, prints its pids as one JSON line, waits.
+"""An engine process: builds an LLMEngine with tensor_parallel_size=2, prints the pids of its
+torchrun agent and ranks as one JSON line, then waits.
 
 test_tp_lifecycle.py SIGKILLs this process and checks that the group dies with it.
 """
@@ -6,13 +7,13 @@ import json
 import sys
 import time
 
-from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
+from paged import EngineConfig, LLMEngine
 
 
 def main(model_dir: str) -> None:
-    executor = TensorParallelExecutor(WorkerGroupSpec(model=model_dir, world_size=2, num_blocks=16,
-                                                      num_cpu_blocks=0, block_size=16, max_logits_rows=4))
-    print(json.dumps({"agent": executor.agent_pid, "ranks": [r["pid"] for r in executor.describe()]}), flush=True)
+    engine = LLMEngine(EngineConfig(model=model_dir, tensor_parallel_size=2, num_kv_blocks=16))
+    group = engine.performance_info()["tensor_parallel"]
+    print(json.dumps({"agent": group["agent_pid"], "ranks": [r["pid"] for r in group["ranks"]]}), flush=True)
     while True:
         time.sleep(60)
 

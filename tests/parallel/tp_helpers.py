@@ -34,18 +34,21 @@ def run_torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 240)
     return done
 
 
+def engine_config(model_dir, **overrides):
+    """An EngineConfig for a 2-rank group with one torch thread per rank (tests share 2 cores)."""
+    from paged.config import EngineConfig
+
+    return EngineConfig(**{"model": str(model_dir), "tensor_parallel_size": 2, **overrides})
+
+
 def reference_runner(model_dir, num_blocks: int, num_cpu_blocks: int = 0, block_size: int = 16):
-    """The unsharded model (paged.models.llama's own loader) behind the rank's step runner."""
-    import torch
+    """The unsharded model behind the engine's own ModelRunner (``execute_model_input``)."""
+    from paged.config import EngineConfig
+    from paged.model_runner import ModelRunner
+    from paged.models.llama import ModelArgs
 
-    from paged.model_runner import KVCache
-    from paged.models.llama import LlamaForCausalLM, ModelArgs
-    from paged.parallel.step import ShardRunner
-
-    args = ModelArgs.from_checkpoint(model_dir)
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch.float32)
-    cache = KVCache(args, num_blocks, num_cpu_blocks, block_size, torch.float32, "cpu")
-    return ShardRunner(model, cache, block_size, "cpu")
+    config = EngineConfig(model=str(model_dir), block_size=block_size)
+    return ModelRunner(config, ModelArgs.from_checkpoint(model_dir), num_blocks, num_cpu_blocks)
 
 
 def pids_alive(pids) -> list[int]:

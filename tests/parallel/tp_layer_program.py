@@ -95,7 +95,8 @@ def check_attention(ctx: ParallelContext, num_heads: int, num_kv_heads: int, bia
                              query_start_loc=torch.tensor([0, TOKENS], dtype=torch.int32))
 
     def run(module, heads):
-        cache = (torch.zeros(num_blocks, block_size, heads, HEAD_DIM), torch.zeros(num_blocks, block_size, heads, HEAD_DIM))
+        shape = (num_blocks, block_size, heads, HEAD_DIM)
+        cache = (torch.zeros(shape), torch.zeros(shape))
         return module(x, cos, sin, cache, meta)
 
     return result(run(shard, layout.num_kv_heads), run(full, num_kv_heads))

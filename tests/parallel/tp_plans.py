@@ -1,7 +1,9 @@
-"""Step plans for tests, built the way the scheduler lays them out (block tables, slot mapping)."""
+"""Step inputs for tests, built the way the scheduler lays them out (block tables, slot mapping)."""
 from __future__ import annotations
 
-from paged.parallel.step import StepPlan
+import numpy as np
+
+from paged.model_runner import ModelInput
 
 
 class PlanBuilder:
@@ -34,10 +36,11 @@ class PlanBuilder:
             table.append(self.take_block())
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def step(self, counts: dict[int, int]) -> StepPlan:
+    def step(self, counts: dict[int, int]) -> ModelInput:
         """Schedule ``counts[seq]`` new tokens of each listed sequence; every listed sequence whose
         tokens are then all computed produces a logits row."""
-        plan = StepPlan([], [], [], [], [0], [], [])
+        plan = ModelInput([], [], [], [], [0], np.zeros((0, 0), dtype=np.int32), [])
+        tables = []
         self.last_sampled = []
         for seq, count in counts.items():
             start = self.computed[seq]
@@ -48,13 +51,16 @@ class PlanBuilder:
             self.computed[seq] = start + count
             plan.seq_lens.append(start + count)
             plan.query_start_loc.append(plan.query_start_loc[-1] + count)
-            plan.block_tables.append(list(self.tables[seq]))
+            tables.append(list(self.tables[seq]))
             if self.computed[seq] == len(self.tokens[seq]):
                 plan.logits_indices.append(plan.query_start_loc[-1] - 1)
                 self.last_sampled.append(seq)
+        plan.block_tables = np.zeros((len(tables), max(map(len, tables))), dtype=np.int32)
+        for row, table in enumerate(tables):
+            plan.block_tables[row, :len(table)] = table
         return plan
 
-    def prefill_all(self) -> StepPlan:
+    def prefill_all(self) -> ModelInput:
         return self.step({seq: len(t) - self.computed[seq] for seq, t in enumerate(self.tokens)})
 
     def append_sampled(self, tokens: list[int]) -> None:
