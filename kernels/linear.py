@@ -138,17 +138,19 @@ class ProbeResult:
     figures: dict = field(default_factory=dict)
 
 
-def _interleaved_best(fns, repeats: int) -> list[float]:
-    """Minimum wall time of each function over ``repeats`` rounds that call them in turn."""
-    for fn in fns:  # the first call of a new shape builds kernels: not timed
-        fn()
-    best = [math.inf] * len(fns)
+def _time_pair(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(F.linear, oneDNN) seconds for ``x``: the minimum over ``repeats`` rounds that call the two
+    in turn, after one untimed call each (a new shape's first call builds its kernels)."""
+    calls = (lambda: F.linear(x, weight), lambda: onednn_linear(x, packed, None))
+    for call in calls:
+        call()
+    best = [math.inf, math.inf]
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        for i, call in enumerate(calls):
             start = time.perf_counter()
-            fn()
+            call()
             best[i] = min(best[i], time.perf_counter() - start)
-    return best
+    return best[0], best[1]
 
 
 def probe_linear_plan(weights: list[tuple[torch.Tensor, int]], dtype: torch.dtype,
@@ -194,7 +196,7 @@ def _timed_probe(weights, dtype, rows, repeats, figures) -> LinearPlan:
             t_total = o_total = 0.0
             for w, packed, scale in cases:
                 x = torch.randn(m, w.shape[1], generator=generator).to(dtype)
-                t, o = _interleaved_best([lambda: F.linear(x, w), lambda: onednn_linear(x, packed, None)], repeats)
+                t, o = _time_pair(x, w, packed, repeats)
                 t_total += t * scale
                 o_total += o * scale
             torch_s.append(t_total)

@@ -13,12 +13,14 @@ Three bindings of the same ops, picked once per step by the model: ``EAGER_OPS``
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels.linear import bucket_limits
 
 logger = logging.getLogger(__name__)
 
@@ -102,41 +104,102 @@ class TimedOps(DenseOps):
             return DenseOps.attention(q, k, v, kv_cache, meta, scale)
 
 
-def compile_dense_ops(example_sizes: dict, dtype: torch.dtype, device: str) -> tuple[DenseOps, dict]:
-    """torch.compile the dense regions and run each at 1, 2 and 3 tokens (under inference mode,
-    as the runner calls them), so that no step pays for compilation.
+class DensePlan:
+    """Which ops a step of ``num_tokens`` tokens runs: ``ops[i]`` covers counts up to ``limits[i]``."""
 
-    One token is always its own graph (dynamo specialises sizes 0 and 1); the second size makes
-    dynamo mark the token dimension dynamic; the third checks that no further size recompiles.
-    ``example_sizes``: hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, eps.
-    Returns (ops, status). A missing or broken compiler (no C++ toolchain, an inductor error)
-    gives eager ops and one warning, never an exception.
+    def __init__(self, limits: tuple = (math.inf,), ops: tuple = (EAGER_OPS,)):
+        self.limits = limits
+        self.ops = ops
+
+    def ops_for(self, num_tokens: int) -> DenseOps:
+        for limit, ops in zip(self.limits, self.ops):
+            if num_tokens <= limit:
+                return ops
+        return self.ops[-1]
+
+
+EAGER_PLAN = DensePlan()
+REGIONS = {"add_norm": add_rms_norm, "rotary": rotary_qkv, "silu_mul": silu_and_mul}
+# Token counts the compile probe times; each covers the counts up to the geometric mean with the next.
+PROBE_TOKENS = (1, 16, 128, 1024)
+# A compiled region must beat the eager ops by this factor to be used: below it, eager keeps
+# the arithmetic identical to the reference's op for op.
+COMPILED_MIN_SPEEDUP = 1.1
+
+
+def region_inputs(name: str, num_tokens: int, sizes: dict, weight: torch.Tensor) -> tuple:
+    """Example arguments of a dense region: random activations shaped as the model passes them."""
+    gen = torch.Generator().manual_seed(num_tokens)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=weight.device, dtype=weight.dtype)
+
+    heads, kv_heads, head_dim = sizes["num_heads"], sizes["num_kv_heads"], sizes["head_dim"]
+    if name == "add_norm":
+        return rand(num_tokens, sizes["hidden_size"]), rand(num_tokens, sizes["hidden_size"]), weight, sizes["eps"]
+    if name == "rotary":
+        return (rand(num_tokens, (heads + 2 * kv_heads) * head_dim), rand(num_tokens, 1, head_dim),
+                rand(num_tokens, 1, head_dim), heads, kv_heads, head_dim)
+    return (rand(num_tokens, 2 * sizes["intermediate_size"]),)
+
+
+def compile_dense_ops(sizes: dict, norm_weight: torch.Tensor, always: bool = False) -> tuple[DensePlan, dict]:
+    """torch.compile each dense region, warm it, and keep it only for the token counts where it
+    measures faster than the eager ops (``always``: for every count, without measuring).
+
+    The token dimension is marked unbacked while warming, so one graph serves every count,
+    1 included (a backed size would be specialised at 0 and 1): no step compiles, no padding.
+    Warming runs under inference mode with a real norm weight, as the runner calls the regions
+    (both are guarded). ``sizes``: hidden_size, intermediate_size, num_heads, num_kv_heads,
+    head_dim, eps. Returns (plan, status with the probe's figures). A missing or broken compiler
+    (no C++ toolchain, an inductor error) gives the eager plan and one warning, never an exception.
     """
     start = time.perf_counter()
-    status = {"requested": True, "active": False}
+    status: dict = {"requested": True, "active": False}
     try:
-        ops = DenseOps(add_norm=torch.compile(add_rms_norm, dynamic=None),
-                       rotary=torch.compile(rotary_qkv, dynamic=None),
-                       silu_mul=torch.compile(silu_and_mul, dynamic=None), compiled=True)
-        _warm_up(ops, example_sizes, dtype, device)
+        compiled = {name: torch.compile(fn, dynamic=False) for name, fn in REGIONS.items()}
+        with torch.inference_mode():
+            for name, fn in compiled.items():
+                args = region_inputs(name, 2, sizes, norm_weight)
+                for arg in args:
+                    if isinstance(arg, torch.Tensor) and arg is not norm_weight:
+                        torch._dynamo.decorators.mark_unbacked(arg, 0)
+                fn(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
-        logger.warning("torch.compile unavailable, the model runs eagerly: %s: %s",
-                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        status.update(reason=f"{type(exc).__name__}: {exc}"[:500], compile_s=round(time.perf_counter() - start, 3))
-        return EAGER_OPS, status
-    status.update(active=True, compile_s=round(time.perf_counter() - start, 3))
-    return ops, status
-
-
-def _warm_up(ops: DenseOps, sizes: dict, dtype: torch.dtype, device: str) -> None:
-    hidden, inter = sizes["hidden_size"], sizes["intermediate_size"]
-    heads, kv_heads, head_dim = sizes["num_heads"], sizes["num_kv_heads"], sizes["head_dim"]
-    weight = torch.ones(hidden, dtype=dtype, device=device)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        logger.warning("torch.compile is unavailable, the model runs eagerly: %s: %s", type(exc).__name__, message)
+        status.update(reason=f"{type(exc).__name__}: {message}"[:500], compile_s=round(time.perf_counter() - start, 3))
+        return EAGER_PLAN, status
+    status["compile_s"] = round(time.perf_counter() - start, 3)
+    if always:
+        status.update(active=True, chosen={name: "compiled" for name in REGIONS})
+        return DensePlan(ops=(DenseOps(**compiled, compiled=True),)), status
+    eager_us, compiled_us, use = {}, {}, {}
     with torch.inference_mode():
-        for num_tokens in (1, 2, 3):
-            def make(*shape):
-                return torch.randn(*shape, device=device).to(dtype)
-            ops.add_norm(make(num_tokens, hidden), make(num_tokens, hidden), weight, sizes["eps"])
-            ops.rotary(make(num_tokens, (heads + 2 * kv_heads) * head_dim), make(num_tokens, 1, head_dim),
-                       make(num_tokens, 1, head_dim), heads, kv_heads, head_dim)
-            ops.silu_mul(make(num_tokens, 2 * inter))
+        for name, fn in compiled.items():
+            eager_us[name], compiled_us[name] = [], []
+            for num_tokens in PROBE_TOKENS:
+                args = region_inputs(name, num_tokens, sizes, norm_weight)
+                e, c = _time_pair(lambda: REGIONS[name](*args), lambda: fn(*args))
+                eager_us[name].append(round(e * 1e6, 1))
+                compiled_us[name].append(round(c * 1e6, 1))
+            use[name] = [e > c * COMPILED_MIN_SPEEDUP for e, c in zip(eager_us[name], compiled_us[name])]
+    ops = tuple(DenseOps(**{name: compiled[name] if use[name][i] else REGIONS[name] for name in REGIONS},
+                         compiled=any(use[name][i] for name in REGIONS)) for i in range(len(PROBE_TOKENS)))
+    status.update(active=any(o.compiled for o in ops), tokens=list(PROBE_TOKENS), eager_us=eager_us,
+                  compiled_us=compiled_us,
+                  chosen={name: ["compiled" if u else "eager" for u in use[name]] for name in REGIONS},
+                  probe_s=round(time.perf_counter() - start - status["compile_s"], 3))
+    return DensePlan(bucket_limits(PROBE_TOKENS), ops), status
+
+
+def _time_pair(first, second, repeats: int = 10) -> tuple[float, float]:
+    """Minimum seconds of two calls over ``repeats`` rounds that run them in turn."""
+    first(), second()
+    best = [math.inf, math.inf]
+    for _ in range(repeats):
+        for i, call in enumerate((first, second)):
+            begin = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - begin)
+    return best[0], best[1]

@@ -18,7 +18,7 @@ from torch import nn
 
 from kernels.linear import BACKENDS as LINEAR_BACKENDS
 from kernels.linear import Linear, LinearPlan, onednn_unavailable_reason, probe_linear_plan
-from paged.models.forward_ops import EAGER_OPS, DenseOps, TimedOps, compile_dense_ops, rms_norm
+from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -198,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(args), persistent=False)
-        self.ops = EAGER_OPS
+        self.dense_plan = EAGER_PLAN
         self.step_timer = None
         self.linear_backend = "torch"
         self.linear_probe: dict = {}
@@ -212,7 +212,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm for every token of the flat batch."""
         timer = self.step_timer
-        ops = TimedOps(timer) if timer is not None and timer.enabled else self.ops
+        if timer is not None and timer.enabled:
+            ops = TimedOps(timer)
+        else:
+            ops = self.dense_plan.ops_for(input_ids.shape[0])
         residual = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, residual.dtype)
         delta = None
@@ -243,14 +246,18 @@ class LlamaForCausalLM(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inverse_frequencies(args).to(device)  # RoPE angles stay fp32
         model.load_hf_weights(model_dir, dtype)
-        model.eval()
+        model.eval().requires_grad_(False)  # inference only; compiled regions guard on it
         model.choose_linear_backend(linear_backend, dtype, device)
         if compile:
-            model.ops, model.compile_status = compile_dense_ops(
-                dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                     num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
-                     eps=args.rms_norm_eps), dtype, device)
+            model.compile_dense()
         return model
+
+    def compile_dense(self, always: bool = False) -> None:
+        """Compile the dense regions and keep them where they measure faster (``always``: everywhere)."""
+        args = self.args
+        sizes = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
+                     num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, eps=args.rms_norm_eps)
+        self.dense_plan, self.compile_status = compile_dense_ops(sizes, self.norm.weight, always=always)
 
     def linears(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
