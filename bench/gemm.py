@@ -111,7 +111,8 @@ def bench_shape(shape: dict, dtype: torch.dtype, rows: int, repeats: int) -> dic
         got = onednn_linear(x, packed, None).double()
         record["max_abs_diff_vs_torch"] = float((got - base).abs().max())
         record["max_rel_diff_vs_torch"] = float((got - base).abs().max() / base.abs().max())  # normwise
-        record["max_abs_err_fp64"] = {"torch": float((base - ref).abs().max()), "onednn": float((got - ref).abs().max())}
+        record["max_abs_err_fp64"] = {"torch": float((base - ref).abs().max()),
+                                      "onednn": float((got - ref).abs().max())}
         if shape["residual"]:
             fused = onednn_linear_add(x, residual, packed, None)
             record["fused_add_max_abs_diff"] = float((fused - (residual + onednn_linear(x, packed, None))).abs().max())
@@ -145,7 +146,8 @@ def main() -> None:
             result["peaks"][dtype_name] = peak
             print(f"\n{dtype_name}: peak {peak['peak']} GFLOP/s ({opts.peak_size}^3 GEMM: {peak})")
             print(f"{'shape':<24} {'M':>4} {'torch us':>9} {'onednn us':>9} {'speedup':>7} {'torch %pk':>9} "
-                  f"{'onednn %pk':>10} {'abs diff':>9} {'rel diff':>9} {'+add us':>8} {'fused us':>8} {'1st us t/o':>13}")
+                  f"{'onednn %pk':>10} {'abs diff':>9} {'rel diff':>9} {'+add us':>8} {'fused us':>8} "
+                  f"{'1st us t/o':>13}")
             for shape in shapes:
                 for m in rows:
                     rec = bench_shape(shape, dtype, m, opts.repeats)

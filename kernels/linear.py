@@ -36,6 +36,9 @@ ONEDNN_MIN_SPEEDUP = 1.1
 # The probe trims tall weights (LM heads) to this many multiply-adds per call at the largest
 # row count, so it stays well under a second on big checkpoints too.
 PROBE_MAX_MACS = 1 << 29
+# On a machine busy with other work every call can take milliseconds: past this budget the probe
+# stops, and the row counts it did not reach take the decision of the largest one it did.
+PROBE_BUDGET_S = 2.0
 
 
 def onednn_unavailable_reason(dtype: torch.dtype) -> str | None:
@@ -138,19 +141,25 @@ class ProbeResult:
     figures: dict = field(default_factory=dict)
 
 
-def _time_pair(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(F.linear, oneDNN) seconds for ``x``: the minimum over ``repeats`` rounds that call the two
-    in turn, after one untimed call each (a new shape's first call builds its kernels)."""
-    calls = (lambda: F.linear(x, weight), lambda: onednn_linear(x, packed, None))
+def best_of_interleaved(calls, repeats: int) -> list[float]:
+    """Minimum seconds of each call over ``repeats`` rounds that run them in turn, after one
+    untimed call each (a new shape's first call builds its kernels)."""
     for call in calls:
         call()
-    best = [math.inf, math.inf]
+    best = [math.inf] * len(calls)
     for _ in range(repeats):
         for i, call in enumerate(calls):
             start = time.perf_counter()
             call()
             best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1]
+    return best
+
+
+def _time_pair(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(F.linear, oneDNN) seconds for ``x``."""
+    torch_s, onednn_s = best_of_interleaved([lambda: F.linear(x, weight), lambda: onednn_linear(x, packed, None)],
+                                            repeats)
+    return torch_s, onednn_s
 
 
 def probe_linear_plan(weights: list[tuple[torch.Tensor, int]], dtype: torch.dtype,
@@ -191,8 +200,12 @@ def _timed_probe(weights, dtype, rows, repeats, figures) -> LinearPlan:
         cases.append((w, pack_weight(w, max_rows), calls * out_features / keep))
     generator = torch.Generator().manual_seed(0)
     torch_s, onednn_s = [], []
+    start = time.perf_counter()
     with torch.inference_mode():
         for m in rows:
+            if torch_s and time.perf_counter() - start > PROBE_BUDGET_S:
+                figures["unmeasured_rows"] = rows[len(torch_s):]
+                break
             t_total = o_total = 0.0
             for w, packed, scale in cases:
                 x = torch.randn(m, w.shape[1], generator=generator).to(dtype)
@@ -201,7 +214,8 @@ def _timed_probe(weights, dtype, rows, repeats, figures) -> LinearPlan:
                 o_total += o * scale
             torch_s.append(t_total)
             onednn_s.append(o_total)
-    onednn = tuple(t > o * ONEDNN_MIN_SPEEDUP for t, o in zip(torch_s, onednn_s))
+    onednn = [t > o * ONEDNN_MIN_SPEEDUP for t, o in zip(torch_s, onednn_s)]
+    onednn = tuple(onednn + onednn[-1:] * (len(rows) - len(onednn)))
     figures.update(torch_us_per_step=[round(s * 1e6, 1) for s in torch_s],
                    onednn_us_per_step=[round(s * 1e6, 1) for s in onednn_s],
                    chosen=["onednn" if use else "torch" for use in onednn])
