@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -27,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the repo root, never bench/ (bench/kernels.py would shadow kernels)
-    sys.path.insert(0, ROOT)
+# The repo root first, before bench/ (this script's folder: bench/kernels.py would shadow kernels).
+sys.path.insert(0, ROOT)
 
 from kernels.linear import onednn_linear, onednn_linear_add, onednn_unavailable_reason, pack_weight  # noqa: E402
+from throughput import cpu_model  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,17 +175,6 @@ def main() -> None:
 def fmt(value, spec: str) -> str:
     width = int(spec.split(".")[0])
     return f"{value:{spec}}" if value is not None else f"{'-':>{width}}"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # the repo root, never bench/ (bench/kernels.py would shadow kernels)
-    sys.path.insert(0, ROOT)
+# The repo root first, before bench/ (this script's folder: bench/kernels.py would shadow kernels).
+sys.path.insert(0, ROOT)
 
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM  # noqa: E402
 from paged.step_timer import StepTimer  # noqa: E402
+from throughput import cpu_model  # noqa: E402
 
 VARIANTS = {"onednn+compile": ("onednn", True), "onednn+eager": ("onednn", False),
             "torch+compile": ("torch", True), "torch+eager": ("torch", False)}
@@ -118,21 +118,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w") as f:
-        json.dump({"host": platform.processor() or platform.machine(), "cpu": _cpu_model(),
+        json.dump({"cpu": cpu_model(),
                    "threads": opts.threads, "load_avg": os.getloadavg(), "rows": rows,
                    "linear_probe": {n: m.linear_probe for n, m in models.items()}}, f, indent=1)
     print(f"wrote {opts.out}")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
