@@ -200,23 +200,31 @@ def _timed_probe(weights, dtype, rows, repeats, figures) -> LinearPlan:
         cases.append((w, pack_weight(w, max_rows), calls * out_features / keep))
     generator = torch.Generator().manual_seed(0)
     torch_s, onednn_s = [], []
-    start = time.perf_counter()
+    deadline = time.perf_counter() + PROBE_BUDGET_S
     with torch.inference_mode():
         for m in rows:
-            if torch_s and time.perf_counter() - start > PROBE_BUDGET_S:
-                figures["unmeasured_rows"] = rows[len(torch_s):]
+            cost = _step_cost(cases, m, dtype, repeats, generator, deadline if torch_s else math.inf)
+            if cost is None:
+                figures["unmeasured_rows"] = list(rows[len(torch_s):])
                 break
-            t_total = o_total = 0.0
-            for w, packed, scale in cases:
-                x = torch.randn(m, w.shape[1], generator=generator).to(dtype)
-                t, o = _time_pair(x, w, packed, repeats)
-                t_total += t * scale
-                o_total += o * scale
-            torch_s.append(t_total)
-            onednn_s.append(o_total)
+            torch_s.append(cost[0])
+            onednn_s.append(cost[1])
     onednn = [t > o * ONEDNN_MIN_SPEEDUP for t, o in zip(torch_s, onednn_s)]
     onednn = tuple(onednn + onednn[-1:] * (len(rows) - len(onednn)))
     figures.update(torch_us_per_step=[round(s * 1e6, 1) for s in torch_s],
                    onednn_us_per_step=[round(s * 1e6, 1) for s in onednn_s],
                    chosen=["onednn" if use else "torch" for use in onednn])
     return LinearPlan(dtype=dtype, limits=bucket_limits(rows), onednn=onednn, source="probe")
+
+
+def _step_cost(cases, rows: int, dtype, repeats: int, generator, deadline: float) -> tuple[float, float] | None:
+    """Calls-weighted seconds per step of each path at ``rows`` rows; None once past ``deadline``."""
+    torch_total = onednn_total = 0.0
+    for weight, packed, scale in cases:
+        if time.perf_counter() > deadline:
+            return None
+        x = torch.randn(rows, weight.shape[1], generator=generator).to(dtype)
+        torch_s, onednn_s = _time_pair(x, weight, packed, repeats)
+        torch_total += torch_s * scale
+        onednn_total += onednn_s * scale
+    return torch_total, onednn_total

@@ -156,3 +156,13 @@ def test_probe_trims_tall_weights_and_scales_their_time_back(monkeypatch):
     monkeypatch.setattr(kl, "PROBE_MAX_MACS", 256 * 64 * 128)
     kl.probe_linear_plan([(random_linear(64, 1000, torch.float32).weight, 1)], torch.float32, repeats=1)
     assert seen == [(128, 64)]
+
+
+def test_probe_past_its_budget_extends_the_last_measured_decision(monkeypatch):
+    requires_onednn(torch.float32)
+    monkeypatch.setattr(kl, "PROBE_BUDGET_S", 0.0)
+    monkeypatch.setattr(kl, "_time_pair", lambda x, weight, packed, repeats: (3.0, 1.0))
+    result = kl.probe_linear_plan([(random_linear(64, 32, torch.float32).weight, 1)], torch.float32)
+    assert result.figures["unmeasured_rows"] == list(kl.PROBE_ROWS[1:])
+    assert len(result.figures["torch_us_per_step"]) == 1
+    assert result.plan.describe() == "onednn"
