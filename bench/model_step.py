@@ -1,7 +1,8 @@
 """One model step (forward + logits of every sequence), in each model variant, at several batch sizes.
 
 Variants are models loaded in this one process: GEMM path (oneDNN prepacked or F.linear) x dense
-part (torch.compile'd or eager). Each case is a decode step of B sequences with a --context-token
+part (torch.compile'd everywhere, or eager), and "default" (what from_pretrained chooses by its
+probes). Each case is a decode step of B sequences with a --context-token
 KV history each, or a prefill step of B new tokens in --prefill-seqs sequences; variants are
 interleaved round by round and the minimum over --repeats rounds is kept (the machine is noisy).
 Also prints the step-phase split (gemm / attention / other) of the eager oneDNN variant.
@@ -26,8 +27,10 @@ from paged.models.llama import AttentionMetadata, LlamaForCausalLM  # noqa: E402
 from paged.step_timer import StepTimer  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
-VARIANTS = {"onednn+compile": ("onednn", True), "onednn+eager": ("onednn", False),
-            "torch+compile": ("torch", True), "torch+eager": ("torch", False)}
+# name: (linear_backend, dense part: "eager", "compiled" everywhere, or "probe" = as loaded by default)
+VARIANTS = {"onednn+compiled": ("onednn", "compiled"), "onednn+eager": ("onednn", "eager"),
+            "torch+compiled": ("torch", "compiled"), "torch+eager": ("torch", "eager"),
+            "default": (None, "probe")}
 
 
 def make_step(args, batch: int, context: int, prefill_seqs: int, block_size: int = 16):
@@ -68,7 +71,7 @@ def main() -> None:
     ap.add_argument("--prefill", default="512", help="prefill step sizes in tokens ('' for none)")
     ap.add_argument("--prefill-seqs", type=int, default=4)
     ap.add_argument("--context", type=int, default=128, help="KV tokens of each decoding sequence")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="onednn+compiled,onednn+eager,torch+eager,default")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "model_step.json"))
@@ -77,12 +80,15 @@ def main() -> None:
 
     models = {}
     for name in opts.variants.split(","):
-        backend, compile_ = VARIANTS[name]
+        backend, dense = VARIANTS[name]
         start = time.perf_counter()
-        models[name] = LlamaForCausalLM.from_pretrained(opts.model, torch.float32, compile=compile_,
-                                                        linear_backend=backend)
-        print(f"loaded {name} in {time.perf_counter() - start:.1f} s "
-              f"(compile {models[name].compile_status})", flush=True)
+        model = LlamaForCausalLM.from_pretrained(opts.model, torch.float32, compile=dense == "probe",
+                                                 linear_backend=backend)
+        if dense == "compiled":
+            model.compile_dense(always=True)
+        models[name] = model
+        print(f"loaded {name} in {time.perf_counter() - start:.1f} s: GEMMs {model.linear_backend}; "
+              f"compile {model.compile_status}", flush=True)
     cases = [("decode", int(b), 0) for b in opts.batches.split(",") if b]
     cases += [("prefill", int(t), opts.prefill_seqs) for t in opts.prefill.split(",") if t]
     rows = []
@@ -120,7 +126,8 @@ def main() -> None:
     with open(opts.out, "w") as f:
         json.dump({"cpu": cpu_model(),
                    "threads": opts.threads, "load_avg": os.getloadavg(), "rows": rows,
-                   "linear_probe": {n: m.linear_probe for n, m in models.items()}}, f, indent=1)
+                   "linear_probe": {n: m.linear_probe for n, m in models.items()},
+                   "compile_status": {n: m.compile_status for n, m in models.items()}}, f, indent=1)
     print(f"wrote {opts.out}")
 
 
