@@ -123,6 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", default=[], help="checkpoint dir whose shapes to add (repeatable)")
     ap.add_argument("--no-tiny-llama", action="store_true", help="only the --model shapes")
+    ap.add_argument("--shapes", default="", help="only these GEMMs, e.g. gate_up_proj,lm_head")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--threads", type=int, default=2)
@@ -135,6 +136,8 @@ def main() -> None:
     for model_dir in opts.model:
         with open(os.path.join(model_dir, "config.json")) as f:
             shapes += model_shapes(os.path.basename(os.path.normpath(model_dir)), json.load(f))
+    if opts.shapes:
+        shapes = [s for s in shapes if s["name"] in opts.shapes.split(",")]
     rows = [int(r) for r in opts.rows.split(",")]
     result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_start": list(os.getloadavg()), "peaks": {}, "records": []}
