@@ -108,10 +108,12 @@ class LinearPlan:
         if not self.any_onednn:
             return "torch"
         parts, low = [], 1
-        for limit, onednn in zip(self.limits, self.onednn):
+        for i, (limit, onednn) in enumerate(zip(self.limits, self.onednn)):
+            if i + 1 < len(self.onednn) and self.onednn[i + 1] == onednn:
+                continue  # the next bucket takes the same path: one range
             high = "" if limit == math.inf else str(limit)
             parts.append(f"{'onednn' if onednn else 'torch'} for rows {low}-{high}")
-            low = None if limit == math.inf else limit + 1
+            low = limit + 1
         return "; ".join(parts)
 
 

@@ -78,7 +78,9 @@ def test_plan_buckets_cover_every_row_count():
     plan = kl.LinearPlan(torch.float32, limits=limits, onednn=(True, True, False, False), source="probe")
     assert [plan.use_onednn(r) for r in (1, 2, 3, 22, 23, 128, 129, 10_000)] == \
         [True, True, True, True, False, False, False, False]
-    assert plan.describe() == "onednn for rows 1-2; onednn for rows 3-22; torch for rows 23-128; torch for rows 129-"
+    assert plan.describe() == "onednn for rows 1-22; torch for rows 23-"
+    plan = kl.LinearPlan(torch.float32, limits=limits, onednn=(False, True, True, False))
+    assert plan.describe() == "torch for rows 1-2; onednn for rows 3-128; torch for rows 129-"
     assert kl.LinearPlan.everywhere("onednn", torch.float32).describe() == "onednn"
     assert kl.LinearPlan.everywhere("torch", torch.float32).describe() == "torch"
 
