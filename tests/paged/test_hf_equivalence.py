@@ -16,7 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kernels.linear import onednn_unavailable_reason
 from paged import LLM, SamplingParams
+from paged.models.llama import LlamaForCausalLM
 
 TIE_MARGIN = 1e-4  # fp32 logits of magnitude ~10-50: the last bits of oneDNN-vs-MKL GEMMs
 
@@ -153,6 +155,29 @@ def assert_equal_to_reference(outputs, reference: list[Reference]) -> None:
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_greedy_equals_hf_for_block_size(tiny_llama_dir, llama_reference, block_size):
     llm, outputs = run_engine(tiny_llama_dir, block_size=block_size, num_kv_blocks=4096 // block_size + 64)
+    assert_equal_to_reference(outputs, llama_reference)
+    assert_pool_whole(llm)
+
+
+@pytest.mark.parametrize("linear_backend, compile_dense", [("onednn", False), ("onednn", True), ("torch", False)])
+def test_greedy_equals_hf_on_each_gemm_path_and_with_compiled_regions(tiny_llama_dir, llama_reference, monkeypatch,
+                                                                       linear_backend, compile_dense):
+    """Whatever this host's probes pick, each GEMM path and the compiled dense regions (kept for
+    every token count) must give HF's tokens."""
+    if linear_backend == "onednn" and onednn_unavailable_reason(torch.float32):
+        pytest.skip(f"no oneDNN fp32 linear here: {onednn_unavailable_reason(torch.float32)}")
+    load = LlamaForCausalLM.from_pretrained.__func__
+
+    def forced(cls, *args, **kwargs):
+        model = load(cls, *args, **{**kwargs, "linear_backend": linear_backend, "compile": False})
+        if compile_dense:
+            model.compile_dense(always=True)
+            assert model.compile_status["active"], model.compile_status
+        assert model.linear_backend == linear_backend
+        return model
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", classmethod(forced))
+    llm, outputs = run_engine(tiny_llama_dir, block_size=16, num_kv_blocks=512, max_num_batched_tokens=64)
     assert_equal_to_reference(outputs, llama_reference)
     assert_pool_whole(llm)
 
