@@ -245,8 +245,10 @@ class LlamaForCausalLM(nn.Module):
         this host, see ``kernels.linear``). ``compile``: torch.compile the dense regions now and
         keep them where a probe finds them faster (see ``forward_ops``; a broken compiler falls
         back to eager with a warning). Off by default: on the 2-core AMD EPYC host it was measured
-        on, compiled regions cost ~1.7 ms more per decode step at 1-64 tokens (dynamo's per-call
-        overhead) and saved nothing measurable on 256-2048-token steps."""
+        on (bench/model_step.py), compiled regions everywhere cost 1.5-1.7 ms more per decode
+        step at 1-8 tokens (dynamo's per-call overhead), and the probe keeps only compiled RoPE
+        on steps of 362+ tokens, worth ~5% of a 2048-token prefill step: not worth seconds of
+        compilation at load and a C++ toolchain at run time."""
         args = ModelArgs.from_checkpoint(model_dir)
         with torch.device("meta"):
             model = cls(args)
