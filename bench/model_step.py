@@ -1,9 +1,9 @@
 """One model step (forward + logits of every sequence), in each model variant, at several batch sizes.
 
 Variants are models loaded in this one process: GEMM path (oneDNN prepacked or F.linear) x dense
-part (torch.compile'd everywhere, or eager), and "default" (what from_pretrained chooses by its
-probes). Each case is a decode step of B sequences with a --context-token
-KV history each, or a prefill step of B new tokens in --prefill-seqs sequences; variants are
+part (torch.compile'd everywhere, or eager), and "probed" (from_pretrained(compile=True,
+linear_backend=None): both chosen by the load-time probes). Each case is a decode step of B
+sequences with a --context-token KV history each, or a prefill step of B new tokens in --prefill-seqs sequences; variants are
 interleaved round by round and the minimum over --repeats rounds is kept (the machine is noisy).
 Also prints the step-phase split (gemm / attention / other) of the eager oneDNN variant.
 
@@ -27,10 +27,10 @@ from paged.models.llama import AttentionMetadata, LlamaForCausalLM  # noqa: E402
 from paged.step_timer import StepTimer  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
-# name: (linear_backend, dense part: "eager", "compiled" everywhere, or "probe" = as loaded by default)
+# name: (linear_backend, dense part: "eager", "compiled" everywhere, or "probe")
 VARIANTS = {"onednn+compiled": ("onednn", "compiled"), "onednn+eager": ("onednn", "eager"),
             "torch+compiled": ("torch", "compiled"), "torch+eager": ("torch", "eager"),
-            "default": (None, "probe")}
+            "probed": (None, "probe")}
 
 
 def make_step(args, batch: int, context: int, prefill_seqs: int, block_size: int = 16):
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--prefill", default="512", help="prefill step sizes in tokens ('' for none)")
     ap.add_argument("--prefill-seqs", type=int, default=4)
     ap.add_argument("--context", type=int, default=128, help="KV tokens of each decoding sequence")
-    ap.add_argument("--variants", default="onednn+compiled,onednn+eager,torch+eager,default")
+    ap.add_argument("--variants", default="onednn+compiled,onednn+eager,torch+eager,probed")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "model_step.json"))
