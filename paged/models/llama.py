@@ -3,23 +3,31 @@
 Weights come from an HF checkpoint directory (config.json + *.safetensors; no pickle, no remote
 code). The forward pass takes one flat batch: the scheduled tokens of every sequence back to back,
 with the attention metadata that the kernels contract needs. The arithmetic follows the HF
-reference op for op (RMSNorm in fp32, rotate-half RoPE), so greedy outputs match it exactly.
+reference op for op (RMSNorm in fp32, rotate-half RoPE). Two speed paths, each chosen at load by
+measuring it on this host, change only the order of additions: GEMMs through oneDNN with
+prepacked weights (``kernels.linear``) and torch.compile'd dense regions (``forward_ops``). So
+greedy outputs equal HF's except where its two best logits tie to within the last bits.
 """
 from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-import kernels
+from kernels.linear import BACKENDS as LINEAR_BACKENDS
+from kernels.linear import Linear, LinearPlan, onednn_unavailable_reason, probe_linear_plan
+from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# GEMM probe results by (shapes and calls, dtype, thread, threads): a process that loads a model
+# again (tests, a reload) reuses the first measurement, so its models run the same GEMM paths.
+_LINEAR_PROBES: dict = {}
 
 
 @dataclass
@@ -111,11 +119,6 @@ def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -123,12 +126,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, same arithmetic as below
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass
@@ -147,37 +145,27 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        kv_size = args.num_kv_heads * args.head_dim
+        self.qkv_proj = Linear(args.hidden_size, self.q_size + 2 * kv_size, bias=args.attention_bias)
+        self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
         self.scale = args.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
-        num_tokens = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # RoPE on the query and key heads together: one pass instead of two.
-        qk = qk.reshape(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = qk * cos + rotate_half(qk) * sin
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        key_cache, value_cache = kv_cache
-        kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend=meta.backend)
-        out = kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                      meta.query_start_loc, self.scale, backend=meta.backend,
-                                      workspace=meta.workspace)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+    def forward(self, h, cos, sin, kv_cache, meta: AttentionMetadata, ops: DenseOps):
+        """Attention output after o_proj for the normalised hidden states ``h``."""
+        q, k, v = ops.rotary(ops.linear(self.qkv_proj, h), cos, sin, self.num_heads, self.num_kv_heads,
+                             self.head_dim)
+        out = ops.attention(q, k, v, kv_cache, meta, self.scale)
+        return ops.linear(self.o_proj, out.reshape(h.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.intermediate_size = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, h, ops: DenseOps):
+        return ops.linear(self.down_proj, ops.silu_mul(ops.linear(self.gate_up_proj, h)))
 
 
 class DecoderLayer(nn.Module):
@@ -188,22 +176,40 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, delta, residual, cos, sin, kv_cache, meta, ops: DenseOps):
+        """Adds the previous layer's MLP output ``delta`` to the ``residual`` stream (None and
+        the embeddings for the first layer); returns (this layer's MLP output, residual). An
+        output is added by the next norm, so every add and norm run as one region."""
+        norm = self.input_layernorm
+        if delta is None:
+            h = rms_norm(residual, norm.weight, norm.eps)
+        else:
+            h, residual = ops.add_norm(delta, residual, norm.weight, norm.eps)
+        norm = self.post_attention_layernorm
+        h, residual = ops.add_norm(self.self_attn(h, cos, sin, kv_cache, meta, ops), residual, norm.weight, norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
+    """See the module docstring. After ``from_pretrained``: ``linear_backend`` (the GEMM path,
+    e.g. "onednn"), ``linear_probe`` (the measured figures behind it), ``compile_status``, and
+    ``step_timer`` (set it to a ``paged.step_timer.StepTimer`` to charge GEMMs and attention)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(args), persistent=False)
+        self.dense_plan = EAGER_PLAN
+        self.step_timer = None
+        self.linear_backend = "torch"
+        self.linear_probe: dict = {}
+        self.compile_status: dict = {"requested": False, "active": False}
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -212,18 +218,37 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm for every token of the flat batch."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
+        timer = self.step_timer
+        if timer is not None and timer.enabled:
+            ops = TimedOps(timer)
+        else:
+            ops = self.dense_plan.ops_for(input_ids.shape[0])
+        residual = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, residual.dtype)
+        delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            delta, residual = layer(delta, residual, cos, sin, kv_cache, meta, ops)
+        return ops.add_norm(delta, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        timer = self.step_timer
+        if timer is not None and timer.enabled:
+            with timer.phase("gemm"):
+                return self.lm_head(hidden).float()
         return self.lm_head(hidden).float()
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> "LlamaForCausalLM":
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype, device: str = "cpu", *,
+                        compile: bool = False, linear_backend: str | None = None) -> "LlamaForCausalLM":
+        """Load an HF checkpoint. ``linear_backend``: "onednn", "torch" or None (measure both on
+        this host, see ``kernels.linear``). ``compile``: torch.compile the dense regions now and
+        keep them where a probe finds them faster (see ``forward_ops``; a broken compiler falls
+        back to eager with a warning). Off by default: on the 2-core AMD EPYC host it was measured
+        on (bench/model_step.py), compiled regions everywhere cost 1.5-1.7 ms more per decode
+        step at 1-8 tokens (dynamo's per-call overhead), and the probe keeps only compiled RoPE
+        on steps of 362+ tokens, worth ~5% of a 2048-token prefill step: not worth seconds of
+        compilation at load and a C++ toolchain at run time."""
         args = ModelArgs.from_checkpoint(model_dir)
         with torch.device("meta"):
             model = cls(args)
@@ -233,7 +258,48 @@ class LlamaForCausalLM(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inverse_frequencies(args).to(device)  # RoPE angles stay fp32
         model.load_hf_weights(model_dir, dtype)
-        return model.eval()
+        model.eval().requires_grad_(False)  # inference only; compiled regions guard on it
+        model.choose_linear_backend(linear_backend, dtype, device)
+        if compile:
+            model.compile_dense()
+        return model
+
+    def compile_dense(self, always: bool = False) -> None:
+        """Compile the dense regions and keep them where they measure faster (``always``: everywhere)."""
+        args = self.args
+        sizes = dict(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size, num_heads=args.num_heads,
+                     num_kv_heads=args.num_kv_heads, head_dim=args.head_dim, eps=args.rms_norm_eps)
+        self.dense_plan, self.compile_status = compile_dense_ops(sizes, self.norm.weight, always=always)
+
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def choose_linear_backend(self, backend: str | None, dtype: torch.dtype, device: str) -> None:
+        """Give every Linear its plan: forced by ``backend``, or measured by the probe (None)."""
+        if backend not in (None, *LINEAR_BACKENDS):
+            raise ValueError(f"linear_backend must be None or one of {LINEAR_BACKENDS}, got {backend!r}")
+        if torch.device(device).type != "cpu":
+            plan, self.linear_probe = LinearPlan.everywhere("torch", dtype), {"reason": f"device {device}"}
+        elif backend is None:
+            calls: dict[tuple[int, int], int] = {}
+            weights: dict[tuple[int, int], torch.Tensor] = {}
+            for linear in self.linears():
+                shape = tuple(linear.weight.shape)
+                calls[shape] = calls.get(shape, 0) + 1
+                weights[shape] = linear.weight
+            key = (tuple(calls.items()), dtype, threading.get_ident(), torch.get_num_threads())
+            if key not in _LINEAR_PROBES:
+                _LINEAR_PROBES[key] = probe_linear_plan([(weights[s], calls[s]) for s in weights], dtype)
+            plan, self.linear_probe = _LINEAR_PROBES[key].plan, dict(_LINEAR_PROBES[key].figures)
+        else:
+            reason = onednn_unavailable_reason(dtype) if backend == "onednn" else None
+            if reason is not None:
+                raise ValueError(f"linear_backend 'onednn' cannot run {dtype} here: {reason}")
+            plan, self.linear_probe = LinearPlan.everywhere(backend, dtype), {"forced": backend}
+        for linear in self.linears():
+            linear.apply_plan(plan)
+        self.linear_backend = plan.describe()
+        self.linear_probe["plan"] = self.linear_backend
 
     def load_hf_weights(self, model_dir: str | Path, dtype: torch.dtype) -> None:
         files = sorted(Path(model_dir).glob("*.safetensors"))

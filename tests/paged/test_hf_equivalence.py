@@ -1,12 +1,26 @@
 """The backbone: the engine's greedy tokens equal HuggingFace transformers' ``generate`` (fp32, CPU),
-token for token, however the engine batches, chunks, pages, preempts or shares the work."""
+token for token, however the engine batches, chunks, pages, preempts or shares the work.
+
+One allowance (issue 7): the engine's GEMMs may run through oneDNN, whose results differ from
+MKL's (what HF runs) in the last bits. So at a position where HF's two best logits are within
+``TIE_MARGIN`` of each other, the engine may pick the other one of the pair; that sequence is not
+compared after such a tie. Every test reports the ties it saw (a line in the ``-rA`` output and a
+``NearTieWarning`` when a sequence diverged at one); on the test checkpoints there are none.
+"""
 from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kernels.linear import onednn_unavailable_reason
 from paged import LLM, SamplingParams
+from paged.models.llama import LlamaForCausalLM
+
+TIE_MARGIN = 1e-4  # fp32 logits of magnitude ~10-50: the last bits of oneDNN-vs-MKL GEMMs
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -30,7 +44,23 @@ PROMPTS = [
 MAX_TOKENS = [24, 40, 16, 32, 20, 28, 36, 12, 24, 30, 18, 26, 22, 34, 40, 16, 20]
 
 
-def hf_greedy(model_dir: str, prompts: list[str], max_tokens: list[int], dtype=torch.float32) -> list[list[int]]:
+class NearTieWarning(UserWarning):
+    """An engine sequence left HF's at a numerical near-tie (allowed, reported)."""
+
+
+@dataclass
+class Reference:
+    """HF's greedy continuation and, per generated position, the ids whose logit is within
+    TIE_MARGIN of the best one (more than one id: a near-tie)."""
+    tokens: list[int]
+    near_best: list[list[int]]
+
+    @property
+    def num_near_ties(self) -> int:
+        return sum(len(ids) > 1 for ids in self.near_best)
+
+
+def hf_greedy(model_dir: str, prompts: list[str], max_tokens: list[int], dtype=torch.float32) -> list[Reference]:
     """Reference continuations: one prompt at a time (no padding), stopping at EOS as HF does."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -39,9 +69,64 @@ def hf_greedy(model_dir: str, prompts: list[str], max_tokens: list[int], dtype=t
         for prompt, count in zip(prompts, max_tokens):
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
-                                       do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
-            outputs.append(generated[0, ids.shape[1]:].tolist())
+                                       do_sample=False, pad_token_id=tokenizer.pad_token_id or 0,
+                                       output_logits=True, return_dict_in_generate=True)
+            tokens = generated.sequences[0, ids.shape[1]:].tolist()
+            near_best = []
+            for logits in generated.logits:
+                logits = logits[0].float()
+                near_best.append(torch.nonzero(logits >= logits.max() - TIE_MARGIN).flatten().tolist())
+            assert all(t in ids for t, ids in zip(tokens, near_best)), "HF's tokens are not its argmax"
+            outputs.append(Reference(tokens, near_best))
     return outputs
+
+
+@dataclass
+class Comparison:
+    mismatches: list[str]
+    ties: list[tuple[int, int]]  # (sequence, position) where the engine took the other near-best id
+    near_tie_positions: int      # positions in the compared references with a near-tie
+
+
+def compare_to_reference(got: list[list[int]], reference: list[Reference]) -> Comparison:
+    """Equal token for token, except that a sequence may leave HF's at a near-tie (then the rest
+    of it is not compared)."""
+    mismatches, ties = [], []
+    if len(got) != len(reference):
+        mismatches.append(f"{len(got)} sequences for {len(reference)} references")
+    for i, (tokens, ref) in enumerate(zip(got, reference)):
+        for j, (g, r) in enumerate(zip(tokens, ref.tokens)):
+            if g != r:
+                if g in ref.near_best[j]:
+                    ties.append((i, j))
+                else:
+                    mismatches.append(f"sequence {i} position {j}: engine {tokens} vs HF {ref.tokens}")
+                break
+        else:
+            if len(tokens) != len(ref.tokens):
+                mismatches.append(f"sequence {i} length: engine {tokens} vs HF {ref.tokens}")
+    return Comparison(mismatches, ties, sum(ref.num_near_ties for ref in reference))
+
+
+def assert_matches_reference(got: list[list[int]], reference: list[Reference]) -> None:
+    result = compare_to_reference(got, reference)
+    assert not result.mismatches, "\n".join(result.mismatches)
+    print(f"HF comparison: {len(got)} sequences, {result.near_tie_positions} near-tie position(s) in HF's "
+          f"reference, {len(result.ties)} divergence(s) at a near-tie {result.ties}")
+    if result.ties:
+        warnings.warn(NearTieWarning(f"{len(result.ties)} sequence(s) diverged from HF at a near-tie "
+                                     f"(top-2 logits within {TIE_MARGIN}): (sequence, position) {result.ties}"))
+
+
+def test_divergence_is_allowed_only_at_a_near_tie_and_ends_the_comparison():
+    reference = [Reference(tokens=[5, 6, 7], near_best=[[5], [6, 9], [7]])]
+    at_tie = compare_to_reference([[5, 9, 1, 1]], reference)  # tail after the tie: not compared
+    assert not at_tie.mismatches and at_tie.ties == [(0, 1)] and at_tie.near_tie_positions == 1
+    assert compare_to_reference([[5, 8, 7]], reference).mismatches  # 8 is not near the best
+    assert compare_to_reference([[5, 6]], reference).mismatches  # shorter without a tie
+    assert compare_to_reference([[5, 6, 7], [5, 6, 7]], reference).mismatches  # extra sequence
+    exact = compare_to_reference([[5, 6, 7]], reference)
+    assert not exact.mismatches and not exact.ties
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +148,36 @@ def assert_pool_whole(llm: LLM) -> None:
     llm.engine.block_manager.check_invariants()
 
 
-def assert_equal_to_reference(outputs, reference) -> None:
-    got = [out.outputs[0].token_ids for out in outputs]
-    mismatches = [i for i, (g, r) in enumerate(zip(got, reference)) if g != r]
-    assert not mismatches, f"prompts {mismatches} differ: engine {[got[i] for i in mismatches]} " \
-                           f"vs HF {[reference[i] for i in mismatches]}"
+def assert_equal_to_reference(outputs, reference: list[Reference]) -> None:
+    assert_matches_reference([out.outputs[0].token_ids for out in outputs], reference)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_greedy_equals_hf_for_block_size(tiny_llama_dir, llama_reference, block_size):
     llm, outputs = run_engine(tiny_llama_dir, block_size=block_size, num_kv_blocks=4096 // block_size + 64)
+    assert_equal_to_reference(outputs, llama_reference)
+    assert_pool_whole(llm)
+
+
+@pytest.mark.parametrize("linear_backend, compile_dense", [("onednn", False), ("onednn", True), ("torch", False)])
+def test_greedy_equals_hf_on_each_gemm_path_and_with_compiled_regions(tiny_llama_dir, llama_reference, monkeypatch,
+                                                                       linear_backend, compile_dense):
+    """Whatever this host's probes pick, each GEMM path and the compiled dense regions (kept for
+    every token count) must give HF's tokens."""
+    if linear_backend == "onednn" and onednn_unavailable_reason(torch.float32):
+        pytest.skip(f"no oneDNN fp32 linear here: {onednn_unavailable_reason(torch.float32)}")
+    load = LlamaForCausalLM.from_pretrained.__func__
+
+    def forced(cls, *args, **kwargs):
+        model = load(cls, *args, **{**kwargs, "linear_backend": linear_backend, "compile": False})
+        if compile_dense:
+            model.compile_dense(always=True)
+            assert model.compile_status["active"], model.compile_status
+        assert model.linear_backend == linear_backend
+        return model
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", classmethod(forced))
+    llm, outputs = run_engine(tiny_llama_dir, block_size=16, num_kv_blocks=512, max_num_batched_tokens=64)
     assert_equal_to_reference(outputs, llama_reference)
     assert_pool_whole(llm)
 
@@ -116,7 +221,8 @@ def test_parallel_greedy_samples_share_the_prompt_and_equal_hf(tiny_llama_dir, l
     llm, outputs = run_engine(tiny_llama_dir, prompts=PROMPTS[:6], max_tokens=MAX_TOKENS[:6], n=3,
                               block_size=16, num_kv_blocks=512)
     for out, reference in zip(outputs, llama_reference[:6]):
-        assert [o.token_ids for o in out.outputs] == [reference] * 3
+        assert len(out.outputs) == 3
+        assert_matches_reference([o.token_ids for o in out.outputs], [reference] * 3)
     assert_pool_whole(llm)
 
 
@@ -140,7 +246,7 @@ def test_bfloat16_stays_close_to_hf_bfloat16(tiny_llama_dir):
     reference = hf_greedy(str(tiny_llama_dir), prompts, max_tokens, dtype=torch.bfloat16)
     llm, outputs = run_engine(tiny_llama_dir, prompts=prompts, max_tokens=max_tokens, dtype="bfloat16",
                               block_size=16, num_kv_blocks=256)
-    first_tokens_equal = sum(out.outputs[0].token_ids[:1] == ref[:1] for out, ref in zip(outputs, reference))
+    first_tokens_equal = sum(out.outputs[0].token_ids[:1] == ref.tokens[:1] for out, ref in zip(outputs, reference))
     assert first_tokens_equal >= 6
     assert_pool_whole(llm)
 
