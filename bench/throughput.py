@@ -269,8 +269,10 @@ def render(summary: dict, unavailable: dict[str, str], engines: list[str], meta:
     ]
     cfg = meta.get("ours_config") or {}
     if cfg:
+        compiled = cfg.get("compile")
+        compiled = compiled.get("active") if isinstance(compiled, dict) else compiled
         notes.append(f"\nOurs: GEMM path {cfg.get('linear_backend', 'n/a')}, torch.compile "
-                     f"{cfg.get('compile', 'n/a')}, attention {cfg.get('attention', 'n/a')}, "
+                     f"{compiled}, attention {cfg.get('attention', 'n/a')}, "
                      f"{cfg.get('threads')} threads, torch {cfg.get('torch')}.")
     b1 = meta.get("batch1")
     if b1:

@@ -46,8 +46,9 @@ class EngineConfig:
     max_waiting_requests: int = 1024
     request_timeout_s: float | None = None
     # Performance switches (see docs/performance.md). compile: torch.compile the dense part of
-    # each layer at load; a missing compiler falls back to eager with a log line.
-    compile: bool = True
+    # each layer at load and keep it where a probe finds it faster; a missing compiler falls back
+    # to eager with a log line. Off by default: measured no faster on the 2-core CPU hosts here.
+    compile: bool = False
     # "onednn" (weights prepacked once), "torch" (F.linear) or None: chosen per host by a short
     # measured probe at load.
     linear_backend: str | None = None

@@ -120,7 +120,9 @@ class ModelRunner:
         if self.attention_impl == "torch":
             self.attention_impl = "compiled" if kernels.prepare_cpu_kernels() else "plain"
         self.model = model if model is not None else \
-            LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device)
+            LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
+                                             linear_backend=config.linear_backend)
+        self.model.step_timer = self.timer
         self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
                                 config.block_size, self.dtype, self.device)
         self.layer_caches = self.kv_cache.layer_caches()
@@ -128,8 +130,8 @@ class ModelRunner:
     def performance_info(self) -> dict:
         """The fast paths this runner chose at load (reported by describe and the benchmarks)."""
         model = self.model
-        return {"linear_backend": getattr(model, "linear_backend", "torch"),
-                "compile": bool(getattr(model, "compiled", False)),
+        return {"linear_backend": model.linear_backend, "linear_probe": model.linear_probe,
+                "compile": model.compile_status,
                 "attention": self.attention_impl,
                 "threads": torch.get_num_threads()}
 

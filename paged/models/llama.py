@@ -258,11 +258,17 @@ class LlamaForCausalLM(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inverse_frequencies(args).to(device)  # RoPE angles stay fp32
         model.load_hf_weights(model_dir, dtype)
-        model.eval().requires_grad_(False)  # inference only; compiled regions guard on it
-        model.choose_linear_backend(linear_backend, dtype, device)
+        return model.prepare_for_inference(dtype, device, compile=compile, linear_backend=linear_backend)
+
+    def prepare_for_inference(self, dtype: torch.dtype, device: str, *, compile: bool = False,
+                              linear_backend: str | None = None) -> "LlamaForCausalLM":
+        """After the weights are in (whole or a tensor-parallel shard): eval mode, the GEMM path
+        for this host, and the compiled dense regions when asked for."""
+        self.eval().requires_grad_(False)  # inference only; compiled regions guard on it
+        self.choose_linear_backend(linear_backend, dtype, device)
         if compile:
-            model.compile_dense()
-        return model
+            self.compile_dense()
+        return self
 
     def compile_dense(self, always: bool = False) -> None:
         """Compile the dense regions and keep them where they measure faster (``always``: everywhere)."""
