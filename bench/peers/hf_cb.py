@@ -9,7 +9,7 @@ each request here has its own output length. Set-up:
   allow_block_sharing=False (no prefix caching, as for every engine here), seed 0.
 - Its default sizing would take 60% of RAM, hence the explicit num_blocks.
 - EOS disabled (eos_token_id=-1), fp32, greedy.
-- HF runs the model on a background thread (its design): CPU_NOTES measured that this costs
+- HF runs the model on a background thread (its design): docs/performance.md says why this costs
   it 1.2-2.1x on this machine's OpenMP; it is what its users get, so it is measured as is.
 - Its own warm-up runs inside the context manager, before the clock starts.
 KV utilization is not exposed by its public API: reported as None.

@@ -2,7 +2,7 @@
 
 Same set-up as the peers: fp32, greedy, ignore_eos, prefix caching off, the KV budget as
 kv_cache_memory_bytes, block_size / max_num_seqs / max_num_batched_tokens from the command line
-(defaults 16 / 256 / 2048), 2 threads. Everything runs on the main thread (CPU_NOTES: the
+(defaults 16 / 256 / 2048), 2 threads. Everything runs on the main thread (docs/performance.md: the
 thread that steps the model must be the first to run torch ops). Mean KV utilization is the
 engine's own per-step live/allocated slots, averaged over the steps of each workload's run.
 """

