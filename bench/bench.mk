@@ -6,7 +6,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: bench bench-quick venv-vllm
+.PHONY: bench bench-quick venv-vllm bench-sharing
 
 # vLLM's CPU build pins its own transformers (<5.20), so it gets its own virtual environment.
 # torch first, from the CPU wheel on disk (an unpinned torch would pull a CUDA build); the
@@ -35,3 +35,12 @@ bench-quick: $(STAMP)
 	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
+
+# The vLLM paper's sharing results on this engine (bench/sharing.py): KV blocks saved by parallel
+# sampling and beam search, shared-prefix throughput (cache off / on / pinned, the CPU tier) and KV
+# utilization per block size with what block_size "auto" picks. A few minutes on 2 cores; tables,
+# JSON and plots (matplotlib, from the bench extra) in bench/results/. Not part of make test.
+bench-sharing: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/sharing.py --model $(MODEL_DIR) $(BENCH_ARGS)

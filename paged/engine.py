@@ -56,14 +56,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         if config.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not available in this build (see README: roadmap)")
+        self.config = config
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
         self.block_size_choice: block_size_profile.BlockSizeChoice | None = None
         if config.block_size == "auto":
             self.block_size_choice = block_size_profile.choose_at_start(config.block_size_profile,
                                                                         self._measure_attention_cost)
-            config = dataclasses.replace(config, block_size=self.block_size_choice.block_size)
+            self.config = config = dataclasses.replace(config, block_size=self.block_size_choice.block_size)
             logger.info("block_size auto: %d (%s)", config.block_size, self.block_size_choice.reason)
-        self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.vocab_size = args.vocab_size
         limit = args.max_position_embeddings

@@ -177,6 +177,18 @@ def test_auto_picks_a_smaller_block_for_short_requests_and_a_larger_for_long(tin
     assert short.block_size_report()["auto_choice"]["block_size"] == short.kv_stats()["block_size"]
 
 
+def test_auto_reads_a_workload_file_and_measures_the_attention_cost(tiny_llama_dir, tmp_path):
+    path = tmp_path / "workload.json"
+    rng = random.Random(1)
+    path.write_text(json.dumps({"name": "short", "prompts": [[5] * rng.randint(8, 30) for _ in range(64)],
+                                "output_lens": [rng.randint(20, 90) for _ in range(64)]}))
+    engine = auto_engine(tiny_llama_dir, str(path))
+    choice = engine.block_size_report()["auto_choice"]
+    assert engine.kv_stats()["block_size"] == choice["block_size"] in CANDIDATE_BLOCK_SIZES
+    assert set(choice["attention_cost_s"]) == {str(b) for b in CANDIDATE_BLOCK_SIZES}
+    assert all(cost > 0 for cost in choice["attention_cost_s"].values())
+
+
 def test_auto_with_an_invalid_profile_fails_to_start(tiny_llama_dir, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"format": "paged-length-profile", "version": 1, "requests": [[-3, 4]]}))
