@@ -34,6 +34,14 @@ def run_plan(bm: BlockManager) -> tuple[list, list]:
     return moves
 
 
+def prompt_in_the_cpu_tier(bm: BlockManager) -> None:
+    """PROMPT computed and cached, then pushed out of the (4-block) device pool into the tier."""
+    computed_and_freed(bm, 1, PROMPT)
+    bm.allocate_slots(2, 0, 16)
+    run_plan(bm)
+    bm.free(2)
+
+
 PROMPT = list(range(9))        # two full blocks and one token
 
 
@@ -71,10 +79,7 @@ def test_without_the_tier_an_evicted_block_is_dropped():
 
 def test_a_cpu_tier_hit_loads_the_block_into_a_fresh_device_block_cached_again():
     bm = make_bm()
-    computed_and_freed(bm, 1, PROMPT)
-    bm.allocate_slots(2, 0, 16)
-    offloads, _ = run_plan(bm)
-    bm.free(2)
+    prompt_in_the_cpu_tier(bm)
     hits = bm.find_cached_prefix(PROMPT)
     assert bm.allocate_slots(3, 8, 1, new_computed_blocks=hits) == []
     table = bm.block_table(3)
@@ -88,10 +93,7 @@ def test_a_cpu_tier_hit_loads_the_block_into_a_fresh_device_block_cached_again()
 
 def test_a_cpu_block_a_plan_reads_is_not_reused_before_the_plan_ran():
     bm = make_bm(num_cpu_blocks=2, num_cpu_prefix_blocks=2)
-    computed_and_freed(bm, 1, PROMPT)
-    bm.allocate_slots(2, 0, 16)
-    run_plan(bm)
-    bm.free(2)
+    prompt_in_the_cpu_tier(bm)
     hits = bm.find_cached_prefix(PROMPT)
     bm.allocate_slots(3, 8, 1, new_computed_blocks=hits)
     assert bm.num_free_cpu_blocks == 0, "both CPU blocks are still to be copied out"
@@ -144,10 +146,7 @@ def test_an_offload_into_a_block_a_swap_out_takes_in_the_same_plan_is_dropped():
 
 def test_a_block_computed_again_on_the_device_replaces_its_cpu_copy():
     bm = make_bm()
-    computed_and_freed(bm, 1, PROMPT)
-    bm.allocate_slots(2, 0, 16)
-    run_plan(bm)
-    bm.free(2)
+    prompt_in_the_cpu_tier(bm)
     bm.allocate_slots(3, 0, 9)                        # the same prompt computed without a hit
     bm.cache_full_blocks(3, PROMPT, 9)
     assert bm.find_cached_prefix(PROMPT) == bm.block_table(3)[:2]
@@ -167,10 +166,7 @@ def test_a_failed_plan_forgets_the_blocks_its_moves_were_to_fill():
 
 def test_a_failed_plan_forgets_the_device_copies_its_loads_were_to_fill():
     bm = make_bm()
-    computed_and_freed(bm, 1, PROMPT)
-    bm.allocate_slots(2, 0, 16)
-    run_plan(bm)
-    bm.free(2)
+    prompt_in_the_cpu_tier(bm)
     bm.allocate_slots(3, 8, 1, new_computed_blocks=bm.find_cached_prefix(PROMPT))
     bm.drop_prefix_moves(*bm.take_prefix_moves())     # the loads never ran
     bm.free(3)
