@@ -20,7 +20,8 @@ The choice (``choose_block_size``): among the candidates whose attention cost is
 once the waste is small a larger block is cheaper to manage. The attention guard keeps out block
 sizes that are markedly slower (with the torch implementation, 4-token blocks scattered over the
 pool gather up to 3x slower); it is loose because a short timing on a busy CPU is noisy. On the Alpaca-like workload
-(``bench/workload.py``) this picks 8 (predicted 95.3%; 16 gives 90.5%), on ShareGPT-like 32.
+(``bench/workload.py``) this picks 8 (predicted 95.0-95.5%; 16 gives 90%), on ShareGPT-like 32
+(96.8%; 16 on the x0.5 variant, where 32 gives 94%).
 
 A profile file is JSON: ``{"format": "paged-length-profile", "version": 1, "requests": [[prompt_len,
 output_len], ...], "attention_cost_s": {"8": seconds, ...}}`` (the costs are optional: present, they
@@ -41,7 +42,9 @@ from dataclasses import dataclass, field
 
 CANDIDATE_BLOCK_SIZES = (4, 8, 16, 32, 64)
 DEFAULT_BLOCK_SIZE = 16
-TARGET_UTILIZATION = 0.95
+# The goal is 96% in an offline batch, which reads ~1.5 points above this steady-state prediction
+# near that level (8-token blocks, Alpaca-like: 95.0% predicted, 96.4% measured by the engine).
+TARGET_UTILIZATION = 0.945
 ATTENTION_TOLERANCE = 0.25     # timings on a shared CPU vary by 10-20% from run to run
 MIN_REQUESTS = 32            # fewer finished requests than this: no recommendation yet
 MAX_RECORDS = 10_000         # the profile keeps (and saves) the most recent requests
