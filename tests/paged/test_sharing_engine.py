@@ -144,8 +144,8 @@ def test_pinned_prefix_with_chunked_prefill_and_preemption_by_recompute(tiny_lla
 # ---- the CPU tier --------------------------------------------------------------------------------
 def tier_llm(tiny_llama_dir, cpu_prefix_blocks: int, **kwargs) -> LLM:
     block_bytes = 8192 * BS            # tiny-llama, fp32: 8 KiB of KV per token
-    return LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=24, max_model_len=256, swap_space_bytes=0,
-               cpu_prefix_cache_bytes=cpu_prefix_blocks * block_bytes, **kwargs)
+    settings = {"block_size": BS, "num_kv_blocks": 24, "max_model_len": 256, "swap_space_bytes": 0, **kwargs}
+    return LLM(str(tiny_llama_dir), cpu_prefix_cache_bytes=cpu_prefix_blocks * block_bytes, **settings)
 
 
 @pytest.mark.parametrize("chunk", [2048, 24])
@@ -172,6 +172,19 @@ def test_without_the_cpu_tier_the_evicted_prefix_is_recomputed(tiny_llama_dir, r
     assert prompt_tokens(llm) - before == len(PREFIX) + len(TAILS[1])
     assert llm.kv_stats()["cpu_prefix_hits"] == 0
     assert token_ids(second) == expected(reference, [PREFIX + TAILS[1]])
+
+
+def test_requests_preempted_by_recompute_come_back_from_the_cpu_tier(tiny_llama_dir, reference):
+    """A tight pool: preempted requests' cached blocks are evicted to the tier before they are
+    admitted again, so their re-admission loads them instead of recomputing; outputs unchanged."""
+    llm = tier_llm(tiny_llama_dir, cpu_prefix_blocks=32, num_kv_blocks=12, max_model_len=112,
+                   max_num_batched_tokens=24, preemption_mode="recompute")
+    prompts = [PREFIX + t for t in TAILS]
+    outputs = generate(llm, prompts, LONGER)
+    stats = llm.kv_stats()
+    assert stats["num_recompute_preemptions"] > 0 and stats["cpu_prefix_hits"] > 0
+    assert token_ids(outputs) == expected(reference, prompts, LONGER.max_tokens)
+    assert_pool_whole(llm)
 
 
 def test_the_cpu_tier_does_not_stop_preemption_by_swap(tiny_llama_dir, reference):
