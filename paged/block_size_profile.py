@@ -205,9 +205,9 @@ def choose_block_size(utilization: dict[int, float], attention_cost_s: dict[int,
     if reaching:
         best = max(reaching)
         return best, (f"largest block whose predicted KV utilization ({utilization[best]:.1%}) reaches "
-                      f"{target:.0%} with attention within {tolerance:.0%} of the cheapest")
+                      f"{target:.1%} with attention within {tolerance:.0%} of the cheapest")
     best = max(affordable, key=lambda b: (utilization[b], -b))
-    return best, (f"no block reaches {target:.0%} KV utilization at an attention cost within "
+    return best, (f"no block reaches {target:.1%} KV utilization at an attention cost within "
                   f"{tolerance:.0%} of the cheapest; {best} has the highest ({utilization[best]:.1%})")
 
 
