@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-tp venv-vllm
+.PHONY: bench bench-quick bench-tp bench-sharing venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -49,3 +49,12 @@ bench-quick: $(BENCH_STAMP)
 bench-tp: $(STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)
+
+# The vLLM paper's sharing results on this engine (bench/sharing.py): KV blocks saved by parallel
+# sampling and beam search, shared-prefix throughput (cache off / on / pinned, the CPU tier) and KV
+# utilization per block size with what block_size "auto" picks. A few minutes on 2 cores; tables,
+# JSON and plots (matplotlib, from the bench extra) in bench/results/. Not part of make test.
+bench-sharing: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/sharing.py --model $(MODEL_DIR) $(BENCH_ARGS)

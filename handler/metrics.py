@@ -21,6 +21,8 @@ GAUGES = {  # name -> (unit, kv_stats key, scale)
     "PagedNumRequestsWaiting": ("Count", "num_waiting", 1.0),
     "PagedNumRequestsSwapped": ("Count", "num_swapped", 1.0),
     "PagedPrefixCacheHitRatePercent": ("Percent", "prefix_hit_rate", 100.0),
+    "PagedPrefixCacheHitTokens": ("Count", "prefix_hits", 1.0),          # cached prompt tokens, any tier
+    "PagedCpuPrefixCacheHitTokens": ("Count", "cpu_prefix_hits", 1.0),   # ... brought back from the CPU tier
 }
 
 

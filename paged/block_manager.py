@@ -1,27 +1,50 @@
-"""The KV block pool: per-sequence block tables, reference counts, copy-on-write, swap, prefix cache.
+"""The KV block pool: per-sequence block tables, reference counts, copy-on-write, swap, prefix cache,
+pinned prefixes and (through ``CpuBlockPool``) the CPU tier of the prefix cache.
 
 Invariants (``check_invariants`` asserts them; the property tests call it after every operation):
-- every device block is in exactly one of: some block table(s) (ref_count > 0), the free list,
-  or the evictable LRU of cached-but-unused blocks (ref_count == 0, content still valid);
-- a block's ref_count equals the number of block-table entries, over all sequences, naming it;
-- the same holds for the CPU swap pool;
-- only full blocks whose KV is computed carry a prefix hash, and a hash names one block.
+- every device block is in exactly one of: held (ref_count > 0: named by block tables and/or
+  pins), the free list, or the evictable LRU of cached-but-unused blocks (ref_count == 0,
+  content still valid);
+- a block's ref_count equals the number of block-table entries, over all sequences, naming it,
+  plus the number of pinned prefixes holding it; a pinned block carries a prefix hash;
+- the same holds for the CPU pool's swap tables (``paged/cpu_block_pool.py`` lists the rest);
+- only full blocks whose KV is computed carry a prefix hash, and a hash names one block, on the
+  device or on the CPU tier, never both;
+- a pending load copies a CPU block the plan reads into a device block that is held.
 Blocks that a sequence will write into are never shared: a write into a shared partly filled
 block first copies it (copy-on-write), and cached full blocks are never written again.
+
+Block moves decided while planning a step run, in ``KVCache.apply``, in this order: swap-outs and
+CPU-tier offloads (device -> CPU), then swap-ins and CPU-tier loads (CPU -> device), then
+copy-on-write copies, then the model writes. So a device block's old content leaves before its
+new content arrives; on the CPU side the pool never reuses a block within the plan that reads it.
 """
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 
+from paged.cpu_block_pool import CpuBlockPool
 from paged.prefix_cache import PrefixCache, hash_block_tokens
+
+
+@dataclass(frozen=True)
+class CpuHit:
+    """A prefix-cache hit that lives in the CPU tier: ``cpu_block_id`` holds the block's KV.
+    ``find_cached_prefix`` returns these beside plain device block ids."""
+    cpu_block_id: int
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, num_cpu_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, num_cpu_prefix_blocks: int = 0):
+        """``num_cpu_blocks``: the whole CPU pool; ``num_cpu_prefix_blocks`` of it at most may hold
+        the CPU tier of the prefix cache (0: no tier)."""
         if num_blocks <= 0 or block_size <= 0 or num_cpu_blocks < 0:
             raise ValueError("num_blocks and block_size must be positive, num_cpu_blocks >= 0")
+        if num_cpu_prefix_blocks and not enable_prefix_caching:
+            raise ValueError("the CPU tier of the prefix cache needs prefix caching enabled")
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
@@ -31,9 +54,13 @@ class BlockManager:
         self.block_tables: dict[int, list[int]] = {}
         # Hashes of the leading full blocks of each sequence that are registered in the cache.
         self.seq_block_hashes: dict[int, list[int]] = {}
-        self.cpu_ref_counts = [0] * num_cpu_blocks
-        self.free_cpu_block_ids: deque[int] = deque(range(num_cpu_blocks))
+        self.cpu_pool = CpuBlockPool(num_cpu_blocks, num_cpu_prefix_blocks)
         self.cpu_block_tables: dict[int, list[int]] = {}
+        # Pinned prefixes: key -> the device blocks each holds one reference to.
+        self.pins: dict[Hashable, list[int]] = {}
+        self.pin_hit_tokens: dict[Hashable, int] = {}
+        self.cpu_hit_tokens = 0
+        self._loads: list[tuple[int, int]] = []  # CPU-tier loads of the plan being built: (cpu, device)
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -43,7 +70,15 @@ class BlockManager:
 
     @property
     def num_free_cpu_blocks(self) -> int:
-        return len(self.free_cpu_block_ids)
+        """CPU blocks a swap-out can take: free ones plus CPU-tier ones (evicted on demand)."""
+        return self.cpu_pool.num_free
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return len(self._pinned_block_set())
+
+    def _pinned_block_set(self) -> set[int]:
+        return {block_id for blocks in self.pins.values() for block_id in blocks}
 
     def block_table(self, seq_id: int) -> list[int]:
         return self.block_tables.get(seq_id, [])
@@ -56,9 +91,11 @@ class BlockManager:
         if self.free_block_ids:
             block_id = self.free_block_ids.popleft()
         else:
-            block_id = self.prefix_cache.evict_lru()
-            if block_id is None:
+            evicted = self.prefix_cache.pop_lru()
+            if evicted is None:
                 raise RuntimeError("KV block pool exhausted (the scheduler should have checked)")
+            block_id, block_hash = evicted
+            self.cpu_pool.offload(block_id, block_hash)
         self.ref_counts[block_id] = 1
         return block_id
 
@@ -101,8 +138,9 @@ class BlockManager:
         hits = new_computed_blocks or []
         if hits:
             assert not self.block_tables.get(seq_id), "prefix hits only start an empty table"
-            parked = sum(1 for b in hits if self.ref_counts[b] == 0)
-            needed = self.blocks_for(num_computed_tokens + num_new_tokens) - len(hits)
+            parked = sum(1 for b in hits if not isinstance(b, CpuHit) and self.ref_counts[b] == 0)
+            loads = sum(1 for b in hits if isinstance(b, CpuHit))  # each needs a device block
+            needed = self.blocks_for(num_computed_tokens + num_new_tokens) - len(hits) + loads
             if needed > self.num_free_blocks - parked:
                 return None
             self._take_cached_prefix(seq_id, hits)
@@ -131,6 +169,17 @@ class BlockManager:
         """Slots of the sequence's blocks that hold no computed token (its share of KV waste)."""
         return len(self.block_tables.get(seq_id, [])) * self.block_size - num_computed_tokens
 
+    def max_blocks_for_one_sequence(self, max_model_len: int) -> int:
+        """Bounds ``blocks_for_request(p, m, 1)`` for every ``p + m <= max_model_len``: the room a
+        single-sequence request of the longest allowed length may need."""
+        return self.blocks_for(max_model_len) + 2
+
+    def sharing_counts(self) -> tuple[int, int]:
+        """(distinct blocks the block tables name, block-table entries): what the sequences hold,
+        and what they would hold if nothing were shared."""
+        tables = self.block_tables.values()
+        return len(self._distinct(tables)), sum(len(t) for t in tables)
+
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
         """The child shares every block of the parent (copy-on-write on a later write)."""
         table = list(self.block_tables[parent_seq_id])
@@ -144,33 +193,58 @@ class BlockManager:
         for block_id in reversed(self.block_tables.pop(seq_id, [])):
             self._release(block_id)
         for cpu_block_id in self.cpu_block_tables.pop(seq_id, []):
-            self._release_cpu(cpu_block_id)
+            self.cpu_pool.release(cpu_block_id)
         self.seq_block_hashes.pop(seq_id, None)
 
     # ---- prefix cache -----------------------------------------------------------------------
-    def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
-        """Cached blocks holding a leading run of ``token_ids``. At least the last token is always
-        left to compute (its logits are needed), so a fully cached prompt still runs one token."""
+    def _block_hashes(self, token_ids: list[int], num_blocks: int) -> Iterable[int]:
+        parent = None
+        for index in range(num_blocks):
+            parent = hash_block_tokens(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
+            yield parent
+
+    def find_cached_prefix(self, token_ids: list[int]) -> list[int | CpuHit]:
+        """Cached blocks holding a leading run of ``token_ids``: device block ids, or ``CpuHit``
+        for blocks the CPU tier holds. At least the last token is always left to compute (its
+        logits are needed), so a fully cached prompt still runs one token."""
         if not self.prefix_cache.enabled:
             return []
-        max_blocks = (len(token_ids) - 1) // self.block_size
-        hits, parent = [], None
-        for index in range(max_blocks):
-            parent = hash_block_tokens(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
-            block_id = self.prefix_cache.lookup(parent)
-            if block_id is None:
+        hits: list[int | CpuHit] = []
+        for block_hash in self._block_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+            block_id = self.prefix_cache.lookup(block_hash)
+            if block_id is not None:
+                hits.append(block_id)
+                continue
+            cpu_block_id = self.cpu_pool.lookup(block_hash)
+            if cpu_block_id is None:
                 break
-            hits.append(block_id)
+            hits.append(CpuHit(cpu_block_id))
         return hits
 
-    def _take_cached_prefix(self, seq_id: int, hit_block_ids: list[int]) -> None:
-        """Start the (empty) table of ``seq_id`` with the hit blocks, shared."""
-        for block_id in hit_block_ids:
-            if self.ref_counts[block_id] == 0:
-                self.prefix_cache.unpark(block_id)
-            self.ref_counts[block_id] += 1
-        self.block_tables[seq_id] = list(hit_block_ids)
-        self.seq_block_hashes[seq_id] = [self.prefix_cache.hash_of(b) for b in hit_block_ids]
+    def _take_cached_prefix(self, seq_id: int, hits: list[int | CpuHit]) -> None:
+        """Start the (empty) table of ``seq_id`` with the hit blocks, shared; CPU-tier hits get a
+        device block each and a load in the plan."""
+        # CPU-tier hits leave the tier first, so taking device blocks below (which may offload
+        # evicted blocks into the tier) cannot hand their CPU blocks out before the loads run.
+        hashes = {hit: self.cpu_pool.take_hit(hit.cpu_block_id) for hit in hits if isinstance(hit, CpuHit)}
+        for hit in hits:
+            if not isinstance(hit, CpuHit):
+                if self.ref_counts[hit] == 0:
+                    self.prefix_cache.unpark(hit)
+                self.ref_counts[hit] += 1
+        table = []
+        for hit in hits:
+            if isinstance(hit, CpuHit):
+                block_id = self._take_block()
+                self.prefix_cache.register(hashes[hit], block_id)
+                self._loads.append((hit.cpu_block_id, block_id))
+                self.cpu_hit_tokens += self.block_size
+                table.append(block_id)
+            else:
+                table.append(hit)
+        self._count_pin_hits(table)
+        self.block_tables[seq_id] = table
+        self.seq_block_hashes[seq_id] = [self.prefix_cache.hash_of(b) for b in table]
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed_tokens: int) -> None:
         """Register the sequence's full, computed blocks in the prefix cache."""
@@ -183,14 +257,80 @@ class BlockManager:
         for index in range(len(hashes), num_full):
             parent = hash_block_tokens(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
             self.prefix_cache.register(parent, table[index])
+            if self.prefix_cache.lookup(parent) == table[index]:
+                self.cpu_pool.drop(parent)  # computed again on the device: that copy wins
             hashes.append(parent)
 
-    # ---- swap -------------------------------------------------------------------------------
-    def _release_cpu(self, cpu_block_id: int) -> None:
-        self.cpu_ref_counts[cpu_block_id] -= 1
-        if self.cpu_ref_counts[cpu_block_id] == 0:
-            self.free_cpu_block_ids.append(cpu_block_id)
+    # ---- pinned prefixes ----------------------------------------------------------------------
+    def num_pinned_blocks_with(self, token_ids: list[int]) -> int:
+        """Pinned blocks there would be if the full blocks of ``token_ids`` were pinned too
+        (those already pinned by another prefix count once)."""
+        pinned = self._pinned_block_set()
+        num_full = len(token_ids) // self.block_size
+        shared = 0
+        for block_hash in self._block_hashes(token_ids, num_full):
+            if self.prefix_cache.lookup(block_hash) not in pinned:
+                break
+            shared += 1
+        return len(pinned) + num_full - shared
 
+    def pin_prefix(self, key: Hashable, token_ids: list[int]) -> int:
+        """Pin the device blocks that cache the full blocks of ``token_ids`` (from the first, up
+        to the first block not cached on the device) under ``key``: eviction never takes them
+        until ``unpin_prefix(key)``. Returns the number of tokens pinned; pinning a key again
+        changes nothing."""
+        if key in self.pins:
+            return len(self.pins[key]) * self.block_size
+        blocks = []
+        for block_hash in self._block_hashes(token_ids, len(token_ids) // self.block_size):
+            block_id = self.prefix_cache.lookup(block_hash)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        for block_id in blocks:
+            if self.ref_counts[block_id] == 0:
+                self.prefix_cache.unpark(block_id)
+            self.ref_counts[block_id] += 1
+        self.pins[key] = blocks
+        self.pin_hit_tokens[key] = 0
+        return len(blocks) * self.block_size
+
+    def unpin_prefix(self, key: Hashable) -> int:
+        """Let go of the pinned prefix ``key``: its blocks become evictable once nobody else
+        holds them. Returns the number of tokens unpinned."""
+        blocks = self.pins.pop(key)
+        del self.pin_hit_tokens[key]
+        for block_id in reversed(blocks):  # tail first: the head stays cached longest
+            self._release(block_id)
+        return len(blocks) * self.block_size
+
+    def _count_pin_hits(self, table: list[int]) -> None:
+        if self.pins:
+            held = set(table)
+            for key, blocks in self.pins.items():
+                self.pin_hit_tokens[key] += sum(1 for b in blocks if b in held) * self.block_size
+
+    # ---- the plan ---------------------------------------------------------------------------
+    def take_prefix_moves(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The CPU-tier moves decided since the last call, for the plan being built: offloads as
+        (device, cpu) pairs and loads as (cpu, device) pairs. Call once per plan (an offload
+        superseded later in the same plan is dropped only until then)."""
+        loads, self._loads = self._loads, []
+        return self.cpu_pool.take_offloads(), loads
+
+    def end_plan(self) -> None:
+        """The last plan ran (or was dropped): the CPU blocks it read are free again."""
+        self.cpu_pool.end_plan()
+
+    def drop_prefix_moves(self, offloads: list[tuple[int, int]], loads: list[tuple[int, int]]) -> None:
+        """A plan failed, so its moves may not have run: forget the names of the blocks they
+        were to fill (the CPU copies of ``offloads``, the device blocks of ``loads``)."""
+        self.cpu_pool.forget_offloads(offloads)
+        for _, block_id in loads:
+            self.prefix_cache.forget(block_id)  # its holders are in the failed plan and end too
+        self.end_plan()
+
+    # ---- swap -------------------------------------------------------------------------------
     @staticmethod
     def _distinct(tables: Iterable[list[int]]) -> set[int]:
         return {block_id for table in tables for block_id in table}
@@ -206,9 +346,10 @@ class BlockManager:
             cpu_table = []
             for block_id in self.block_tables.pop(seq_id):
                 if block_id not in mapping:
-                    mapping[block_id] = self.free_cpu_block_ids.popleft()
+                    mapping[block_id] = self.cpu_pool.take()
+                else:
+                    self.cpu_pool.hold(mapping[block_id])
                 cpu_block_id = mapping[block_id]
-                self.cpu_ref_counts[cpu_block_id] += 1
                 cpu_table.append(cpu_block_id)
                 self._release(block_id)
             self.cpu_block_tables[seq_id] = cpu_table
@@ -235,7 +376,7 @@ class BlockManager:
                 else:
                     self.ref_counts[mapping[cpu_block_id]] += 1
                 table.append(mapping[cpu_block_id])
-                self._release_cpu(cpu_block_id)
+                self.cpu_pool.release(cpu_block_id, read_by_plan=True)
             self.block_tables[seq_id] = table
             # The fresh device blocks carry no hashes; register them again from scratch.
             self.seq_block_hashes[seq_id] = []
@@ -252,8 +393,9 @@ class BlockManager:
 
     def check_invariants(self) -> None:
         """Assert the invariants in the module docstring (used by tests)."""
-        counts = self._count_references(self.block_tables.values(), self.num_blocks)
-        assert counts == self.ref_counts, "ref counts differ from block-table references"
+        counts = self._count_references(list(self.block_tables.values()) + list(self.pins.values()),
+                                        self.num_blocks)
+        assert counts == self.ref_counts, "ref counts differ from block-table and pin references"
         free = set(self.free_block_ids)
         evictable = set(self.prefix_cache.evictable_block_ids())
         assert len(free) == len(self.free_block_ids), "a block is on the free list twice"
@@ -263,10 +405,12 @@ class BlockManager:
             assert unused == (self.ref_counts[block_id] == 0), f"block {block_id} both free and used, or lost"
         for block_id in free:
             assert self.prefix_cache.hash_of(block_id) is None, "a free-list block still carries a hash"
+        for block_id in self._pinned_block_set():
+            assert self.prefix_cache.hash_of(block_id) is not None, f"pinned block {block_id} has no hash"
+        assert set(self.pin_hit_tokens) == set(self.pins)
         self.prefix_cache.check_invariants()
+
         cpu_counts = self._count_references(self.cpu_block_tables.values(), self.num_cpu_blocks)
-        assert cpu_counts == self.cpu_ref_counts, "cpu ref counts differ from cpu block tables"
-        cpu_free = set(self.free_cpu_block_ids)
-        assert len(cpu_free) == len(self.free_cpu_block_ids)
-        for block_id in range(self.num_cpu_blocks):
-            assert (block_id in cpu_free) == (self.cpu_ref_counts[block_id] == 0), f"cpu block {block_id}"
+        self.cpu_pool.check_invariants(cpu_counts, self.prefix_cache)
+        for cpu_block_id, block_id in self._loads:
+            assert cpu_block_id in self.cpu_pool.read_ids and self.ref_counts[block_id] > 0, "a load without its blocks"

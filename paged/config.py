@@ -20,10 +20,15 @@ class EngineConfig:
     Pool sizing: give ``num_kv_blocks`` or ``kv_cache_memory_bytes`` (not both); with neither, the
     pool takes 1 GiB (``paged.engine.DEFAULT_KV_CACHE_BYTES``). ``swap_space_bytes`` sizes the
     CPU pool that preemption by swap moves blocks to (0 disables swapping: recompute only).
+    ``cpu_prefix_cache_bytes`` adds a CPU tier to the prefix cache: cached blocks evicted from the
+    device pool are copied there and brought back on a hit (0: off; see docs/sharing.md).
+    ``block_size="auto"`` picks the block size at start-up from the length profile at
+    ``block_size_profile`` (saved by ``LLMEngine.save_length_profile``, or a bench workload file);
+    without one it is 16.
     """
 
     model: str
-    block_size: int = 16
+    block_size: int | Literal["auto"] = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
     swap_space_bytes: int = 256 * 1024 * 1024
@@ -52,6 +57,8 @@ class EngineConfig:
     # "onednn" (weights prepacked once), "torch" (F.linear) or None: chosen per host by a short
     # measured probe at load.
     linear_backend: str | None = None
+    cpu_prefix_cache_bytes: int = 0
+    block_size_profile: str | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -63,9 +70,14 @@ class EngineConfig:
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
             raise ValueError(f"model must be a checkpoint directory path, got {self.model!r}")
         self.model = str(self.model)
-        positive_int("block_size", self.block_size)
-        if self.block_size > 256:
-            raise ValueError(f"block_size must be <= 256, got {self.block_size}")
+        if self.block_size != "auto":
+            if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
+                    or not 0 < self.block_size <= 256:
+                raise ValueError(f"block_size must be an integer in [1, 256] or 'auto', got {self.block_size!r}")
+        if self.block_size_profile is not None:
+            if not isinstance(self.block_size_profile, (str, os.PathLike)) or not str(self.block_size_profile):
+                raise ValueError(f"block_size_profile must be a file path or None, got {self.block_size_profile!r}")
+            self.block_size_profile = str(self.block_size_profile)
         positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
         if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
@@ -73,6 +85,9 @@ class EngineConfig:
         if isinstance(self.swap_space_bytes, bool) or not isinstance(self.swap_space_bytes, int) \
                 or self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes must be an integer >= 0, got {self.swap_space_bytes!r}")
+        if isinstance(self.cpu_prefix_cache_bytes, bool) or not isinstance(self.cpu_prefix_cache_bytes, int) \
+                or self.cpu_prefix_cache_bytes < 0:
+            raise ValueError(f"cpu_prefix_cache_bytes must be an integer >= 0, got {self.cpu_prefix_cache_bytes!r}")
         positive_int("max_num_seqs", self.max_num_seqs)
         positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         positive_int("max_model_len", self.max_model_len, allow_none=True)
@@ -110,6 +125,8 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cpu_prefix_cache_bytes and not self.enable_prefix_caching:
+            raise ValueError("cpu_prefix_cache_bytes > 0 needs enable_prefix_caching=True")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
 

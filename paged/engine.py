@@ -16,6 +16,7 @@ ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from paged import decoding
+from paged import block_size_profile, decoding
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
 from paged.decoding import Decoder
@@ -39,6 +40,7 @@ from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
 from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
 from paged.sequence import Sequence, SequenceGroup, SequenceStatus
+from paged.shared_prefixes import SharedPrefixes, is_prefix_request
 from paged.step_timer import StepTimer
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
+        self.block_size_choice: block_size_profile.BlockSizeChoice | None = None
+        if config.block_size == "auto":
+            self.block_size_choice = block_size_profile.choose_at_start(config.block_size_profile,
+                                                                        self._measure_attention_cost)
+            self.config = config = dataclasses.replace(config, block_size=self.block_size_choice.block_size)
+            logger.info("block_size auto: %d (%s)", config.block_size, self.block_size_choice.reason)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.vocab_size = args.vocab_size
         limit = args.max_position_embeddings
@@ -83,9 +91,14 @@ class LLMEngine:
             if num_blocks < 1:
                 raise ValueError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds no block "
                                  f"of {block_bytes} bytes")
-        num_cpu_blocks = config.swap_space_bytes // block_bytes
+        num_cpu_prefix_blocks = config.cpu_prefix_cache_bytes // block_bytes
+        if config.cpu_prefix_cache_bytes and not num_cpu_prefix_blocks:
+            raise ValueError(f"cpu_prefix_cache_bytes {config.cpu_prefix_cache_bytes} holds no block of "
+                             f"{block_bytes} bytes")
+        # one CPU pool for swap and the CPU prefix tier; the tier never takes more than its share
+        num_cpu_blocks = config.swap_space_bytes // block_bytes + num_cpu_prefix_blocks
         self.block_manager = BlockManager(num_blocks, num_cpu_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, num_cpu_prefix_blocks)
         num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
                                         + args.num_heads * args.head_dim * args.hidden_size
                                         + 3 * args.hidden_size * args.intermediate_size)
@@ -124,6 +137,11 @@ class LLMEngine:
         self.closed = True
         if self.config.tensor_parallel_size > 1:
             self.runner.shutdown()
+        self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
+        self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
+        self.prefixes = SharedPrefixes()
+        self.length_profile = block_size_profile.LengthProfile()
+        self._attention_cost_s: dict[int, float] | None = None
 
     # ---- requests -----------------------------------------------------------------------------
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -158,9 +176,11 @@ class LLMEngine:
                                                         f"vocabulary [0, {self.vocab_size})")
         bm = self.block_manager
         needed = bm.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
-        if needed > bm.num_blocks:
+        available = bm.num_blocks - bm.num_pinned_blocks
+        if needed > available:
+            pinned = f", {bm.num_pinned_blocks} of them pinned by shared prefixes" if bm.num_pinned_blocks else ""
             raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
-                                                    f"has {bm.num_blocks} (short by {needed - bm.num_blocks})")
+                                                    f"has {bm.num_blocks}{pinned} (short by {needed - available})")
 
     def validate_request(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         """Everything ``add_request`` checks about the request itself, without queueing it:
@@ -281,6 +301,7 @@ class LLMEngine:
         if self.first_fault is None:
             self.first_fault = cause
         logger.exception("a step failed; failing its %d sequence(s)", len(plan.scheduled))
+        self.block_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)
         groups = {id(item.seq.group): item.seq.group for item in plan.scheduled}
         groups.update((id(g), g) for g in plan.swapped_out)
         error = RequestFailedError(f"the engine failed while running this request ({type(exc).__name__})", 500)
@@ -324,10 +345,15 @@ class LLMEngine:
         """A fresh, empty block manager of the same shape (no holder is left: only waiting
         sequences, which hold no blocks, survive a lost group); prefix statistics carry over."""
         old = self.block_manager
-        fresh = BlockManager(old.num_blocks, old.num_cpu_blocks, old.block_size, old.prefix_cache.enabled)
+        fresh = BlockManager(old.num_blocks, old.num_cpu_blocks, old.block_size, old.prefix_cache.enabled,
+                             old.cpu_pool.num_prefix_blocks)
         fresh.prefix_cache.queried_tokens = old.prefix_cache.queried_tokens
         fresh.prefix_cache.hit_tokens = old.prefix_cache.hit_tokens
         self.block_manager = self.scheduler.block_manager = fresh
+        if self.prefixes.texts:  # their pinned KV went with the ranks
+            logger.warning("%d shared prefix(es) lost their KV with the tensor-parallel group; register them "
+                           "again", len(self.prefixes.texts))
+            self.prefixes = SharedPrefixes()
 
     def _check_worker_group(self, touched: dict[str, SequenceGroup]) -> bool:
         """Whether the tensor-parallel group can run this step. A group that died between steps
@@ -387,6 +413,8 @@ class LLMEngine:
         if finished:
             group.metrics.finished_time = time.time()
             self.requests.pop(group.request_id, None)
+            if all(seq.finish_reason in ("stop", "length") for seq in seqs) and not is_prefix_request(group.request_id):
+                self.length_profile.record(len(group.prompt_token_ids), max(s.num_output_tokens for s in seqs))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
                              metrics=group.metrics, num_cached_tokens=group.num_cached_tokens,
@@ -403,6 +431,9 @@ class LLMEngine:
         waste = sum(bm.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in self.scheduler.running)
         self._utilization_sum += max(0, allocated - waste) / allocated
         self._utilization_steps += 1
+        held, unshared = bm.sharing_counts()
+        self._held_blocks_sum += held
+        self._unshared_blocks_sum += unshared
 
     def kv_stats(self) -> dict:
         bm = self.block_manager
@@ -423,6 +454,12 @@ class LLMEngine:
             "prefix_queries": bm.prefix_cache.queried_tokens,
             "prefix_hits": bm.prefix_cache.hit_tokens,
             "prefix_hit_rate": bm.prefix_cache.hit_rate,
+            # tokens brought back from the CPU tier instead of recomputed (re-admissions included)
+            "cpu_prefix_hits": bm.cpu_hit_tokens,
+            "cpu_prefix_blocks": bm.cpu_pool.num_prefix_blocks,
+            "cpu_prefix_cached_blocks": bm.cpu_pool.num_cached,
+            "pinned_blocks": bm.num_pinned_blocks,
+            "num_shared_prefixes": len(bm.pins),
             "num_running": len(scheduler.running),
             "num_waiting": len(scheduler.waiting),
             "num_swapped": sum(len(g.seqs_with_status(SequenceStatus.SWAPPED)) for g in scheduler.swapped),
@@ -437,12 +474,61 @@ class LLMEngine:
             # The sum and count behind the mean, so a caller can take the mean over any window.
             "kv_utilization_sum": self._utilization_sum,
             "kv_utilization_steps": self._utilization_steps,
+            # blocks saved by sharing (prompts of parallel samples, beams, cached prefixes): blocks
+            # the sequences held vs would hold unshared, summed over the same steps
+            "sharing_held_blocks_sum": self._held_blocks_sum,
+            "sharing_unshared_blocks_sum": self._unshared_blocks_sum,
+            "blocks_saved_by_sharing": (1 - self._held_blocks_sum / self._unshared_blocks_sum
+                                        if self._unshared_blocks_sum else 0.0),
+            "recommended_block_size": self.block_size_report()["block_size"],
         }
 
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
         tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids."""
         return self.runner.performance_info()
+
+    # ---- shared prefixes and the block size ------------------------------------------------
+    def register_prefix(self, prompt: str | list[int]) -> int:
+        """Compute ``prompt`` once and pin its full blocks (see ``paged/shared_prefixes.py``);
+        returns the number of tokens pinned. Only while no request is unfinished."""
+        text, token_ids = self._tokenize(prompt)
+        return self.prefixes.register(self, text, token_ids)
+
+    def unregister_prefix(self, prompt: str | list[int]) -> int:
+        """Unpin a registered prefix; its blocks become evictable. Returns the tokens unpinned."""
+        return self.prefixes.unregister(self, self._tokenize(prompt)[1])
+
+    def shared_prefixes(self) -> list[dict]:
+        return self.prefixes.describe(self)
+
+    def _measure_attention_cost(self, lengths: list[int], block_sizes) -> dict[int, float]:
+        args = self.model_args
+        return block_size_profile.measure_attention_cost(
+            lengths, block_sizes, args.num_heads, args.num_kv_heads, args.head_dim, DTYPES[self.config.dtype],
+            self.config.device, self.config.attention_backend)
+
+    def block_size_report(self) -> dict:
+        """The block size the finished requests so far recommend (None until there are
+        ``MIN_REQUESTS``), with each candidate's KV utilization and measured attention cost (measured
+        once, at the first call with enough requests); and what ``block_size: auto`` chose."""
+        profile = self.length_profile
+        report = {"block_size": None, "in_use": self.block_manager.block_size,
+                  "auto_choice": self.block_size_choice.to_dict() if self.block_size_choice else None}
+        if len(profile) < block_size_profile.MIN_REQUESTS:
+            report["reason"] = (f"needs {block_size_profile.MIN_REQUESTS} finished requests, "
+                                f"has {len(profile)}")
+            return report
+        if self._attention_cost_s is None:
+            self._attention_cost_s = self._measure_attention_cost(profile.decode_lengths(), profile.candidates)
+        choice = block_size_profile.recommend(profile, lambda *_: self._attention_cost_s)
+        report.update(choice.to_dict())
+        return report
+
+    def save_length_profile(self, path: str) -> None:
+        """Write the finished requests' lengths (and the measured attention costs, if any) where
+        ``block_size: "auto"`` with ``block_size_profile=path`` reads them at the next start."""
+        self.length_profile.save(path, self._attention_cost_s)
 
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""

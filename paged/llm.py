@@ -76,3 +76,18 @@ class LLM:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def register_prefix(self, prompt: str | list[int]) -> int:
+        """Compute a shared prefix (a system prompt, few-shot examples) once and pin its full blocks:
+        eviction never takes them, so requests starting with it compute only their own tokens.
+        Returns the number of tokens pinned. ValueError if it would leave no room for one request
+        of ``max_model_len`` tokens."""
+        return self.engine.register_prefix(prompt)
+
+    def unregister_prefix(self, prompt: str | list[int]) -> int:
+        """Unpin a registered prefix (its blocks become evictable); returns the tokens unpinned."""
+        return self.engine.unregister_prefix(prompt)
+
+    def save_length_profile(self, path: str) -> None:
+        """Save the finished requests' lengths for ``block_size="auto"`` (``block_size_profile=path``)."""
+        self.engine.save_length_profile(path)

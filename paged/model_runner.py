@@ -34,6 +34,8 @@ class ModelInput:
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    prefix_offload: list[tuple[int, int]] = field(default_factory=list)
+    prefix_load: list[tuple[int, int]] = field(default_factory=list)
 
 
 def build_model_input(plan: SchedulerOutput, block_size: int) -> ModelInput:
@@ -67,7 +69,7 @@ def build_model_input(plan: SchedulerOutput, block_size: int) -> ModelInput:
         width = min(len(table), max_blocks)
         tables[row, :width] = table if width == len(table) else table[:width]
     return ModelInput(input_ids, positions, slot_mapping, seq_lens, query_start_loc, tables, logits_indices,
-                      plan.swap_out, plan.swap_in, plan.copies)
+                      plan.swap_out, plan.swap_in, plan.copies, plan.prefix_offload, plan.prefix_load)
 
 
 class KVCache:
@@ -92,10 +94,14 @@ class KVCache:
         dst[:, :, dst_ids] = src[:, :, src_ids].to(dst.device)
 
     def apply(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]],
-              copies: list[tuple[int, int]]) -> None:
-        """Block moves of a plan, in the order the plan requires."""
+              copies: list[tuple[int, int]], prefix_offload: list[tuple[int, int]] = (),
+              prefix_load: list[tuple[int, int]] = ()) -> None:
+        """Block moves of a plan, in the order the plan requires (see ``SchedulerOutput``):
+        everything that reads a device block before anything that writes one."""
         self._copy(self.cpu_cache, self.device_cache, swap_out)
+        self._copy(self.cpu_cache, self.device_cache, prefix_offload)
         self._copy(self.device_cache, self.cpu_cache, swap_in)
+        self._copy(self.device_cache, self.cpu_cache, prefix_load)
         self._copy(self.device_cache, self.device_cache, copies)
 
 
@@ -144,7 +150,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model_input(self, inp: ModelInput) -> torch.Tensor:
         with self.timer.phase("prepare"):
-            self.kv_cache.apply(inp.swap_out, inp.swap_in, inp.copies)
+            self.kv_cache.apply(inp.swap_out, inp.swap_in, inp.copies, inp.prefix_offload, inp.prefix_load)
             dev = self.device
             input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
             positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)

@@ -4,6 +4,9 @@ A full block is named by the hash of (hash of the previous block, its tokens), s
 mean equal whole prefixes. A cached block whose last holder lets go is parked in the LRU rather
 than freed: a later prompt with the same prefix takes it back for free, and an allocation that
 finds no never-used block evicts the least recently parked one.
+
+The same class serves the CPU tier (``BlockManager``'s copy of evicted device blocks): there every
+cached block is parked, since nobody holds a CPU-tier block; a hit moves it back to the device.
 """
 from __future__ import annotations
 
@@ -53,13 +56,32 @@ class PrefixCache:
     def unpark(self, block_id: int) -> None:
         del self._evictable[block_id]
 
+    @property
+    def num_cached(self) -> int:
+        """Blocks that carry a hash (held or parked)."""
+        return len(self._hash_of_block)
+
     def evict_lru(self) -> int | None:
         """Forget the least recently parked block and hand it out, or None if none is parked."""
+        entry = self.pop_lru()
+        return None if entry is None else entry[0]
+
+    def pop_lru(self) -> tuple[int, int] | None:
+        """Like ``evict_lru``, and also say which hash the block held: (block id, hash)."""
         if not self._evictable:
             return None
         block_id, _ = self._evictable.popitem(last=False)
-        del self._block_of_hash[self._hash_of_block.pop(block_id)]
-        return block_id
+        block_hash = self._hash_of_block.pop(block_id)
+        del self._block_of_hash[block_hash]
+        return block_id, block_hash
+
+    def forget(self, block_id: int) -> int | None:
+        """Drop the block's name (and its place in the LRU if parked); returns the hash it had."""
+        block_hash = self._hash_of_block.pop(block_id, None)
+        if block_hash is not None:
+            del self._block_of_hash[block_hash]
+            self._evictable.pop(block_id, None)
+        return block_hash
 
     def record_query(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         self.queried_tokens += num_queried_tokens

@@ -48,15 +48,19 @@ class SchedulerOutput:
 
     ``scheduled[i]`` runs its next ``num_new_tokens`` tokens with block table ``block_tables[i]``
     (final for this step). Before the forward, the runner applies ``swap_out`` (device -> CPU
-    block), then ``swap_in`` (CPU -> device block), then ``copies`` (copy-on-write, device ->
-    device). Blocks freed by a swap-out may be handed out again in the same plan, which is why
-    swap-outs run first.
+    block), then ``prefix_offload`` (device -> CPU: cached blocks evicted into the CPU tier), then
+    ``swap_in`` (CPU -> device block), then ``prefix_load`` (CPU -> device: CPU-tier hits), then
+    ``copies`` (copy-on-write, device -> device). Device blocks freed or evicted while planning
+    may be handed out again in the same plan, which is why everything that reads the device runs
+    before anything that writes it (the block manager keeps CPU blocks a plan reads until it ran).
     """
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)
+    prefix_offload: list[tuple[int, int]] = field(default_factory=list)
+    prefix_load: list[tuple[int, int]] = field(default_factory=list)
     swapped_out: list[SequenceGroup] = field(default_factory=list)  # preempted by swap in this plan
 
     @property
@@ -146,6 +150,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         bm = self.block_manager
+        bm.end_plan()  # normally done in update_from_output; here too after a failed step
         budget = self.config.max_num_batched_tokens
         preempted = False
         scheduled_groups: set[int] = set()
@@ -220,6 +225,7 @@ class Scheduler:
             self.running.append(seq)
             num_seqs += will_run
             add_to_plan(seq, num_new)
+        out.prefix_offload, out.prefix_load = bm.take_prefix_moves()
         return out
 
     # ---- the outcome --------------------------------------------------------------------------
@@ -229,6 +235,7 @@ class Scheduler:
         ends by token (end token, max_tokens, max_model_len). Returns the sequences that got a
         token, in decision order. Failed requests (``decisions.failed``) are left to the caller."""
         bm = self.block_manager
+        bm.end_plan()
         for item in plan.scheduled:
             seq = item.seq
             before = seq.num_computed_tokens

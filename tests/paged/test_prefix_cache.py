@@ -273,3 +273,24 @@ def test_hit_rate_over_random_queries_matches_the_sums():
         queried, hits = queried + q, hits + h
     assert cache.hit_rate == pytest.approx(hits / queried)
     assert 0.0 <= cache.hit_rate < 1.0
+
+
+def test_pop_lru_says_which_hash_the_evicted_block_held():
+    cache = PrefixCache()
+    h = hash_block_tokens(None, [4, 5])
+    cache.register(h, 3)
+    cache.park(3)
+    assert cache.pop_lru() == (3, h)
+    assert cache.pop_lru() is None and cache.num_cached == 0
+
+
+def test_forget_drops_a_name_held_or_parked():
+    cache = PrefixCache()
+    held, parked = hash_block_tokens(None, [1]), hash_block_tokens(None, [2])
+    cache.register(held, 1)
+    cache.register(parked, 2)
+    cache.park(2)
+    assert cache.forget(1) == held and cache.forget(2) == parked
+    assert cache.num_evictable == 0 and cache.lookup(held) is None and cache.lookup(parked) is None
+    assert cache.forget(1) is None, "forgetting an unnamed block is a no-op"
+    cache.check_invariants()
