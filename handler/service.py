@@ -303,9 +303,13 @@ class LLMService:
         except Exception as exc:  # noqa: BLE001
             info["kv_stats"] = eng.stats_snapshot()
             info["kv_stats_error"] = repr(exc)
-        try:  # fast paths chosen at load; with tensor parallel, the ranks and their pids
-            info["performance"] = await asyncio.wait_for(
-                asyncio.wrap_future(eng.call(lambda e: e.performance_info())), 10)
-        except Exception as exc:  # noqa: BLE001
-            info["performance_error"] = repr(exc)
+        # fast paths chosen at load (with tensor parallel: the ranks and their pids), pinned
+        # shared prefixes with their hits, and the block size the traffic so far recommends
+        for key, read in (("performance", lambda e: e.performance_info()),
+                          ("shared_prefixes", lambda e: e.shared_prefixes()),
+                          ("block_size", lambda e: e.block_size_report())):
+            try:
+                info[key] = await asyncio.wait_for(asyncio.wrap_future(eng.call(read)), 10)
+            except Exception as exc:  # noqa: BLE001
+                info[f"{key}_error"] = repr(exc)
         return info

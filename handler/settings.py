@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from paged.config import EngineConfig
+from paged.shared_prefixes import load_prefix_entries
 
 # TorchServe's own default max_request_size / max_response_size (bytes).
 TORCHSERVE_DEFAULT_MESSAGE_SIZE = 6_553_500
@@ -21,6 +22,9 @@ HANDLER_DEFAULTS = {
     "engine_restarts_per_hour": 3,
     "metrics_interval_s": 1.0,
     "load_timeout_s": 1800,
+    # Prefixes computed once at load and pinned in the KV pool (docs/sharing.md): each entry is
+    # inline text, {text: ...} or {file: path inside the archive}.
+    "shared_prefixes": None,
 }
 ALIASES = {"request_timeout": "request_timeout_s"}
 _POSITIVE_INTS = ("max_request_bytes", "max_response_bytes", "tokenizer_threads", "max_pending_tokenizations")
@@ -49,6 +53,11 @@ def parse_handler_config(section: dict | None, model_dir: str) -> tuple[EngineCo
     if not os.path.isabs(model):
         model = os.path.join(model_dir, model)
     section["model"] = model
+    profile = section.get("block_size_profile")
+    if isinstance(profile, str) and not os.path.isabs(profile):
+        section["block_size_profile"] = os.path.join(model_dir, profile)
+    if settings["shared_prefixes"] is not None:
+        load_prefix_entries(settings["shared_prefixes"], model_dir)  # a bad entry fails the load now
     if section.get("request_timeout_s") is None:
         section.pop("request_timeout_s", None)
     return EngineConfig.from_dict(section), settings

@@ -29,6 +29,7 @@ import uuid
 from typing import Any
 
 from paged.async_engine import AsyncLLMEngine
+from paged.shared_prefixes import engine_factory_with_prefixes
 
 from handler.errors import INTERNAL_ERROR, RequestError, phrase
 from handler.lifecycle import ParentWatchdog, exit_when_drained
@@ -170,7 +171,10 @@ class TorchServeHandler:
         self.settings = settings
         model_name = context.model_name or "llm"
         logger.info("loading paged engine: %s", json.dumps(config.to_dict()))
-        engine = AsyncLLMEngine(config, engine_factory=self.engine_factory, on_dead=self._engine_died,
+        factory = self.engine_factory
+        if settings["shared_prefixes"]:
+            factory = engine_factory_with_prefixes(settings["shared_prefixes"], model_dir, factory)
+        engine = AsyncLLMEngine(config, engine_factory=factory, on_dead=self._engine_died,
                                 restart_budget=(settings["engine_restarts_per_hour"], 3600.0))
         try:
             engine.start(timeout=settings["load_timeout_s"])

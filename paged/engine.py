@@ -122,6 +122,11 @@ class LLMEngine:
         self._utilization_steps = 0
         self._restart_ranks = False
         self.closed = False
+        self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
+        self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
+        self.prefixes = SharedPrefixes()
+        self.length_profile = block_size_profile.LengthProfile()
+        self._attention_cost_s: dict[int, float] | None = None
 
     def _make_runner(self, num_blocks: int, num_cpu_blocks: int):
         """The model in this process, or the tensor-parallel ranks behind the same contract."""
@@ -137,11 +142,6 @@ class LLMEngine:
         self.closed = True
         if self.config.tensor_parallel_size > 1:
             self.runner.shutdown()
-        self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
-        self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
-        self.prefixes = SharedPrefixes()
-        self.length_profile = block_size_profile.LengthProfile()
-        self._attention_cost_s: dict[int, float] | None = None
 
     # ---- requests -----------------------------------------------------------------------------
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -18,6 +18,7 @@ the model directory (a file inside the archive).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from paged.errors import InvalidRequestError
@@ -123,6 +124,22 @@ def load_prefix_entries(entries: Any, model_dir: str) -> list[str]:
             raise ValueError(f"{where}: {entry['file']!r} is empty")
         texts.append(text)
     return texts
+
+
+def engine_factory_with_prefixes(entries: Any, model_dir: str,
+                                 base_factory: Callable[[Any], "LLMEngine"] | None = None):
+    """An engine factory (for ``AsyncLLMEngine``) that registers the ``shared_prefixes:`` list on
+    every engine it builds, so an engine rebuilt after a fault has its prefixes again."""
+    def build(config):
+        if base_factory is None:
+            from paged.engine import LLMEngine  # on the engine thread, like every torch import
+
+            engine = LLMEngine(config)
+        else:
+            engine = base_factory(config)
+        register_from_config(engine, entries, model_dir)
+        return engine
+    return build
 
 
 def register_from_config(engine: "LLMEngine", entries: Any, model_dir: str) -> list[dict[str, Any]]:
