@@ -309,17 +309,21 @@ class TensorParallelExecutor:
         if self._failure is not None:
             raise self._failure
         by_fd = {info.conn.fileno(): info for info in self.ranks}
-        readable, _, _ = select.select(list(by_fd), [], [], 0)
         try:
-            for fd in readable:
-                info = by_fd[fd]
-                try:
-                    message = info.conn.recv()
-                except (ChannelClosed, OSError) as exc:
-                    raise WorkerGroupError(f"tensor-parallel rank {info.rank} (pid {info.pid} on {info.host}) "
-                                           f"exited between steps: {exc}", info.rank) from None
-                if not isinstance(message, Heartbeat):
-                    raise WorkerGroupError(f"rank {info.rank} sent {message!r} between steps", info.rank)
+            # Read until nothing is pending: a rank killed right after a late heartbeat shows its
+            # end of stream only behind that heartbeat.
+            readable, _, _ = select.select(list(by_fd), [], [], 0)
+            while readable:
+                for fd in readable:
+                    info = by_fd[fd]
+                    try:
+                        message = info.conn.recv()
+                    except (ChannelClosed, OSError) as exc:
+                        raise WorkerGroupError(f"tensor-parallel rank {info.rank} (pid {info.pid} on "
+                                               f"{info.host}) exited between steps: {exc}", info.rank) from None
+                    if not isinstance(message, Heartbeat):
+                        raise WorkerGroupError(f"rank {info.rank} sent {message!r} between steps", info.rank)
+                readable, _, _ = select.select(readable, [], [], 0)
             self._check_agent()
         except WorkerGroupError as exc:
             raise self._fail(exc) from None

@@ -4,6 +4,7 @@ A rank lost while the engine idles is replaced before the next request runs. A g
 restart makes the engine give up (EngineDeadError) so its owner restarts it.
 """
 import os
+import select
 import signal
 import time
 
@@ -94,6 +95,12 @@ def test_rank_lost_between_steps_is_replaced_before_the_next_request_runs(engine
     faults, pids = engine.num_step_faults, rank_pids(engine)
     os.kill(pids[0], signal.SIGKILL)
     assert wait_gone(pids[:1], 20) == []
+    # A killed process shows as a zombie before its last thread has closed its sockets: wait
+    # until the engine's end of the channel can see the loss (what "between steps" means).
+    connections = [rank.conn.fileno() for rank in engine.runner.ranks]
+    deadline = time.monotonic() + 20
+    while not select.select(connections, [], [], 0.05)[0] and time.monotonic() < deadline:
+        pass
     assert generate_alone(engine, "after-idle-loss") == reference  # served, not failed
     assert engine.num_step_faults == faults + 1 and set(rank_pids(engine)).isdisjoint(pids)
 
