@@ -141,6 +141,29 @@ class Detokenizer:
         _states[seq] = (matcher, len(seq.text), state)
         return False
 
+    def catch_up(self, seq: Sequence, skip_last: bool = False) -> None:
+        """Decode every token not yet in ``seq.text`` at once: the same text ``append_token`` would
+        have built token by token (without stop strings), for requests that skip per-step
+        detokenization because nobody reads their text before they finish. ``skip_last``: the
+        last token ended the sequence as a stop token, whose text is not shown."""
+        end = len(seq.token_ids) - int(skip_last)
+        if seq.read_offset >= end:
+            return
+        ids = seq.token_ids[:end]
+        before = self._decode(ids[seq.prefix_offset:seq.read_offset])
+        after = self._decode(ids[seq.prefix_offset:])
+        if after.endswith("\ufffd"):
+            # the tokens end inside a character: token by token, that tail is never shown
+            full, seq.token_ids = seq.token_ids, ids[:seq.read_offset]
+            for token in ids[seq.read_offset:]:
+                seq.token_ids.append(token)
+                self.append_token(seq, [])
+            seq.token_ids = full
+            return
+        if len(after) > len(before):
+            seq.text += after[len(before):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, end
+
     @staticmethod
     def visible_text(seq: Sequence, stop: list[str]) -> str:
         """The text safe to show now: withholds a tail that could still begin a stop string."""

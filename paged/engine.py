@@ -282,9 +282,9 @@ class LLMEngine:
             touched[group.request_id] = group
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
-            if seq.finish_reason == "stop":
-                continue
             params = group.params
+            if seq.finish_reason == "stop" or (not group.stream and not params.stop):
+                continue  # a stop token shows no text; unread text is decoded once, at the end
             stops = params.stop if seq.num_output_tokens >= params.min_tokens and not params.use_beam_search else []
             if self.detokenizer.append_token(seq, stops):
                 if seq.is_finished:
@@ -402,6 +402,9 @@ class LLMEngine:
         elif finished and len(seqs) > params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
         report_cumulative = params.logprobs is not None or params.use_beam_search or not params.greedy
+        if not group.stream:
+            for seq in seqs[:params.n]:  # without stop strings, "stop" means a stop token ended it
+                self.detokenizer.catch_up(seq, skip_last=seq.finish_reason == "stop")
         outputs = [
             CompletionOutput(index=i, text=self.detokenizer.visible_text(seq, params.stop),
                              token_ids=seq.output_token_ids,

@@ -359,3 +359,27 @@ def test_the_automaton_of_a_stop_list_is_built_once():
     from paged.detokenizer import stop_matcher
 
     assert stop_matcher(("x", "yz")) is stop_matcher(("x", "yz"))
+
+
+# ---- decoding once, at the end --------------------------------------------------------------------
+@SETTINGS
+@given(prompt=texts, pieces=segmented, cut=st.integers(0, 3))
+def test_catching_up_at_the_end_gives_the_text_built_token_by_token(tok, prompt, pieces, cut):
+    """``catch_up`` (non-streamed requests decode once, when they finish) equals the incremental
+    text, also when the tokens end inside a multi-byte character (``cut`` bytes dropped)."""
+    ids = stream(tok, pieces)
+    ids = ids[:max(1, len(ids) - cut)]
+    incremental = new_seq(tok, prompt=prompt)
+    feed(Detokenizer(tok.hf), incremental, ids)
+    once = new_seq(tok, prompt=prompt)
+    once.token_ids.extend(ids)
+    Detokenizer(tok.hf).catch_up(once)
+    assert once.text == incremental.text and once.token_ids == incremental.token_ids
+
+
+def test_catching_up_leaves_out_a_final_stop_token(tok):
+    ids = tok.encode("def main(): return 1")
+    seq = new_seq(tok)
+    seq.token_ids.extend(ids)
+    Detokenizer(tok.hf).catch_up(seq, skip_last=True)
+    assert seq.text == tok.decode(ids[:-1])

@@ -347,3 +347,26 @@ def test_generate_checks_every_prompt_before_any_runs(llm):
     with pytest.raises(ValueError):
         llm.generate(["fine", [10**9]], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and llm.engine.num_steps == steps_before
+
+
+def stream_to_end(engine: LLMEngine, prompts, params) -> list:
+    for index, prompt in enumerate(prompts):
+        engine.add_request(f"streamed-{index}", prompt, params)
+    finished = run_to_completion(engine)
+    return [finished[f"streamed-{index}"] for index in range(len(prompts))]
+
+
+@pytest.mark.parametrize("extra", [{}, {"stop_token_ids": [13156, 14139]}],
+                         ids=["plain", "stop-tokens"])
+def test_text_decoded_once_at_the_end_equals_the_streamed_text(llm, extra):
+    """Non-streamed requests without stop strings skip per-step detokenization: their final text
+    must be what streaming built token by token (multi-byte characters, stop tokens included)."""
+    prompts = ["Héllo wörld — naïve café, 東京, emoji 🎉", "def main():", bytes(range(200, 230)).decode("latin-1")]
+    params = SamplingParams(max_tokens=40, temperature=0.0, **extra)
+    quiet = llm.generate(prompts, params, use_tqdm=False)
+    loud = stream_to_end(llm.engine, prompts, params)
+    assert [o.outputs[0].token_ids for o in quiet] == [o.outputs[0].token_ids for o in loud]
+    assert [o.outputs[0].text for o in quiet] == [o.outputs[0].text for o in loud]
+    assert "\ufffd" in quiet[1].outputs[0].text, "a lone byte token: its replacement character is shown"
+    if extra:
+        assert [o.outputs[0].finish_reason for o in quiet] == ["length", "stop", "stop"]
