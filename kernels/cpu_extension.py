@@ -1,9 +1,11 @@
-"""Builds and loads the compiled CPU kernels (kernels/csrc/paged_attention_cpu.cpp).
+"""Builds and loads the compiled CPU kernels: every source in kernels/csrc/ into one library.
 
-``load()`` returns ``torch.ops.paged_cpu`` (``paged_attention``, ``write_kv_cache``) or None when
-the kernels cannot be had; callers then keep the plain-torch path. The first call in a process
-builds (tens of seconds, once per source, compiler flags, torch version and host CPU) or loads the
-cached library (milliseconds): an engine calls it while loading, never inside a request.
+``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``write_kv_cache``, from
+paged_attention_cpu.cpp; the dense layer work: ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,
+``rotary_qkv``, from dense_cpu.cpp) or None when the kernels cannot be had; callers then keep the
+plain-torch path. The first call in a process builds (tens of seconds, once per set of sources and
+headers, compiler flags, torch version and host CPU) or loads the cached library (milliseconds):
+an engine calls it while loading, never inside a request.
 
 The library is compiled for the host CPU (``-march=native``), so the host's CPU identity is part of
 the cache key: a cache directory shared by machines with different CPUs never hands one of them
@@ -31,7 +33,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention_cpu.cpp"
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 LIBRARY_NAME = "paged_cpu"
 BUILD_TIMEOUT_S = 600
 # Tried in order; the portable set is for a compiler that rejects -march=native.
@@ -99,16 +101,29 @@ def _command(cxx: str, flags: list[str], output: Path) -> list[str]:
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     for include in include_paths():
         command += ["-isystem", include]
-    command += [str(SOURCE), "-o", str(output)]
+    command += [str(path) for path in _sources()] + ["-o", str(output)]
     for lib_dir in lib_dirs:
         command += [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"]
     return command + ["-lc10", "-ltorch_cpu"]
 
 
+def _sources() -> list[Path]:
+    """The translation units compiled into the library."""
+    return sorted(SOURCE_DIR.glob("*.cpp"))
+
+
+def _source_digest() -> bytes:
+    """Every source and header by name and content: any edit gives another cache key."""
+    digest = hashlib.sha256()
+    for path in sorted([*SOURCE_DIR.glob("*.cpp"), *SOURCE_DIR.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.digest()
+
+
 def _library_path() -> Path:
-    """The cached library for this source, torch and CPU, built first if missing."""
+    """The cached library for these sources, torch and CPU, built first if missing."""
     cxx = _compiler()
-    source = SOURCE.read_bytes()
+    source = _source_digest()
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *flags]).encode(), torch.__version__.encode(),

@@ -13,8 +13,7 @@
 // Items are handed to torch's own OpenMP threads (at::parallel_for) from a shared counter,
 // largest first, so uneven lengths still balance and torch.set_num_threads is respected.
 //
-// The inner loops use GCC/Clang vector extensions, 16 floats wide, which the compiler maps onto
-// whatever SIMD the host has (-march=native): one AVX-512 register, two AVX2 ones, four NEON ones.
+// The inner loops use the 16-float vectors of vec.h.
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -30,47 +29,18 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr int kLanes = 16;
+using namespace paged_cpu;
+
 constexpr int kTile = kLanes;    // keys per online-softmax step: one score vector per row
 constexpr int kMaxItemRows = 32; // query rows per work item when a sequence has several new tokens
-
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-// The same vector type with 4-byte alignment, for loads and stores at any float address.
-typedef float vfloat_unaligned __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-
-// Two-source shuffle with constant lane indices, in each compiler's spelling.
-#if defined(__clang__)
-#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vint{__VA_ARGS__})
-#endif
-
-inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_unaligned*>(p); }
-inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat_unaligned*>(p) = v; }
-inline vfloat splat(float x) { return vfloat{} + x; }
-
-inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
-
-inline float hmax(vfloat v) {
-  vfloat a = vmax(SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7), v);
-  vfloat b = vmax(SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3), a);
-  vfloat c = vmax(SHUFFLE(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1), b);
-  return std::max(c[0], c[1]);
-}
-
-inline float hsum(vfloat v) {
-  vfloat a = SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7) + v;
-  vfloat b = SHUFFLE(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3) + a;
-  vfloat c = SHUFFLE(b, b, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1) + b;
-  return c[0] + c[1];
-}
 
 // 2^x for x <= 0 (larger x works up to 127): 2^round(x) from the exponent bits times a degree-7
 // Taylor polynomial of 2^f on f in [-1/2, 1/2] (truncation error < 1e-8 relative). Inputs below

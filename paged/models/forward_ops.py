@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import cpu_extension
 from kernels.linear import best_of_interleaved, bucket_limits
 
 logger = logging.getLogger(__name__)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+# ---- the reference: HF's arithmetic in torch ops (also what a compiled region traces) ----------
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's LlamaRMSNorm: normalise in fp32, scale by the weight in the input dtype."""
     if x.dtype == torch.float32:  # one fused op, same arithmetic as below
         return F.rms_norm(x, weight.shape, weight, eps)
@@ -38,10 +41,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(rms_norm(residual + x), residual + x): the residual stream and the next layer's input."""
-    residual = residual + x
-    return rms_norm(residual, weight, eps), residual
+def torch_add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(residual + x), residual + x): the residual stream and the next layer's input.
+    ``x`` None (the first layer): (rms_norm(residual), residual)."""
+    if x is not None:
+        residual = residual + x
+    return torch_rms_norm(residual, weight, eps), residual
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +54,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
-               head_dim: int):
+def torch_rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int):
     """Split the fused qkv projection [tokens, (H + 2 KVH) * D] into q [tokens, H, D], k and v
     [tokens, KVH, D], with rotate-half RoPE applied to q and k (one pass over both)."""
     num_tokens = qkv.shape[0]
@@ -62,10 +67,64 @@ def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     return q, k, v.reshape(num_tokens, num_kv_heads, head_dim)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def torch_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for the fused gate_up projection [tokens, 2 * intermediate]."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ---- what the model calls: the compiled CPU kernels where they apply, else the reference ---------
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_kernels(x: torch.Tensor):
+    """``torch.ops.paged_cpu`` if its dense kernels take ``x`` (a CPU tensor of a dtype they
+    support, outside autograd) and the library is loaded, else None: the caller runs the reference.
+    The kernels compute what the reference computes and round where it rounds (see
+    kernels/csrc/dense_cpu.cpp), in one pass over memory instead of one per torch op."""
+    if x.device.type != "cpu" or x.dtype not in FUSED_DTYPES or x.requires_grad:
+        return None
+    return cpu_extension.load()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``torch_rms_norm``, by the compiled kernel where it applies."""
+    ops = fused_kernels(x)
+    if ops is None or weight.dtype != x.dtype or weight.requires_grad:
+        return torch_rms_norm(x, weight, eps)
+    return ops.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``torch_add_rms_norm`` (residual + x is a new tensor; x None: the residual as given), by the
+    compiled kernel where it applies."""
+    ops = fused_kernels(residual)
+    if ops is None or weight.dtype != residual.dtype or weight.requires_grad:
+        return torch_add_rms_norm(x, residual, weight, eps)
+    if x is None:
+        return ops.rms_norm(residual, weight, eps), residual
+    if x.dtype != residual.dtype or x.requires_grad:
+        return torch_add_rms_norm(x, residual, weight, eps)
+    return ops.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+               head_dim: int):
+    """``torch_rotary_qkv``, by the compiled kernel where it applies (then q, k and v are
+    contiguous tensors of their own, where the reference returns views)."""
+    ops = fused_kernels(qkv)
+    if ops is None or cos.dtype != qkv.dtype or sin.dtype != qkv.dtype or head_dim % 2 or qkv.dim() != 2:
+        return torch_rotary_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+    return ops.rotary_qkv(qkv, cos, sin, num_heads, num_kv_heads, head_dim)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``torch_silu_and_mul``, by the compiled kernel where it applies."""
+    ops = fused_kernels(gate_up)
+    if ops is None:
+        return torch_silu_and_mul(gate_up)
+    return ops.silu_and_mul(gate_up)
 
 
 class DenseOps:
@@ -123,7 +182,10 @@ class DensePlan:
 
 
 EAGER_PLAN = DensePlan()
-REGIONS = {"add_norm": add_rms_norm, "rotary": rotary_qkv, "silu_mul": silu_and_mul}
+# The regions torch.compile traces (torch ops, which inductor fuses), and the eager functions a
+# plan runs where the compiled one does not win.
+REGIONS = {"add_norm": torch_add_rms_norm, "rotary": torch_rotary_qkv, "silu_mul": torch_silu_and_mul}
+EAGER_REGIONS = {"add_norm": add_rms_norm, "rotary": rotary_qkv, "silu_mul": silu_and_mul}
 # Token counts the compile probe times; each covers the counts up to the geometric mean with the next.
 PROBE_TOKENS = (1, 16, 128, 1024)
 # A compiled region must beat the eager ops by this factor to be used: below it, eager keeps
@@ -193,7 +255,7 @@ def compile_dense_ops(sizes: dict, norm_weight: torch.Tensor, always: bool = Fal
     use = {name: [e > c * COMPILED_MIN_SPEEDUP + IN_MODEL_CALL_OVERHEAD_S * 1e6
                   for e, c in zip(eager_us[name], compiled_us[name])]
            + [False] * (len(PROBE_TOKENS) - len(eager_us[name])) for name in REGIONS}
-    ops = tuple(DenseOps(**{name: compiled[name] if use[name][i] else REGIONS[name] for name in REGIONS},
+    ops = tuple(DenseOps(**{name: compiled[name] if use[name][i] else EAGER_REGIONS[name] for name in REGIONS},
                          compiled=any(use[name][i] for name in REGIONS)) for i in range(len(PROBE_TOKENS)))
     status.update(active=any(o.compiled for o in ops), tokens=list(PROBE_TOKENS), eager_us=eager_us,
                   compiled_us=compiled_us,
@@ -217,7 +279,7 @@ def _probe_regions(compiled: dict, sizes: dict, norm_weight: torch.Tensor) -> tu
                 break  # the counts not reached run eagerly
             for name, fn in compiled.items():
                 args = region_inputs(name, num_tokens, sizes, norm_weight)
-                e, c = best_of_interleaved([lambda: REGIONS[name](*args), lambda: fn(*args)], PROBE_REPEATS)
+                e, c = best_of_interleaved([lambda: EAGER_REGIONS[name](*args), lambda: fn(*args)], PROBE_REPEATS)
                 eager_us[name].append(round(e * 1e6, 1))
                 compiled_us[name].append(round(c * 1e6, 1))
     return eager_us, compiled_us, round(time.perf_counter() - start, 3)
