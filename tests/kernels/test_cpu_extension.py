@@ -18,8 +18,9 @@ from paged_cases import assert_close_to_reference, make_batch, make_cache_write
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """A process that has not decided yet, with its own empty build cache."""
-    monkeypatch.delitem(cpu_extension._state, "ops", raising=False)
+    """A process that has not decided yet, with its own empty build cache. The module's state is
+    swapped for an empty one (and back afterwards), so what a test decides never leaks out."""
+    monkeypatch.setattr(cpu_extension, "_state", {})
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("PAGED_CPU_KERNELS", raising=False)
     return tmp_path
@@ -93,6 +94,22 @@ def test_another_cpu_gets_its_own_build(fresh, monkeypatch):
     on_a = cpu_extension._library_path()
     monkeypatch.setattr(cpu_extension, "_host_cpu", lambda: "cpu B")
     assert cpu_extension._library_path() != on_a
+
+
+def test_every_source_and_header_is_compiled_into_the_key(fresh, monkeypatch):
+    # A copy of kernels/csrc: editing any of its files (a header too) gives another library.
+    sources = fresh / "csrc"
+    sources.mkdir()
+    for path in cpu_extension.SOURCE_DIR.iterdir():
+        (sources / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(cpu_extension, "SOURCE_DIR", sources)
+    monkeypatch.setattr(cpu_extension, "_compile", FakeCompiler())
+    assert {p.name for p in cpu_extension._sources()} == {"dense_cpu.cpp", "paged_attention_cpu.cpp"}
+    paths = {cpu_extension._library_path()}
+    for name in ("vec.h", "dense_cpu.cpp"):
+        (sources / name).write_text((sources / name).read_text() + "\n// edited\n")
+        paths.add(cpu_extension._library_path())
+    assert len(paths) == 3
 
 
 def test_portable_flags_are_tried_when_native_ones_fail(fresh, monkeypatch):
