@@ -1,7 +1,9 @@
 """One model step (forward + logits of every sequence), in each model variant, at several batch sizes.
 
 Variants are models loaded in this one process: GEMM path (oneDNN prepacked or F.linear) x dense
-part (torch.compile'd everywhere, or eager), and "probed" (from_pretrained(compile=True,
+part (torch.compile'd everywhere; eager, which runs the compiled C++ kernels of
+kernels/csrc/dense_cpu.cpp where they load; or "torchops", the plain torch reference ops of
+paged/models/forward_ops.py, i.e. eager before those kernels), and "probed" (from_pretrained(compile=True,
 linear_backend=None): both chosen by the load-time probes). Each case is a decode step of B
 sequences with a --context-token KV history each, or a prefill step of B new tokens in --prefill-seqs sequences; variants are
 interleaved round by round and the minimum over --repeats rounds is kept (the machine is noisy).
@@ -23,14 +25,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repo root first, before bench/ (this script's folder: bench/kernels.py would shadow kernels).
 sys.path.insert(0, ROOT)
 
+from paged.models import forward_ops, llama  # noqa: E402
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM  # noqa: E402
 from paged.step_timer import StepTimer  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
-# name: (linear_backend, dense part: "eager", "compiled" everywhere, or "probe")
+# name: (linear_backend, dense part: "eager", "torchops", "compiled" everywhere, or "probe")
 VARIANTS = {"onednn+compiled": ("onednn", "compiled"), "onednn+eager": ("onednn", "eager"),
-            "torch+compiled": ("torch", "compiled"), "torch+eager": ("torch", "eager"),
-            "probed": (None, "probe")}
+            "onednn+torchops": ("onednn", "torchops"), "torch+compiled": ("torch", "compiled"),
+            "torch+eager": ("torch", "eager"), "probed": (None, "probe")}
+TORCH_OPS = forward_ops.DenseOps(add_norm=forward_ops.torch_add_rms_norm, rotary=forward_ops.torch_rotary_qkv,
+                                 silu_mul=forward_ops.torch_silu_and_mul)
+
+
+def use_first_norm(dense: str) -> None:
+    """The model's first-layer norm is a direct call (not through its ops): point it at the
+    reference for a "torchops" variant, at forward_ops' choice otherwise."""
+    llama.rms_norm = forward_ops.torch_rms_norm if dense == "torchops" else forward_ops.rms_norm
 
 
 def make_step(args, batch: int, context: int, prefill_seqs: int, block_size: int = 16):
@@ -86,6 +97,8 @@ def main() -> None:
                                                  linear_backend=backend)
         if dense == "compiled":
             model.compile_dense(always=True)
+        if dense == "torchops":
+            model.dense_plan = forward_ops.DensePlan(ops=(TORCH_OPS,))
         models[name] = model
         print(f"loaded {name} in {time.perf_counter() - start:.1f} s: GEMMs {model.linear_backend}; "
               f"compile {model.compile_status}", flush=True)
@@ -96,17 +109,19 @@ def main() -> None:
         for kind, size, seqs in cases:
             inputs, last = make_step(next(iter(models.values())).args, size, opts.context, seqs)
 
-            def step(model):
+            def step(name):
+                use_first_norm(VARIANTS[name][1])
+                model = models[name]
                 ids, pos, caches, meta = inputs()
                 return model.compute_logits(model(ids, pos, caches, meta)[last])
 
             best = dict.fromkeys(models, float("inf"))
-            for model in models.values():
-                step(model)
+            for name in models:
+                step(name)
             for _ in range(opts.repeats):
-                for name, model in models.items():
+                for name in models:
                     start = time.perf_counter()
-                    step(model)
+                    step(name)
                     best[name] = min(best[name], time.perf_counter() - start)
             row = {"kind": kind, "tokens": size, **{name: round(t * 1e3, 3) for name, t in best.items()}}
             eager = models.get("onednn+eager")
@@ -115,7 +130,7 @@ def main() -> None:
                 eager.step_timer = timer
                 for _ in range(3):
                     with timer.phase("forward_other"):
-                        step(eager)
+                        step("onednn+eager")
                     timer.step_done()
                 eager.step_timer = None
                 split = timer.report()
