@@ -58,7 +58,7 @@ def load():
 
 def _build_and_load():
     if os.environ.get("PAGED_CPU_KERNELS", "1") == "0":
-        logger.info("PAGED_CPU_KERNELS=0: CPU attention runs on the plain-torch path")
+        logger.info("PAGED_CPU_KERNELS=0: the compiled CPU kernels (attention, dense layer ops) are off; torch ops run instead")
         return None
     try:
         path = _library_path()
