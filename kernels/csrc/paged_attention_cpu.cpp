@@ -3,9 +3,9 @@
 //
 // Attention is split into work items, each one (sequence, KV head, run of that sequence's new
 // tokens). An item's query rows are those tokens times the query heads of the KV head's GQA group;
-// it walks the sequence's blocks through its block table up to the last key its rows may see, in
-// tiles of at most kTile keys that lie inside one block, and reads every K and V row of a tile
-// once for all of its rows. Each row keeps an online softmax (running max, running sum, output
+// it walks the sequence's keys through its block table up to the last key its rows may see, in
+// tiles of kTile consecutive keys (a tile may span several blocks: small blocks cost no more
+// softmax steps than large ones), and reads every K and V row of a tile once for all of its rows. Each row keeps an online softmax (running max, running sum, output
 // accumulator) in float32 whatever the cache dtype. What must hold:
 //   - no slot at or past a sequence's length is ever read (unused slots may hold NaN);
 //   - a row at position p uses keys 0..p only (causal; the new tokens are the last q_len ones);
@@ -154,18 +154,29 @@ struct Scratch {
   }
 };
 
-// Rows [0, R) of q against the tile's n keys: partial[r * kTile + t] holds the lane-wise products
-// of row r and key t (zero for t >= n), to be summed by transpose_sum. The R x C query vectors stay
-// in registers while each key row is loaded once.
-template <int C, int R>
-inline void tile_scores(const float* q, int64_t q_stride, const float* keys, int64_t key_stride, int64_t n,
-                        vfloat* partial) {
+// Where a tile's K or V rows lie: evenly spaced (inside one block, or converted into scratch), or
+// anywhere (a tile that spans blocks). Row t starts at rows[t].
+struct StridedRows {
+  const float* base;
+  int64_t stride;
+  const float* operator[](int64_t t) const { return base + t * stride; }
+};
+struct GatheredRows {
+  const float* const* rows;
+  const float* operator[](int64_t t) const { return rows[t]; }
+};
+
+// Rows [0, R) of q against the tile's n keys (keys[t]: key t's row): partial[r * kTile + t] holds
+// the lane-wise products of row r and key t (zero for t >= n), to be summed by transpose_sum. The
+// R x C query vectors stay in registers while each key row is loaded once.
+template <int C, int R, typename Rows>
+inline void tile_scores(const float* q, int64_t q_stride, Rows keys, int64_t n, vfloat* partial) {
   vfloat qr[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) qr[r][c] = load(q + r * q_stride + c * kLanes);
   for (int64_t t = 0; t < n; ++t) {
     vfloat k[C];
-    for (int c = 0; c < C; ++c) k[c] = load(keys + t * key_stride + c * kLanes);
+    for (int c = 0; c < C; ++c) k[c] = load(keys[t] + c * kLanes);
     for (int r = 0; r < R; ++r) {
       vfloat even = qr[r][0] * k[0], odd{};  // two chains halve the FMA latency
       for (int c = 1; c < C; ++c) {
@@ -178,17 +189,17 @@ inline void tile_scores(const float* q, int64_t q_stride, const float* keys, int
     for (int64_t t = n; t < kTile; ++t) partial[r * kTile + t] = vfloat{};
 }
 
-// acc[r] = acc[r] * alpha[r] + sum_t probs[r][t] * value[t] for rows [0, R), the R x C
+// acc[r] = acc[r] * alpha[r] + sum_t probs[r][t] * values[t] for rows [0, R), the R x C
 // accumulators in registers while each value row is loaded once.
-template <int C, int R>
-inline void tile_values(float* acc, int64_t acc_stride, const float* alpha, const float* probs,
-                        const float* values, int64_t value_stride, int64_t n) {
+template <int C, int R, typename Rows>
+inline void tile_values(float* acc, int64_t acc_stride, const float* alpha, const float* probs, Rows values,
+                        int64_t n) {
   vfloat a[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * acc_stride + c * kLanes) * alpha[r];
   for (int64_t t = 0; t < n; ++t) {
     vfloat v[C];
-    for (int c = 0; c < C; ++c) v[c] = load(values + t * value_stride + c * kLanes);
+    for (int c = 0; c < C; ++c) v[c] = load(values[t] + c * kLanes);
     for (int r = 0; r < R; ++r) {
       const vfloat p = splat(probs[r * kTile + t]);
       for (int c = 0; c < C; ++c) a[r][c] += p * v[c];
@@ -222,11 +233,14 @@ inline void softmax_step(vfloat* partial, int64_t visible, float& row_max, float
   row_sum = row_sum * alpha + hsum(p);
 }
 
+// Up to kTile consecutive keys of one KV head. Inside one block (the common case) their rows are
+// evenly spaced from keys[0] / values[0]; a tile that spans blocks lists every row.
 template <typename scalar_t>
 struct KeyTile {
-  const scalar_t* keys;
-  const scalar_t* values;
+  const scalar_t* keys[kTile];
+  const scalar_t* values[kTile];
   int64_t n;
+  bool one_block;
 };
 
 template <typename scalar_t, int C>
@@ -256,46 +270,65 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   std::fill(s.row_max.begin(), s.row_max.begin() + rows, -std::numeric_limits<float>::infinity());
   std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
 
-  // Tiles never cross a block boundary: the keys of one tile are consecutive slots.
-  auto tile_at = [&](int64_t key0) {
-    const int64_t block = table[key0 / b.block_size], offset = key0 % b.block_size;
-    return KeyTile<scalar_t>{
-        v.key_cache + block * v.k_block_stride + offset * v.k_token_stride + item.kv_head * v.k_head_stride,
-        v.value_cache + block * v.v_block_stride + offset * v.v_token_stride + item.kv_head * v.v_head_stride,
-        std::min<int64_t>({kTile, b.block_size - offset, end_key - key0})};
+  // Keys [key0, key0 + n) with n = min(kTile, end_key - key0), through the block table.
+  auto tile_at = [&](int64_t key0, KeyTile<scalar_t>& tile) {
+    tile.n = std::min<int64_t>(kTile, end_key - key0);
+    int64_t offset = key0 % b.block_size;
+    auto block_rows = [&](int64_t block, int64_t row) {
+      tile.keys[row] = v.key_cache + block * v.k_block_stride + offset * v.k_token_stride + item.kv_head * v.k_head_stride;
+      tile.values[row] = v.value_cache + block * v.v_block_stride + offset * v.v_token_stride + item.kv_head * v.v_head_stride;
+    };
+    block_rows(table[key0 / b.block_size], 0);
+    tile.one_block = offset + tile.n <= b.block_size;
+    if (tile.one_block) return;
+    for (int64_t t = 1; t < tile.n; ++t) {
+      if (++offset == b.block_size) {
+        offset = 0;
+        block_rows(table[(key0 + t) / b.block_size], t);
+      } else {
+        tile.keys[t] = tile.keys[t - 1] + v.k_token_stride;
+        tile.values[t] = tile.values[t - 1] + v.v_token_stride;
+      }
+    }
   };
-  KeyTile<scalar_t> tile = tile_at(0);
-  for (int64_t key0 = 0; key0 < end_key;) {
+  auto key_row = [&](const KeyTile<scalar_t>& tile, int64_t t) {
+    return tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t];
+  };
+  auto value_row = [&](const KeyTile<scalar_t>& tile, int64_t t) {
+    return tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t];
+  };
+  KeyTile<scalar_t> tiles[2];
+  tile_at(0, tiles[0]);
+  for (int64_t key0 = 0, current = 0; key0 < end_key; key0 += tiles[current].n, current ^= 1) {
+    const KeyTile<scalar_t>& tile = tiles[current];
     // The block table hides the next tile's address from the hardware prefetcher: ask for it now.
-    KeyTile<scalar_t> next{nullptr, nullptr, 0};
     if (key0 + tile.n < end_key) {
-      next = tile_at(key0 + tile.n);
+      KeyTile<scalar_t>& next = tiles[current ^ 1];
+      tile_at(key0 + tile.n, next);
       for (int64_t t = 0; t < next.n; ++t) {
-        const char* k = reinterpret_cast<const char*>(next.keys + t * v.k_token_stride);
-        const char* val = reinterpret_cast<const char*>(next.values + t * v.v_token_stride);
+        const char* k = reinterpret_cast<const char*>(key_row(next, t));
+        const char* val = reinterpret_cast<const char*>(value_row(next, t));
         for (int64_t line = 0; line < dim * int64_t(sizeof(scalar_t)); line += 64) {
           __builtin_prefetch(k + line);
           __builtin_prefetch(val + line);
         }
       }
     }
-    const float* keys;
-    const float* values;
-    int64_t key_stride, value_stride;
-    if (in_place) {
-      keys = reinterpret_cast<const float*>(tile.keys);
-      values = reinterpret_cast<const float*>(tile.values);
-      key_stride = v.k_token_stride;
-      value_stride = v.v_token_stride;
+    // Strided rows where they are evenly spaced (in place inside one block, or converted into
+    // scratch), gathered rows for an fp32 tile that spans blocks.
+    const bool gathered = in_place && !tile.one_block;
+    StridedRows keys{s.keys.data(), pdim}, values{s.values.data(), pdim};
+    if (in_place) {  // scalar_t is float
+      keys = {reinterpret_cast<const float*>(tile.keys[0]), v.k_token_stride};
+      values = {reinterpret_cast<const float*>(tile.values[0]), v.v_token_stride};
     } else {
       for (int64_t t = 0; t < tile.n; ++t) {
-        to_float(tile.keys + t * v.k_token_stride, s.keys.data() + t * pdim, dim);
-        to_float(tile.values + t * v.v_token_stride, s.values.data() + t * pdim, dim);
+        to_float(key_row(tile, t), s.keys.data() + t * pdim, dim);
+        to_float(value_row(tile, t), s.values.data() + t * pdim, dim);
       }
-      keys = s.keys.data();
-      values = s.values.data();
-      key_stride = value_stride = pdim;
     }
+    const GatheredRows gathered_keys{reinterpret_cast<const float* const*>(tile.keys)};
+    const GatheredRows gathered_values{reinterpret_cast<const float* const*>(tile.values)};
     for (int64_t r0 = 0; r0 < rows;) {
       const int64_t block_rows = rows - r0 >= R ? R : 1;
       // Rows are token-major, so the block's last row sees the most keys.
@@ -306,9 +339,11 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
       float* q = s.q.data() + r0 * pdim;
       vfloat* partial = s.partial.data() + r0 * kTile;
       if (block_rows == R) {
-        tile_scores<C, R>(q, pdim, keys, key_stride, tile.n, partial);
+        gathered ? tile_scores<C, R>(q, pdim, gathered_keys, tile.n, partial)
+                 : tile_scores<C, R>(q, pdim, keys, tile.n, partial);
       } else {
-        tile_scores<C, 1>(q, pdim, keys, key_stride, tile.n, partial);
+        gathered ? tile_scores<C, 1>(q, pdim, gathered_keys, tile.n, partial)
+                 : tile_scores<C, 1>(q, pdim, keys, tile.n, partial);
       }
       for (int64_t r = r0; r < r0 + block_rows; ++r) {
         const int64_t visible = std::min<int64_t>(tile.n, first_pos + r / b.group + 1 - key0);
@@ -316,15 +351,17 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
                      s.probs.data() + r * kTile);
       }
       float* acc = s.acc.data() + r0 * pdim;
+      const float* alpha = s.alpha.data() + r0;
+      const float* probs = s.probs.data() + r0 * kTile;
       if (block_rows == R) {
-        tile_values<C, R>(acc, pdim, s.alpha.data() + r0, s.probs.data() + r0 * kTile, values, value_stride, tile.n);
+        gathered ? tile_values<C, R>(acc, pdim, alpha, probs, gathered_values, tile.n)
+                 : tile_values<C, R>(acc, pdim, alpha, probs, values, tile.n);
       } else {
-        tile_values<C, 1>(acc, pdim, s.alpha.data() + r0, s.probs.data() + r0 * kTile, values, value_stride, tile.n);
+        gathered ? tile_values<C, 1>(acc, pdim, alpha, probs, gathered_values, tile.n)
+                 : tile_values<C, 1>(acc, pdim, alpha, probs, values, tile.n);
       }
       r0 += block_rows;
     }
-    key0 += tile.n;
-    tile = next;
   }
 
   for (int64_t r = 0; r < rows; ++r) {

@@ -108,6 +108,9 @@ ATTENTION_CASES = {
     "mixed_batch_gqa8": ([1, 7, 40, 1], [1, 32, 64, 50], dict(num_heads=8, num_kv_heads=1)),
     # one token per block
     "block_size_1": ([1, 6], [9, 6], dict(block_size=1)),
+    # blocks smaller than a kernel's key tile: tiles span blocks, and a chunk starts mid-block
+    "block_size_8_gqa4": ([1, 5, 1], [45, 27, 8], dict(block_size=8, num_heads=8, num_kv_heads=2)),
+    "block_size_4_chunk": ([3, 1], [29, 37], dict(block_size=4)),
     # non power-of-two head dims (padded inside the kernel)
     "head_dim_80": ([1, 9], [23, 40], dict(head_dim=80)),
     "head_dim_96_bs32": ([3, 1], [35, 64], dict(head_dim=96, block_size=32)),
