@@ -44,7 +44,7 @@ def build_model_folder(store: Path, name: str, model_dir: Path, handler: dict, e
     ``handler_file`` replaces handler/ts_entry.py; ``extra_files`` are copied next to it (the
     worker puts the model folder on sys.path, so the handler file can import them)."""
     cfg = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 0, "asyncCommunication": True,
-           "startupTimeout": 600, "responseTimeout": 600, "deviceType": "cpu",
+           "startupTimeout": 600, "responseTimeout": 600, "deviceType": "cpu", "jobQueueSize": 1024,
            "handler": dict(handler, model=str(model_dir))}
     cfg.update(extra_yaml or {})
     tmp = store.parent / f"{name}-config.yaml"

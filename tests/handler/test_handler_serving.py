@@ -1,6 +1,7 @@
 """End to end through a real TorchServe: native, OpenAI, gRPC routes, bad input, metrics, describe."""
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -49,6 +50,53 @@ def test_32_concurrent_streams_match_offline_and_free_the_pool(torchserve, offli
     assert all(got["finish"] == {0: "length"} for got in results)
     d = wait_pool_whole(torchserve)
     assert d["engine_running"] and d["engine_config"]["num_kv_blocks"] == 96
+
+
+async def _post_raw(port: int, body: bytes) -> tuple[int, dict]:
+    """One HTTP/1.1 POST on its own connection: (status, JSON body), read by its framing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /predictions/llm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        status = int((await reader.readline()).split(b" ", 2)[1])
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if headers.get("transfer-encoding") == "chunked":
+            payload = b""
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                payload += (await reader.readexactly(size + 2))[:-2]
+        else:
+            payload = await reader.readexactly(int(headers["content-length"]))
+        return status, json.loads(payload)
+    finally:
+        writer.close()
+
+
+def test_a_burst_beyond_torchserves_default_job_queue_reaches_the_engine(torchserve):
+    """300 requests at once (TorchServe's default job queue holds 100; the model config raises
+    it): each one is answered by the engine, a 200 or the engine's own JSON 503 when more arrive
+    than it admits, never the frontend's queue-full 503; the pool is whole afterwards."""
+    port = int(torchserve.base.rsplit(":", 1)[1])
+    bodies = [json.dumps({"prompt": f"x = {i}", "max_tokens": 2, "temperature": 0.0, "ignore_eos": True}).encode()
+              for i in range(300)]
+
+    async def burst():
+        return await asyncio.gather(*[_post_raw(port, body) for body in bodies])
+
+    answers = asyncio.run(burst())
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 64     # the inbox alone admits max_waiting_requests (64) at once
+    for status, body in answers:
+        if status == 503:
+            assert body.get("error", {}).get("type") == "overloaded", body
+        else:
+            assert len(body["choices"][0]["token_ids"]) == 2
+    wait_pool_whole(torchserve)
+    assert wait_no_frontend_jobs(torchserve) == 0
 
 
 def test_openai_client(torchserve, offline_llm):
