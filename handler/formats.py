@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -100,39 +101,40 @@ class ResponseContext:
     created: int = field(default_factory=now)
 
 
-class ResponseFormat:
+class ResponseFormat(ABC):
     content_type = "application/json"
     stream_content_type = "application/json"
 
     def __init__(self, ctx: ResponseContext):
         self.ctx = ctx
 
+    @abstractmethod
     def full(self, out: RequestOutput) -> str:
         """The whole non-streamed answer."""
-        raise NotImplementedError
 
     def opening(self, out: RequestOutput) -> str | None:
         """A chunk sent before any text (OpenAI chat: the role), or None."""
         return None
 
+    @abstractmethod
     def chunk(self, deltas: list[Delta]) -> str:
-        raise NotImplementedError
+        """One streamed chunk carrying the new text of the choices in ``deltas``."""
 
+    @abstractmethod
     def closing(self, out: RequestOutput) -> str:
         """The last chunk of a stream: finish reasons, usage."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stream_error(self, err: RequestError) -> str:
         """The last chunk of a stream that failed after it started."""
-        raise NotImplementedError
 
     @staticmethod
     def error(err: RequestError) -> str:
         return dumps(err.body())
 
+    @abstractmethod
     def per_token_bytes(self, token_bytes: int, id_bytes: int, k: int | None) -> int:
         """Most JSON bytes one generated token can add to a full answer."""
-        raise NotImplementedError
 
     def max_answer_bytes(self, n: int, max_tokens: int, token_bytes: int, id_bytes: int) -> int:
         """An upper bound of ``len(full(...))`` in bytes for n choices of max_tokens tokens."""
@@ -202,8 +204,9 @@ class _OpenAIFormat(ResponseFormat):
             obj["usage"] = usage_
         return "data: " + dumps(obj) + "\n\n"
 
+    @abstractmethod
     def _finish_choice(self, index: int, reason: str | None) -> dict:
-        raise NotImplementedError
+        """The closing event's entry for choice ``index`` that finished for ``reason``."""
 
     def closing(self, out: RequestOutput) -> str:
         tail = self._event([self._finish_choice(c.index, c.finish_reason)
