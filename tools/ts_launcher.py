@@ -10,12 +10,14 @@ killed by pid. Model folders are built with ``--archive-format no-archive`` and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -221,6 +223,21 @@ class TorchServe:
         r.raise_for_status()
         meta = r.json()[0]["customizedMetadata"]
         return json.loads(meta) if isinstance(meta, str) else meta
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, name: str, model_dir: Path, handler: dict) -> Iterator[TorchServe]:
+    """A private TorchServe on free loopback ports serving one model folder (``build_model_folder``),
+    yielded once its worker is ready; stopped, with every process it spawned, on exit."""
+    ts = TorchServe(workdir, free_ports(5))
+    ts.store.mkdir(parents=True, exist_ok=True)
+    build_model_folder(ts.store, name, model_dir, handler)
+    try:
+        ts.start(f"{name}={name}")
+        ts.wait_ready(name)
+        yield ts
+    finally:
+        ts.stop()
 
 
 def _alive(pid: int) -> bool:

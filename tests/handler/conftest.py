@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tools.offline_reference import OfflineReference
-from tools.ts_launcher import ROOT, TorchServe, build_model_folder, free_ports
+from tools.ts_launcher import ROOT, serving
 from ts_client import TEST_HANDLER
 
 
@@ -43,16 +43,8 @@ def ts_model_dir(request) -> Path:
 def torchserve(tmp_path_factory, ts_model_dir):
     if shutil.which("java") is None:
         pytest.skip("java is needed for TorchServe")
-    work = tmp_path_factory.mktemp("torchserve")
-    ts = TorchServe(work, free_ports(5))
-    (work / "store").mkdir()
-    build_model_folder(ts.store, "llm", ts_model_dir, TEST_HANDLER)
-    try:
-        ts.start("llm=llm")
-        ts.wait_ready("llm")
+    with serving(tmp_path_factory.mktemp("torchserve"), "llm", ts_model_dir, TEST_HANDLER) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="session")

@@ -32,3 +32,18 @@ def compiled_ops():
             pytest.skip("no C++ compiler here: the compiled CPU kernels cannot be built")
         pytest.fail("a C++ compiler is present but the compiled CPU kernels did not load (see the log line)")
     return ops
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The bench/ script named by the test module's ``BENCH_SCRIPT``, imported as a module (its
+    ``main(argv)`` runs in-process)."""
+    import importlib.util
+    from pathlib import Path
+
+    name = request.module.BENCH_SCRIPT
+    path = Path(__file__).resolve().parents[2] / "bench" / name
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,6 +7,7 @@ owns hold finite garbage, or NaN with ``poison=True`` (any read of them then sho
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ class PagedBatch:
     def args(self):
         return (self.query, self.key_cache, self.value_cache, self.block_tables, self.seq_lens,
                 self.query_start_loc, self.scale)
+
+    def with_int64_indices(self) -> "PagedBatch":
+        """The same batch with its index tensors (block tables, lengths, query starts) as int64."""
+        return dataclasses.replace(self, block_tables=self.block_tables.long(), seq_lens=self.seq_lens.long(),
+                                   query_start_loc=self.query_start_loc.long())
 
 
 def make_batch(q_lens, kv_lens, *, num_heads=4, num_kv_heads=2, head_dim=64, block_size=16,

@@ -1,20 +1,8 @@
 """bench/attention_cpu.py, run in-process on tiny shapes: the whole measurement path works and the
 two CPU paths agree."""
-import importlib.util
 import json
-from pathlib import Path
 
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "attention_cpu.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention_cpu_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCH_SCRIPT = "attention_cpu.py"
 
 
 def test_smoke_run_times_both_paths_and_compares_outputs(bench, compiled_ops, tmp_path):

@@ -1,21 +1,10 @@
 """bench/triton_kernels.py, run in-process: without a GPU it says so and exits 0; its smoke mode runs the
 whole measurement path on tiny shapes through the interpreter."""
-import importlib.util
 import json
-from pathlib import Path
 
-import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "triton_kernels.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_triton_kernels_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCH_SCRIPT = "triton_kernels.py"
 
 
 def test_exits_zero_without_a_gpu(bench, monkeypatch, capsys):

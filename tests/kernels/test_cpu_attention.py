@@ -78,11 +78,7 @@ def test_large_scores_do_not_overflow():
 
 
 def test_int64_index_tensors_are_accepted():
-    batch = make_batch([1, 5], [20, 5], seed=17)
-    batch.block_tables = batch.block_tables.long()
-    batch.seq_lens = batch.seq_lens.long()
-    batch.query_start_loc = batch.query_start_loc.long()
-    check(batch)
+    check(make_batch([1, 5], [20, 5], seed=17).with_int64_indices())
 
 
 def test_output_does_not_depend_on_the_thread_count():

@@ -56,11 +56,7 @@ def test_empty_batch_returns_empty_output():
 
 
 def test_int64_index_tensors_are_accepted():
-    batch = make_batch([1, 5], [20, 5], seed=6)
-    batch.block_tables = batch.block_tables.long()
-    batch.seq_lens = batch.seq_lens.long()
-    batch.query_start_loc = batch.query_start_loc.long()
-    check(batch)
+    check(make_batch([1, 5], [20, 5], seed=6).with_int64_indices())
 
 
 def test_rejects_heads_not_a_multiple_of_kv_heads():

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 # The one import of the test launcher (it may move; fix the path here).
-from tools.ts_launcher import TorchServe, build_model_folder, free_ports
+from tools.ts_launcher import build_model_folder, serving
 from paged import LLM, SamplingParams
 from tp_helpers import pids_alive, wait_gone
 from tp_reference import HFReference, compare_greedy
@@ -34,16 +34,8 @@ LOAD_BOUND_S = 600.0
 def server(tmp_path_factory, tiny_llama_dir):
     if shutil.which("java") is None:
         pytest.skip("java is needed for TorchServe")
-    work = tmp_path_factory.mktemp("torchserve-tp")
-    ts = TorchServe(work, free_ports(5))
-    ts.store.mkdir(parents=True)
-    build_model_folder(ts.store, "llmtp", tiny_llama_dir, HANDLER)
-    try:
-        ts.start("llmtp=llmtp")
-        ts.wait_ready("llmtp")
+    with serving(tmp_path_factory.mktemp("torchserve-tp"), "llmtp", tiny_llama_dir, HANDLER) as ts:
         yield ts
-    finally:
-        ts.stop()
 
 
 @pytest.fixture(scope="module")
