@@ -4,18 +4,35 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR := model-store/tiny-llama
+TORCH_VERSION := 2.13.0
+# Where the CPU build of torch lies on this kind of machine (pip finds it there through its config).
+TORCH_WHEELS ?= /opt/wheels
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
 
-.PHONY: install test model bench-kernels clean
+.PHONY: install lock test test-latest model bench-kernels clean
 
-$(STAMP): setup.cfg pyproject.toml
+# The tested set of versions (requirements.lock), then the project itself, editable.
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerates requirements.lock from setup.cfg's ranges (all extras) and requirements.in (the CPU torch),
+# with uv in a venv of its own; commit the result after `make test` passes on it.
+lock:
+	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q uv==$(UV_VERSION))
+	.venv-lock/bin/uv pip compile setup.cfg requirements.in --extra test --extra bench \
+	    --find-links $(TORCH_WHEELS) --python-version 3.11 --no-header -o $(LOCK).tmp
+	{ echo "# The tested set of versions that make install installs. Do not edit: make lock writes it with"; \
+	  echo "#   uv pip compile setup.cfg requirements.in --extra test --extra bench --find-links $(TORCH_WHEELS) --python-version 3.11"; \
+	  cat $(LOCK).tmp; } > $(LOCK) && rm $(LOCK).tmp
 
 # The default model, written deterministically (config.json last, so it marks a finished build).
 $(MODEL_DIR)/config.json: scripts/make_model.py | $(STAMP)
@@ -26,12 +43,23 @@ model: $(MODEL_DIR)/config.json
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Drift check: a throwaway venv with the newest versions setup.cfg's ranges allow (torch stays the CPU
+# build), then the smoke tests (imports beside Hugging Face's `kernels`, HF equality, a TorchServe round trip).
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(torch|triton|transformers|kernels|tokenizers|safetensors|torchserve|pydantic|huggingface-hub)=='
+	$(LATEST_VENV)/bin/python -m pytest -q -m smoke
+
 # Triton kernel timings vs SDPA; on a machine without a GPU it says so and exits 0.
 bench-kernels: $(STAMP)
 	$(PY) bench/triton_kernels.py
 
 clean:
-	rm -rf $(VENV) model-store/tiny-llama model-store/*.mar
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock model-store/tiny-llama model-store/*.mar
 
 # Serving targets (mar, serve, bench-serve) and benchmark targets (bench, ...) live beside their code.
 -include handler/handler.mk

@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels import cpu_extension  # noqa: E402
-from kernels.torch_impl import (plain_paged_attention, plain_write_kv_cache, torch_paged_attention,  # noqa: E402
+from paged_kernels import cpu_extension  # noqa: E402
+from paged_kernels.torch_impl import (plain_paged_attention, plain_write_kv_cache, torch_paged_attention,  # noqa: E402
                                 torch_write_kv_cache)
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "attention_cpu.json"

@@ -1,10 +1,10 @@
 """Microseconds per call of each dense op of a decoder layer: the torch reference vs the compiled
-kernel (paged/models/forward_ops.py, kernels/csrc/dense_cpu.cpp), at several token counts.
+kernel (paged/models/forward_ops.py, kernels/paged_kernels/csrc/dense_cpu.cpp), at several token counts.
 
 Shapes are the model's (--model's config.json). Variants are interleaved round by round, each
 sample times enough back-to-back calls to last ~0.2 ms, and the minimum over --repeats rounds is
 kept (the machine is noisy). --threads-sweep also times the compiled kernels on 1 thread against
-all --threads, which is how kernels/csrc/dense_cpu.cpp's kParallelElements was chosen.
+all --threads, which is how kernels/paged_kernels/csrc/dense_cpu.cpp's kParallelElements was chosen.
 
     python bench/dense_ops.py --tokens 1,8,64,256,2048
 """

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The repo root first, before bench/ (this script's folder: bench/kernels.py would shadow kernels).
+# The repository root first, so the engine's packages import from a checkout.
 sys.path.insert(0, ROOT)
 
-from kernels.linear import onednn_linear, onednn_linear_add, onednn_unavailable_reason, pack_weight  # noqa: E402
+from paged_kernels.linear import onednn_linear, onednn_linear_add, onednn_unavailable_reason, pack_weight  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

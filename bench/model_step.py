@@ -2,7 +2,7 @@
 
 Variants are models loaded in this one process: GEMM path (oneDNN prepacked or F.linear) x dense
 part (torch.compile'd everywhere; eager, which runs the compiled C++ kernels of
-kernels/csrc/dense_cpu.cpp where they load; or "torchops", the plain torch reference ops of
+kernels/paged_kernels/csrc/dense_cpu.cpp where they load; or "torchops", the plain torch reference ops of
 paged/models/forward_ops.py, i.e. eager before those kernels), and "probed" (from_pretrained(compile=True,
 linear_backend=None): both chosen by the load-time probes). Each case is a decode step of B
 sequences with a --context-token KV history each, or a prefill step of B new tokens in --prefill-seqs sequences; variants are
@@ -22,7 +22,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The repo root first, before bench/ (this script's folder: bench/kernels.py would shadow kernels).
+# The repository root first, so the engine's packages import from a checkout.
 sys.path.insert(0, ROOT)
 
 from paged.models import forward_ops, llama  # noqa: E402

@@ -193,7 +193,7 @@ def run_served(ts, wl_path: str) -> dict:
 
 
 def start_server(args, work: Path):
-    from tools.ts_launcher import TorchServe, build_model_folder, free_ports
+    from paged_tools.ts_launcher import TorchServe, build_model_folder, free_ports
 
     ts = TorchServe(work, free_ports(5))
     ts.store.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-# bench/kernels.py would shadow the `kernels` package: keep bench/ off the import path
+# Keep bench/ off the import path: no bench/ script may shadow a package of the project
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 sys.path.insert(0, str(ROOT))
 
@@ -137,8 +137,8 @@ def attach_references(plan: list[Planned], model_dir: str, engine_settings: dict
     """The offline engine's answer for every good request (one batch, each with its own parameters)."""
     import asyncio
 
-    from handler.tokenization import TokenizerPool
-    from tools.offline_reference import OfflineReference
+    from paged_handler.tokenization import TokenizerPool
+    from paged_tools.offline_reference import OfflineReference
 
     tokenizers = TokenizerPool(model_dir, threads=1)
     reference = OfflineReference(model_dir, engine_settings)
@@ -273,7 +273,7 @@ def _send(s: Soak, p: Planned) -> tuple[bool, int | None, str]:
 
 # ---------------------------------------------------------------------------------------- server
 def start_server(work: Path, model_dir: str):
-    from tools.ts_launcher import ROOT as REPO, TorchServe, build_model_folder, free_ports, parse_properties
+    from paged_tools.ts_launcher import ROOT as REPO, TorchServe, build_model_folder, free_ports, parse_properties
 
     shipped = parse_properties((REPO / "config.properties").read_text())
     model_config = yaml.safe_load((REPO / "model-config.yaml").read_text())
@@ -311,7 +311,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = ap.parse_args()
 
-    from handler.settings import parse_handler_config
+    from paged_handler.settings import parse_handler_config
 
     model_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
     config, _ = parse_handler_config(model_config["handler"], args.model)
@@ -330,7 +330,7 @@ def main() -> int:
     try:
         import grpc
 
-        from tools.grpc_stubs import load_stubs
+        from paged_tools.grpc_stubs import load_stubs
 
         pb, pb_grpc = load_stubs(work / "grpc_stubs")
         channel = grpc.insecure_channel(f"127.0.0.1:{ts.grpc}")

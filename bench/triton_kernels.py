@@ -98,7 +98,7 @@ def make_timer(torch, device):
 
 
 def run_one(torch, phase: str, batch: int, context: int, block_size: int, args, device, timer):
-    from kernels.triton_attention import plan_launch, triton_paged_attention
+    from paged_kernels.triton_attention import plan_launch, triton_paged_attention
 
     F = torch.nn.functional
     k_dense, v_dense, key_cache, value_cache, block_tables, seq_lens = build_case(

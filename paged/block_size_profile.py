@@ -11,7 +11,7 @@ finished request's prompt and output lengths (``LengthProfile``); from them:
   tokens, then ``p + 1``, ... ``p + o - 1``), i.e. the steady state of a server whose batch holds
   requests at all stages of their lives. (An offline batch that starts all requests at once reads
   a little higher, because its last steps hold a few long requests whose blocks are nearly full.)
-- the attention cost at each candidate: a short timing of ``kernels.paged_attention`` on one decode
+- the attention cost at each candidate: a short timing of ``paged_kernels.paged_attention`` on one decode
   step over a batch whose lengths are drawn from the profile (decode steps dominate serving).
 
 The choice (``choose_block_size``): among the candidates whose attention cost is within
@@ -240,7 +240,7 @@ def measure_attention_cost(lengths: list[int], block_sizes: Iterable[int], num_h
     sizes in turn, so that neither one lucky allocation nor a burst of load decides."""
     import torch
 
-    from kernels import paged_attention
+    from paged_kernels import paged_attention
 
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)

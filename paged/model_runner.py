@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import kernels
+import paged_kernels
 from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
 from paged.scheduler import SchedulerOutput
@@ -124,7 +124,7 @@ class ModelRunner:
         # The compiled CPU attention is built (or loaded from its cache) now, not in a request.
         self.attention_impl = config.attention_backend or ("triton" if str(self.device).startswith("cuda") else "torch")
         if self.attention_impl == "torch":
-            self.attention_impl = "compiled" if kernels.prepare_cpu_kernels() else "plain"
+            self.attention_impl = "compiled" if paged_kernels.prepare_cpu_kernels() else "plain"
         self.model = model if model is not None else \
             LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
                                              linear_backend=config.linear_backend)

@@ -1,7 +1,7 @@
 """Per-request sampling parameters, validated on construction.
 
 ``LIMITS`` is the one table of what a request may ask for: ``SamplingParams`` checks every field
-against it, and the server's request schemas (handler/schemas.py) are built from it, so a bound is
+against it, and the server's request schemas (handler/paged_handler/schemas.py) are built from it, so a bound is
 stated once. The caps keep any single request's cost bounded: ``n`` / ``best_of`` / ``beam_width``
 multiply the work, ``logprobs`` the answer size, and stop strings the per-step matching work.
 Penalties are bounded so that no value can turn logits into inf/NaN (a repetition penalty of 1e-300

@@ -1,8 +1,8 @@
 """The ops a decoder layer calls: GEMMs, paged attention, and the dense rest between them.
 
 A layer is norm -> GEMM -> RoPE -> attention -> GEMM -> add+norm -> GEMM -> SiLU*up -> GEMM (its
-output is added by the next layer's add+norm). The GEMMs (``kernels.linear.Linear``) and
-attention (``kernels``) are opaque calls; the dense parts are small pure functions here that run
+output is added by the next layer's add+norm). The GEMMs (``paged_kernels.linear.Linear``) and
+attention (``paged_kernels``) are opaque calls; the dense parts are small pure functions here that run
 eagerly or as torch.compile'd regions (inductor fuses each into one C++ kernel). A compiled
 region is traced with the token dimension unbacked, so one graph serves every step size, without
 padding and without a recompile. A compiled call costs ~10-20 us more than the few eager ops it
@@ -23,9 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cpu_extension
-from kernels.linear import best_of_interleaved, bucket_limits
+import paged_kernels
+from paged_kernels import cpu_extension
+from paged_kernels.linear import best_of_interleaved, bucket_limits
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def fused_kernels(x: torch.Tensor):
     """``torch.ops.paged_cpu`` if its dense kernels take ``x`` (a CPU tensor of a dtype they
     support, outside autograd) and the library is loaded, else None: the caller runs the reference.
     The kernels compute what the reference computes and round where it rounds (see
-    kernels/csrc/dense_cpu.cpp), in one pass over memory instead of one per torch op."""
+    kernels/paged_kernels/csrc/dense_cpu.cpp), in one pass over memory instead of one per torch op."""
     if x.device.type != "cpu" or x.dtype not in FUSED_DTYPES or x.requires_grad:
         return None
     return cpu_extension.load()
@@ -143,8 +143,8 @@ class DenseOps:
     @staticmethod
     def attention(q, k, v, kv_cache, meta, scale: float) -> torch.Tensor:
         key_cache, value_cache = kv_cache
-        kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend=meta.backend)
-        return kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+        paged_kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend=meta.backend)
+        return paged_kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, scale, backend=meta.backend, workspace=meta.workspace)
 
 

@@ -5,7 +5,7 @@ code). The forward pass takes one flat batch: the scheduled tokens of every sequ
 with the attention metadata that the kernels contract needs. The arithmetic follows the HF
 reference op for op (RMSNorm in fp32, rotate-half RoPE). Two speed paths, each chosen at load by
 measuring it on this host, change only the order of additions: GEMMs through oneDNN with
-prepacked weights (``kernels.linear``) and torch.compile'd dense regions (``forward_ops``). So
+prepacked weights (``paged_kernels.linear``) and torch.compile'd dense regions (``forward_ops``). So
 greedy outputs equal HF's except where its two best logits tie to within the last bits.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from kernels.linear import BACKENDS as LINEAR_BACKENDS
-from kernels.linear import Linear, LinearPlan, onednn_unavailable_reason, probe_linear_plan
+from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
+from paged_kernels.linear import Linear, LinearPlan, onednn_unavailable_reason, probe_linear_plan
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -131,7 +131,7 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class AttentionMetadata:
-    """The flat batch's view of the paged cache (see kernels.paged_attention)."""
+    """The flat batch's view of the paged cache (see paged_kernels.paged_attention)."""
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
@@ -242,7 +242,7 @@ class LlamaForCausalLM(nn.Module):
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype, device: str = "cpu", *,
                         compile: bool = False, linear_backend: str | None = None) -> "LlamaForCausalLM":
         """Load an HF checkpoint. ``linear_backend``: "onednn", "torch" or None (measure both on
-        this host, see ``kernels.linear``). ``compile``: torch.compile the dense regions now and
+        this host, see ``paged_kernels.linear``). ``compile``: torch.compile the dense regions now and
         keep them where a probe finds them faster (see ``forward_ops``; a broken compiler falls
         back to eager with a warning). Off by default: on the 2-core AMD EPYC host it was measured
         on (bench/model_step.py), compiled regions everywhere cost 1.5-1.7 ms more per decode

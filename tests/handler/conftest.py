@@ -1,6 +1,6 @@
 """A real TorchServe, started once per session on free loopback ports and always stopped.
 
-The server gets its own TMPDIR and TEMP, cwd and log dir (tools/ts_launcher.py), and after `--stop`
+The server gets its own TMPDIR and TEMP, cwd and log dir (paged_tools/ts_launcher.py), and after `--stop`
 every process it had spawned that is still alive is killed by pid. Client helpers and the test
 server's engine settings live in ts_client.py.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.offline_reference import OfflineReference
-from tools.ts_launcher import ROOT, serving
+from paged_tools.offline_reference import OfflineReference
+from paged_tools.ts_launcher import ROOT, serving
 from ts_client import TEST_HANDLER
 
 

@@ -13,8 +13,8 @@ import threading
 import psutil
 import pytest
 
-from handler.errors import RequestError
-from handler.ts_adapter import LockedSocket, body_of, is_describe, is_rest, redacted, route_of, \
+from paged_handler.errors import RequestError
+from paged_handler.ts_adapter import LockedSocket, body_of, is_describe, is_rest, redacted, route_of, \
     serialize_backend_writes
 
 HTTP = {"Host": "127.0.0.1:8080", "Content-Length": "20", "url_path": "", "explain": "False"}
@@ -141,7 +141,7 @@ ORPHAN = textwrap.dedent("""
     else:
         sys.path.insert(0, {root!r})
         import threading
-        from handler.lifecycle import ParentWatchdog
+        from paged_handler.lifecycle import ParentWatchdog
         ParentWatchdog(interval_s=0.2).start()
         threading.Thread(target=lambda: time.sleep(600)).start()  # a non-daemon thread, like the engine's
         print(os.getpid(), flush=True)  # (through the parent's stdout) the watchdog runs

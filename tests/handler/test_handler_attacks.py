@@ -125,7 +125,7 @@ def test_token_ids_outside_the_vocabulary_name_their_field(torchserve, unharmed,
 
 def test_grpc_predictions_asked_to_stream_does_not_cost_the_worker(torchserve, unharmed, tmp_path_factory):
     grpc = pytest.importorskip("grpc")
-    from tools.grpc_stubs import load_stubs
+    from paged_tools.grpc_stubs import load_stubs
 
     pb, pb_grpc = load_stubs(tmp_path_factory.mktemp("grpc_stubs"))
     with grpc.insecure_channel(f"127.0.0.1:{torchserve.grpc}") as channel:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import requests
 
-from tools.ts_launcher import _alive, build_model_folder
+from paged_tools.ts_launcher import _alive, build_model_folder
 
 SMALL = {"block_size": 16, "num_kv_blocks": 64, "max_num_seqs": 1, "max_num_batched_tokens": 512,
          "max_waiting_requests": 1, "request_timeout": 3, "enable_prefix_caching": False}

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from handler.errors import RequestError
-from handler.schemas import (MAX_JSON_DEPTH, ChatRequest, CompletionRequest, NativeRequest, decode_body,
+from paged_handler.errors import RequestError
+from paged_handler.schemas import (MAX_JSON_DEPTH, ChatRequest, CompletionRequest, NativeRequest, decode_body,
                              make_sampling_params, validate)
-from handler.settings import parse_handler_config
+from paged_handler.settings import parse_handler_config
 from paged.sampling_params import LIMITS, LIST_LIMITS, SamplingParams
 
 LIMIT = 1 << 20
@@ -188,7 +188,7 @@ def test_handler_config_parsing(tmp_path):
 
 
 def test_invalid_settings_fail_initialize_clearly(tmp_path, caplog):
-    from handler.ts_adapter import TorchServeHandler
+    from paged_handler.ts_adapter import TorchServeHandler
 
     class Ctx:
         system_properties = {"model_dir": str(tmp_path)}

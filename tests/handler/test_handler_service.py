@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from handler.errors import RequestError
-from handler.formats import Delta, NativeFormat, ResponseContext
-from handler.service import LLMService
-from handler.settings import HANDLER_DEFAULTS
-from handler.tokenization import TokenizerPool
+from paged_handler.errors import RequestError
+from paged_handler.formats import Delta, NativeFormat, ResponseContext
+from paged_handler.service import LLMService
+from paged_handler.settings import HANDLER_DEFAULTS
+from paged_handler.tokenization import TokenizerPool
 from paged.async_engine import AsyncLLMEngine
 from paged.config import EngineConfig
 from ts_fake_engine import FAIL_REQUEST_TOKEN, FakeEngine

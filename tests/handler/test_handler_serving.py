@@ -16,6 +16,7 @@ GREEDY = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Foo(object):\n    def __init__(self"]
 
 
+@pytest.mark.smoke
 def test_native_matches_offline(torchserve, offline_llm):
     ref = offline_llm(PROMPTS, **GREEDY)
     for prompt, exp in zip(PROMPTS, ref):
@@ -99,6 +100,7 @@ def test_a_burst_beyond_torchserves_default_job_queue_reaches_the_engine(torchse
     assert wait_no_frontend_jobs(torchserve) == 0
 
 
+@pytest.mark.smoke
 def test_openai_client(torchserve, offline_llm):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{torchserve.base}/predictions/llm/1.0/v1", api_key="unused", max_retries=0,
@@ -168,7 +170,7 @@ def test_raw_sse_framing(torchserve):
 
 def test_grpc_predictions_answer_in_one_message(torchserve, offline_llm, tmp_path_factory):
     grpc = pytest.importorskip("grpc")
-    from tools.grpc_stubs import load_stubs
+    from paged_tools.grpc_stubs import load_stubs
 
     pb, pb_grpc = load_stubs(tmp_path_factory.mktemp("grpc_stubs"))
     ref = offline_llm([PROMPTS[1]], **GREEDY)[0]

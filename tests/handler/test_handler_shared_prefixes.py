@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from handler.service import LLMService
-from handler.settings import HANDLER_DEFAULTS, parse_handler_config
-from handler.tokenization import TokenizerPool
+from paged_handler.service import LLMService
+from paged_handler.settings import HANDLER_DEFAULTS, parse_handler_config
+from paged_handler.tokenization import TokenizerPool
 from paged.async_engine import AsyncLLMEngine
 from paged.config import EngineConfig
 from paged.sampling_params import SamplingParams

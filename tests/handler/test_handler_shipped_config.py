@@ -14,7 +14,7 @@ import pytest
 import requests
 import yaml
 
-from tools.ts_launcher import ROOT, TorchServe, free_ports, parse_properties
+from paged_tools.ts_launcher import ROOT, TorchServe, free_ports, parse_properties
 from ts_client import build_fake_model, error_of
 
 SHIPPED = parse_properties((ROOT / "config.properties").read_text())

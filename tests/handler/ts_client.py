@@ -7,7 +7,7 @@ from pathlib import Path
 
 import requests
 
-from tools.ts_launcher import build_model_folder
+from paged_tools.ts_launcher import build_model_folder
 
 # engine settings for the test server: a small pool so preemption and the pool limit are reachable
 TEST_HANDLER = {

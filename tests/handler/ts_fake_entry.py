@@ -1,6 +1,6 @@
 """A .mar handler file for tests: the real TorchServe adapter over the fake engine (ts_fake_engine.py,
 packed next to this file), whose steps take 50 ms so that requests stay in flight for a while."""
-from handler.ts_adapter import TorchServeHandler
+from paged_handler.ts_adapter import TorchServeHandler
 from ts_fake_engine import FakeEngine
 
 

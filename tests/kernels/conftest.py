@@ -24,7 +24,7 @@ def compiled_ops():
     seconds). Skipped only where no C++ compiler exists; a compiler that fails to build it fails."""
     import shutil
 
-    from kernels import cpu_extension
+    from paged_kernels import cpu_extension
 
     ops = cpu_extension.load()
     if ops is None:

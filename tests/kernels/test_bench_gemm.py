@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.linear import onednn_unavailable_reason
+from paged_kernels.linear import onednn_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (kernels/csrc/paged_attention_cpu.cpp) vs the reference, across the
+"""The compiled CPU kernels (kernels/paged_kernels/csrc/paged_attention_cpu.cpp) vs the reference, across the
 shapes the contract admits: GQA ratios, head dims, block sizes, dtypes, long contexts, edge cases.
 
 Every batch mixes decode rows, a chunk of prefill on cached keys and a fresh prefill, with NaN in
@@ -6,8 +6,8 @@ every slot no sequence owns and shuffled block tables (see paged_cases.make_batc
 import pytest
 import torch
 
-from kernels import torch_impl
-from kernels.reference import reference_paged_attention, reference_write_kv_cache
+from paged_kernels import torch_impl
+from paged_kernels.reference import reference_paged_attention, reference_write_kv_cache
 from paged_cases import DTYPES, assert_close_to_reference, make_batch, make_cache_write
 
 MIXED_Q_LENS, MIXED_KV_LENS = [1, 5, 1, 11], [37, 29, 1, 11]

@@ -1,4 +1,4 @@
-"""kernels.cpu_extension: building, caching and loading the compiled CPU kernels, and the
+"""paged_kernels.cpu_extension: building, caching and loading the compiled CPU kernels, and the
 plain-torch fallback whenever they cannot be had (no compiler, a failed build, switched off).
 
 Builds are faked here (a real one takes tens of seconds; the compiled_ops fixture does one per
@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-import kernels
-from kernels import cpu_extension
-from kernels.reference import reference_paged_attention, reference_write_kv_cache
+import paged_kernels
+from paged_kernels import cpu_extension
+from paged_kernels.reference import reference_paged_attention, reference_write_kv_cache
 from paged_cases import assert_close_to_reference, make_batch, make_cache_write
 
 
@@ -71,11 +71,11 @@ def test_environment_switch_turns_the_kernels_off(fresh, monkeypatch):
 def test_fallback_serves_attention_and_writes(monkeypatch):
     monkeypatch.setattr(cpu_extension, "load", lambda: None)
     batch = make_batch([1, 5, 1], [30, 12, 1], num_heads=8, num_kv_heads=2, poison=True, seed=1)
-    assert_close_to_reference(kernels.paged_attention(*batch.args()), reference_paged_attention(*batch.args()))
+    assert_close_to_reference(paged_kernels.paged_attention(*batch.args()), reference_paged_attention(*batch.args()))
     cache_write = make_cache_write([4, -1, 17], seed=2)
     expected = cache_write.clone_caches()
     reference_write_kv_cache(*expected.args())
-    kernels.write_kv_cache(*cache_write.args())
+    paged_kernels.write_kv_cache(*cache_write.args())
     assert torch.equal(cache_write.key_cache, expected.key_cache)
     assert torch.equal(cache_write.value_cache, expected.value_cache)
 
@@ -97,7 +97,7 @@ def test_another_cpu_gets_its_own_build(fresh, monkeypatch):
 
 
 def test_every_source_and_header_is_compiled_into_the_key(fresh, monkeypatch):
-    # A copy of kernels/csrc: editing any of its files (a header too) gives another library.
+    # A copy of kernels/paged_kernels/csrc: editing any of its files (a header too) gives another library.
     sources = fresh / "csrc"
     sources.mkdir()
     for path in cpu_extension.SOURCE_DIR.iterdir():
@@ -135,6 +135,6 @@ def test_concurrent_builders_compile_once(fresh, monkeypatch):
 
 def test_prepare_cpu_kernels_reports_what_will_serve(monkeypatch):
     monkeypatch.setattr(cpu_extension, "load", lambda: None)
-    assert kernels.prepare_cpu_kernels() is False
+    assert paged_kernels.prepare_cpu_kernels() is False
     monkeypatch.setattr(cpu_extension, "load", lambda: torch.ops.aten)
-    assert kernels.prepare_cpu_kernels() is True
+    assert paged_kernels.prepare_cpu_kernels() is True

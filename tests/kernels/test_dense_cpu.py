@@ -1,4 +1,4 @@
-"""The compiled dense kernels (kernels/csrc/dense_cpu.cpp: rms_norm, add_rms_norm, silu_and_mul,
+"""The compiled dense kernels (kernels/paged_kernels/csrc/dense_cpu.cpp: rms_norm, add_rms_norm, silu_and_mul,
 rotary_qkv) against the torch reference in paged/models/forward_ops.py, and forward_ops' choice
 between them (the kernel where it applies, the reference everywhere else).
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import cpu_extension
+from paged_kernels import cpu_extension
 from paged.models import forward_ops
 from paged.models.llama import LlamaForCausalLM, ModelArgs, rope_inverse_frequencies
 

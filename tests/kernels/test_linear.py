@@ -1,4 +1,4 @@
-"""kernels.linear: the oneDNN prepacked path computes what F.linear computes, in every dtype the host
+"""paged_kernels.linear: the oneDNN prepacked path computes what F.linear computes, in every dtype the host
 supports; the probe picks per row bucket from its measurements and degrades to F.linear, with a
 logged reason, when oneDNN is missing or fails."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import linear as kl
+from paged_kernels import linear as kl
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # bf16/fp16 outputs are rounded to 8/11 mantissa bits; the two paths may round different partial sums.
@@ -130,7 +130,7 @@ def test_probe_on_this_host_returns_figures_for_every_bucket():
 
 def test_probe_falls_back_to_torch_when_onednn_is_missing(monkeypatch, caplog):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="kernels.linear"):
+    with caplog.at_level(logging.WARNING, logger="paged_kernels.linear"):
         result = kl.probe_linear_plan([(random_linear(32, 16, torch.float32).weight, 1)], torch.float32)
     assert not result.plan.any_onednn and result.plan.describe() == "torch"
     assert "no oneDNN" in result.figures["reason"]
@@ -144,7 +144,7 @@ def test_probe_falls_back_to_torch_when_onednn_fails(monkeypatch, caplog):
         raise RuntimeError("could not create a primitive")
 
     monkeypatch.setattr(kl, "pack_weight", broken_pack)
-    with caplog.at_level(logging.WARNING, logger="kernels.linear"):
+    with caplog.at_level(logging.WARNING, logger="paged_kernels.linear"):
         result = kl.probe_linear_plan([(random_linear(32, 16, torch.float32).weight, 1)], torch.float32)
     assert result.plan.describe() == "torch" and "could not create a primitive" in result.figures["reason"]
     assert len(caplog.records) == 1

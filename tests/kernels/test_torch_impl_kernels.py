@@ -1,10 +1,10 @@
-"""The CPU implementation (kernels.torch_impl) vs the reference, on the same cases as the Triton
+"""The CPU implementation (paged_kernels.torch_impl) vs the reference, on the same cases as the Triton
 tests, through both of its paths: the compiled kernel (what ``torch_paged_attention`` runs once
 the kernels are loaded) and the plain-torch fallback."""
 import pytest
 import torch
 
-from kernels.reference import reference_paged_attention, reference_write_kv_cache
+from paged_kernels.reference import reference_paged_attention, reference_write_kv_cache
 from paged_cases import ATTENTION_CASES, DTYPES, assert_close_to_reference, make_batch, make_cache_write
 
 
@@ -12,7 +12,7 @@ from paged_cases import ATTENTION_CASES, DTYPES, assert_close_to_reference, make
 def impl(request):
     """(paged_attention, write_kv_cache) of one path."""
     # Imported per test so a missing or broken module fails these tests, not collection.
-    from kernels import torch_impl
+    from paged_kernels import torch_impl
 
     if request.param == "compiled":
         request.getfixturevalue("compiled_ops")

@@ -18,9 +18,9 @@ SCRIPT = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from kernels.reference import reference_paged_attention
-from kernels.triton_attention import triton_paged_attention
-from kernels.triton_cache import triton_write_kv_cache
+from paged_kernels.reference import reference_paged_attention
+from paged_kernels.triton_attention import triton_paged_attention
+from paged_kernels.triton_cache import triton_write_kv_cache
 
 block_size, num_kv_heads, head_dim = 16, 1, 64
 num_blocks = 2**21 + 4  # 2**31 + 4096 elements: offsets past block 2**21 overflow int32

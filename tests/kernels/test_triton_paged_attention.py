@@ -6,9 +6,9 @@ bf16 cases here exercise the interpreter path, where bf16 tiles are upcast to fp
 import pytest
 import torch
 
-from kernels import triton_attention
-from kernels.reference import reference_paged_attention
-from kernels.triton_attention import choose_num_splits, dot_mode, plan_launch, triton_paged_attention
+from paged_kernels import triton_attention
+from paged_kernels.reference import reference_paged_attention
+from paged_kernels.triton_attention import choose_num_splits, dot_mode, plan_launch, triton_paged_attention
 from paged_cases import ATTENTION_CASES, DTYPES, assert_close_to_reference, make_batch
 
 

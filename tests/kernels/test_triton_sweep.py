@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from kernels.reference import reference_paged_attention
-from kernels.triton_attention import triton_paged_attention
+from paged_kernels.reference import reference_paged_attention
+from paged_kernels.triton_attention import triton_paged_attention
 from paged_cases import DTYPES, assert_close_to_reference, make_batch
 
 BLOCK_SIZES = [1, 2, 5, 8, 16, 32, 64, 128, 256]

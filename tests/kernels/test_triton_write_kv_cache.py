@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.reference import reference_write_kv_cache
-from kernels.triton_cache import triton_write_kv_cache
+from paged_kernels.reference import reference_write_kv_cache
+from paged_kernels.triton_cache import triton_write_kv_cache
 from paged_cases import DTYPES, make_cache_write
 
 

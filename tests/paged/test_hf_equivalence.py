@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kernels.linear import onednn_unavailable_reason
+from paged_kernels.linear import onednn_unavailable_reason
 from paged import LLM, SamplingParams
 from paged.models.llama import LlamaForCausalLM
 
@@ -152,6 +152,7 @@ def assert_equal_to_reference(outputs, reference: list[Reference]) -> None:
     assert_matches_reference([out.outputs[0].token_ids for out in outputs], reference)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_greedy_equals_hf_for_block_size(tiny_llama_dir, llama_reference, block_size):
     llm, outputs = run_engine(tiny_llama_dir, block_size=block_size, num_kv_blocks=4096 // block_size + 64)
@@ -226,6 +227,7 @@ def test_parallel_greedy_samples_share_the_prompt_and_equal_hf(tiny_llama_dir, l
     assert_pool_whole(llm)
 
 
+@pytest.mark.smoke
 def test_greedy_equals_hf_on_qwen2_style_checkpoint(tiny_qwen2_dir):
     reference = hf_greedy(str(tiny_qwen2_dir), PROMPTS, MAX_TOKENS)
     llm, outputs = run_engine(tiny_qwen2_dir, block_size=16, num_kv_blocks=512, max_num_batched_tokens=48)

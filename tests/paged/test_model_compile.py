@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from kernels.linear import onednn_unavailable_reason
+from paged_kernels.linear import onednn_unavailable_reason
 from paged.models import forward_ops
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM
 from paged.step_timer import StepTimer

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 # The one import of the test launcher (it may move; fix the path here).
-from tools.ts_launcher import build_model_folder, serving
+from paged_tools.ts_launcher import build_model_folder, serving
 from paged import LLM, SamplingParams
 from tp_helpers import pids_alive, wait_gone
 from tp_reference import HFReference, compare_greedy

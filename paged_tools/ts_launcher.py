@@ -115,7 +115,7 @@ class TorchServe:
             "grpc_inference_port": str(self.grpc),
             "grpc_management_port": str(self.grpc_mgmt),
             "model_store": str(self.store),
-            "metrics_config": str(ROOT / "handler" / "metrics.yaml"),
+            "metrics_config": str(ROOT / "handler" / "paged_handler" / "metrics.yaml"),
         })
         path = self.workdir / "config.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))

@@ -324,7 +324,7 @@ def triton_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
                            query_start_loc: torch.Tensor, scale: float, *,
                            num_splits: int | None = None, block_q: int | None = None,
                            block_n: int | None = None) -> torch.Tensor:
-    """See ``kernels.paged_attention``. Keyword-only knobs for tests and tuning:
+    """See ``paged_kernels.paged_attention``. Keyword-only knobs for tests and tuning:
     ``num_splits`` forces the split-K factor (1 = no split), ``block_q`` the query tokens per
     tile (power of two), ``block_n`` the keys per inner step (power of two, >= 16)."""
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)

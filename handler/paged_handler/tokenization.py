@@ -16,7 +16,7 @@ import json
 import queue
 import threading
 
-from handler.errors import RequestError
+from paged_handler.errors import RequestError
 
 
 def _load(model_dir: str):

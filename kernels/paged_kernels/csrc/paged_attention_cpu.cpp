@@ -1,4 +1,4 @@
-// Paged attention and KV-cache writes on CPU tensors: the kernels contract (kernels/__init__.py)
+// Paged attention and KV-cache writes on CPU tensors: the kernels contract (kernels/paged_kernels/__init__.py)
 // as two torch operators, torch.ops.paged_cpu.paged_attention and torch.ops.paged_cpu.write_kv_cache.
 //
 // Attention is split into work items, each one (sequence, KV head, run of that sequence's new

@@ -1,9 +1,9 @@
 """The serving core, protocol-neutral: admit a request, run it on the engine, stream or collect it.
 
-One path for every route: decode and validate the body (handler/schemas.py), tokenize off the
-event loop (handler/tokenization.py), check it against the engine's limits, then one stream loop
-turns engine outputs into chunks with the route's response format (handler/formats.py). Nothing
-here knows TorchServe: the adapter (handler/ts_adapter.py) hands in the body and a ``send``
+One path for every route: decode and validate the body (handler/paged_handler/schemas.py), tokenize off the
+event loop (handler/paged_handler/tokenization.py), check it against the engine's limits, then one stream loop
+turns engine outputs into chunks with the route's response format (handler/paged_handler/formats.py). Nothing
+here knows TorchServe: the adapter (handler/paged_handler/ts_adapter.py) hands in the body and a ``send``
 callable for intermediate chunks, and frames the returned ``Answer``.
 
 Every check that can refuse a request runs before the engine sees it, so a refused request costs
@@ -23,11 +23,11 @@ from paged.async_engine import AsyncLLMEngine
 from paged.outputs import RequestOutput
 from paged.sampling_params import SamplingParams
 
-from handler import formats
-from handler.errors import RequestError, from_engine_error
-from handler.formats import ChoiceTracker, Delta, ResponseContext, ResponseFormat
-from handler.schemas import ChatRequest, CompletionRequest, NativeRequest, decode_body, make_sampling_params, validate
-from handler.tokenization import TokenizerPool
+from paged_handler import formats
+from paged_handler.errors import RequestError, from_engine_error
+from paged_handler.formats import ChoiceTracker, Delta, ResponseContext, ResponseFormat
+from paged_handler.schemas import ChatRequest, CompletionRequest, NativeRequest, decode_body, make_sampling_params, validate
+from paged_handler.tokenization import TokenizerPool
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Builds and loads the compiled CPU kernels: every source in kernels/csrc/ into one library.
+"""Builds and loads the compiled CPU kernels: every source in kernels/paged_kernels/csrc/ into one library.
 
 ``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``write_kv_cache``, from
 paged_attention_cpu.cpp; the dense layer work: ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,

@@ -1,8 +1,8 @@
 """Response formats, one per protocol: native (NDJSON streams), gRPC (native JSON, one object per
 message), OpenAI completions and OpenAI chat (server-sent events).
 
-A format only turns engine outputs into text; the stream loop (handler/service.py) decides when to
-send what, and the TorchServe adapter (handler/ts_adapter.py) how it travels. ``max_answer_bytes``
+A format only turns engine outputs into text; the stream loop (handler/paged_handler/service.py) decides when to
+send what, and the TorchServe adapter (handler/paged_handler/ts_adapter.py) how it travels. ``max_answer_bytes``
 bounds the size of a whole non-streamed answer before generation starts, so that an answer that
 could outgrow the frontend's response limit is refused instead of killing the worker.
 """
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from paged.outputs import RequestOutput
 
-from handler.errors import RequestError
+from paged_handler.errors import RequestError
 
 SSE_DONE = "data: [DONE]\n\n"
 _FLOAT_BYTES = 26      # a float as JSON ("-1.2345678901234567e-05") and its separator

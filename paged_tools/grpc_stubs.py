@@ -3,9 +3,9 @@
 TorchServe ships ``inference.proto`` / ``management.proto`` inside ``ts/frontend/model-server.jar``;
 we extract them and run ``grpc_tools.protoc`` (packages grpcio-tools, googleapis-common-protos).
 
-    python -m tools.grpc_stubs OUT_DIR      # writes inference_pb2*.py, management_pb2*.py
+    python -m paged_tools.grpc_stubs OUT_DIR      # writes inference_pb2*.py, management_pb2*.py
 
-    from tools.grpc_stubs import load_stubs
+    from paged_tools.grpc_stubs import load_stubs
     inference_pb2, inference_pb2_grpc = load_stubs(OUT_DIR)
 """
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 from paged.errors import InvalidRequestError
 from paged.sampling_params import LIMITS, LIST_LIMITS, SamplingParams
 
-from handler.errors import RequestError
+from paged_handler.errors import RequestError
 
 MAX_JSON_DEPTH = 16  # the deepest legal body (chat content parts) is 5 levels
 Number = Union[StrictInt, StrictFloat]
@@ -47,7 +47,7 @@ def _sampling_field(name: str, hint: Any) -> tuple[Any, Any]:
         return conlist(conint(strict=True, ge=0), max_length=most) | None, Field(None)
     if hint is bool:
         return StrictBool | None, Field(None)
-    raise TypeError(f"SamplingParams.{name}: no request schema for this field; add it to handler/schemas.py")
+    raise TypeError(f"SamplingParams.{name}: no request schema for this field; add it to handler/paged_handler/schemas.py")
 
 
 _HINTS = typing.get_type_hints(SamplingParams)

@@ -46,7 +46,7 @@ def _write_kv_cache_kernel(
 
 def triton_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                           value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """See ``kernels.write_kv_cache``. Any strides; K/V are cast to the cache dtype."""
+    """See ``paged_kernels.write_kv_cache``. Any strides; K/V are cast to the cache dtype."""
     if key.dim() != 3 or value.shape != key.shape:
         raise ValueError(f"key/value must both be [num_tokens, num_kv_heads, head_dim], "
                          f"got {tuple(key.shape)} and {tuple(value.shape)}")

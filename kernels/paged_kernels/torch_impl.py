@@ -1,7 +1,7 @@
 """The torch implementation of the kernels contract: the serving path on CPU.
 
-Two paths with the same results. The compiled one (kernels/csrc/paged_attention_cpu.cpp, built
-and loaded by ``kernels.cpu_extension``) reads each K/V block once, in place through the block
+Two paths with the same results. The compiled one (kernels/paged_kernels/csrc/paged_attention_cpu.cpp, built
+and loaded by ``paged_kernels.cpu_extension``) reads each K/V block once, in place through the block
 table, over each sequence's exact length, for every q_len in one call: decode, chunked prefill,
 prefill over cached blocks and fresh prefill alike (measured faster than SDPA on dense K/V even
 for a fresh 512-token prompt, so no prefill is routed to SDPA). The plain-torch one is the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_extension
+from paged_kernels import cpu_extension
 
 
 MAX_COMPILED_HEAD_DIM = 256
@@ -49,7 +49,7 @@ def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
                           query_start_loc: torch.Tensor, scale: float,
                           workspace: dict | None = None) -> torch.Tensor:
-    """See ``kernels.paged_attention``: the compiled kernel where it is loaded, else plain torch."""
+    """See ``paged_kernels.paged_attention``: the compiled kernel where it is loaded, else plain torch."""
     # What the compiled kernel needs is the same for every layer of a step: decided once.
     step = workspace.get("compiled_args") if workspace is not None else None
     if step is None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu_extension
-from kernels.torch_impl import torch_paged_attention, torch_write_kv_cache
+from paged_kernels import cpu_extension
+from paged_kernels.torch_impl import torch_paged_attention, torch_write_kv_cache
 
 BACKENDS = ("torch", "triton")
 
@@ -27,7 +27,7 @@ def write_kv_cache(key, value, key_cache, value_cache, slot_mapping, backend: st
     """Scatter each token's K/V ([num_tokens, num_kv_heads, head_dim]) into the paged caches
     ([num_blocks, block_size, num_kv_heads, head_dim]) at ``slot_mapping`` (slot -1 = skip)."""
     if _pick_backend(key, backend) == "triton":
-        from kernels.triton_cache import triton_write_kv_cache
+        from paged_kernels.triton_cache import triton_write_kv_cache
 
         triton_write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
@@ -45,7 +45,7 @@ def paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query
     an implementation may keep per-step plans there. Never reuse it across steps.
     """
     if _pick_backend(query, backend) == "triton":
-        from kernels.triton_attention import triton_paged_attention
+        from paged_kernels.triton_attention import triton_paged_attention
 
         return triton_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                       query_start_loc, scale)

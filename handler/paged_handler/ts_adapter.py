@@ -2,7 +2,7 @@
 
 TorchServe runs the handler in ``asyncCommunication`` mode: every request is its own ``handle``
 coroutine on the worker's asyncio loop; the engine steps on its own thread (paged/async_engine.py)
-and the serving logic lives in handler/service.py. The rules of TorchServe 0.12 this module
+and the serving logic lives in handler/paged_handler/service.py. The rules of TorchServe 0.12 this module
 follows (docs/serving.md explains each):
 
 - ``handle`` never raises: one raise is delivered to every in-flight request of the worker.
@@ -31,10 +31,10 @@ from typing import Any
 from paged.async_engine import AsyncLLMEngine
 from paged.shared_prefixes import engine_factory_with_prefixes
 
-from handler.errors import INTERNAL_ERROR, RequestError, phrase
-from handler.lifecycle import ParentWatchdog, exit_when_drained
-from handler.service import Answer, LLMService
-from handler.settings import HANDLER_DEFAULTS, parse_handler_config
+from paged_handler.errors import INTERNAL_ERROR, RequestError, phrase
+from paged_handler.lifecycle import ParentWatchdog, exit_when_drained
+from paged_handler.service import Answer, LLMService
+from paged_handler.settings import HANDLER_DEFAULTS, parse_handler_config
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ class TorchServeHandler:
 
     # ------------------------------------------------------------------ load
     def initialize(self, context) -> None:
-        from handler.metrics import ServingMetrics
-        from handler.tokenization import TokenizerPool
+        from paged_handler.metrics import ServingMetrics
+        from paged_handler.tokenization import TokenizerPool
 
         self.watchdog = ParentWatchdog().start()
         serialize_backend_writes()

@@ -1,7 +1,7 @@
 """Engine and request metrics through TorchServe's metrics API (shown on the Prometheus endpoint).
 
 The backend logs ``[METRICS]`` lines; the frontend turns the ones declared in the metrics config
-(handler/metrics.yaml) into Prometheus series on the metrics port. Gauges are refreshed from the
+(handler/paged_handler/metrics.yaml) into Prometheus series on the metrics port. Gauges are refreshed from the
 engine's published stats by a periodic task while there is traffic, and once more when it goes
 idle so they fall back to zero. Never raises: metrics must not break a request.
 """
