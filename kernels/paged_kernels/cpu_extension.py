@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 LIBRARY_NAME = "paged_cpu"
 BUILD_TIMEOUT_S = 600
+# torch's headers need C++20 from torch 2.14 on (2.13's build with it too).
+LANGUAGE_STANDARD = "-std=c++20"
 # Tried in order; the portable set is for a compiler that rejects -march=native.
 FLAG_SETS = (
     ["-O3", "-march=native", "-ffp-contract=fast"],
@@ -97,7 +99,7 @@ def _command(cxx: str, flags: list[str], output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib_dirs = library_paths()
-    command = [cxx, *flags, "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+    command = [cxx, *flags, LANGUAGE_STANDARD, "-shared", "-fPIC", "-fopenmp", "-w",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     for include in include_paths():
         command += ["-isystem", include]
@@ -126,7 +128,7 @@ def _library_path() -> Path:
     source = _source_digest()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *flags]).encode(), torch.__version__.encode(),
+        key = hashlib.sha256(b"\0".join([source, " ".join([cxx, LANGUAGE_STANDARD, *flags]).encode(), torch.__version__.encode(),
                                          _host_cpu().encode()])).hexdigest()[:16]
         directory = _build_root() / key
         library = directory / f"{LIBRARY_NAME}.so"
