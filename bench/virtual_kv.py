@@ -1,14 +1,16 @@
 """The OS side of virtual-contiguous KV (paged/virtual_kv.py): what committing pages on write costs,
 eager vs deferred reclamation, base vs huge pages, and the memory each page size wastes.
 
-1. Churn: ``--sequences`` sequences in turn (each: a prompt written at once, then tokens written one
-   at a time as decode does, through ``write_kv_contiguous`` for every layer, then released), with
-   ``--concurrent`` of them live at a time. Configurations: eager reclaim (MADV_DONTNEED at every
-   release: each new sequence faults its pages in again, zeroed by the kernel) vs deferred reclaim
-   (released slots stay warm and the next sequence reuses their pages), each on 4 KiB pages and on
-   transparent huge pages. Reported: wall time per sequence (writes + release), minor page faults
-   per sequence (getrusage: the whole process, which does nothing else meanwhile), and the memory
-   still resident at the end (what deferral holds on to). Median of interleaved repeats.
+1. Churn: ``--sequences`` sequences in turn, ``--concurrent`` of them live at a time; each reserves
+   ``--tokens`` tokens, writes them (one copy per layer's K and V: the memory traffic of its
+   prefill and decode writes without the engine's per-step overhead, which is the same in every
+   configuration) and is released. Configurations: eager reclaim (MADV_DONTNEED at every release:
+   each new sequence faults its pages in again, zeroed by the kernel) vs deferred reclaim (released
+   slots stay warm and the next sequence reuses their pages), each on 4 KiB pages and on
+   transparent huge pages. Reported: the thread's CPU time (user + system: page faults and zeroing
+   count, other processes do not) per sequence and per token, minor page faults per sequence
+   (getrusage: the whole process, which does nothing else meanwhile), and the memory still
+   resident at the end (what deferral holds on to). Median of interleaved repeats.
 2. Granularity: for a set of sequences with lognormal lengths, the KV memory committed (4 KiB
    pages, 2 MiB pages, paged blocks of 16 and 128 tokens) against the bytes the tokens need.
 
@@ -37,7 +39,6 @@ if str(ROOT) not in sys.path:
 
 from paged.os_memory import base_page_bytes, huge_page_bytes_of_host, transparent_huge_page_mode  # noqa: E402
 from paged.virtual_kv import VirtualKVCache  # noqa: E402
-from paged_kernels import contiguous_slot_mapping, write_kv_contiguous  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "virtual_kv.json"
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 8, 2, 64, torch.float32  # the default model's KV
@@ -51,39 +52,34 @@ def configurations(huge_pages: bool) -> list[tuple[str, bool, bool]]:
     return out
 
 
-def churn(cache: VirtualKVCache, args, new_kv: torch.Tensor) -> tuple[float, int]:
-    """Runs the sequences through the cache; returns (seconds, minor faults)."""
+def churn(cache: VirtualKVCache, args, tokens: torch.Tensor) -> tuple[float, int]:
+    """Runs the sequences through the cache; returns (thread CPU seconds, minor faults)."""
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    live: list[tuple[int, int]] = []  # (slot, tokens written)
+    start = time.thread_time()
+    live: list[int] = []
     for _ in range(args.sequences):
         if len(live) == args.concurrent:
-            cache.release(live.pop(0)[0])
+            cache.release(live.pop(0))
         slot = cache.allocate()
-        live.append((slot, 0))
-        for num_new in [args.prompt] + [1] * args.generate:
-            slot, written = live[-1]
-            cache.reserve(slot, written + num_new)
-            mapping = contiguous_slot_mapping(torch.full((num_new,), slot), torch.arange(written, written + num_new),
-                                              cache.max_model_len)
-            for layer in range(cache.num_layers):
-                write_kv_contiguous(new_kv[:num_new], new_kv[:num_new], cache.key_caches[layer],
-                                    cache.value_caches[layer], mapping)
-            live[-1] = (slot, written + num_new)
-    for slot, _ in live:
+        live.append(slot)
+        cache.reserve(slot, args.tokens)
+        for layer in range(cache.num_layers):
+            cache.key_caches[layer][slot, :args.tokens] = tokens
+            cache.value_caches[layer][slot, :args.tokens] = tokens
+    for slot in live:
         cache.release(slot)
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    return time.thread_time() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
 
 
 def measure_churn(args) -> list[dict]:
-    new_kv = torch.randn(args.prompt, KV_HEADS, HEAD_DIM).to(DTYPE)
+    tokens = torch.randn(args.tokens, KV_HEADS, HEAD_DIM).to(DTYPE)
     configs = configurations(args.huge_pages)
-    caches = {name: VirtualKVCache(LAYERS, KV_HEADS, HEAD_DIM, DTYPE, args.concurrent, args.prompt + args.generate,
+    caches = {name: VirtualKVCache(LAYERS, KV_HEADS, HEAD_DIM, DTYPE, args.concurrent, args.tokens,
                                    huge_pages=huge, deferred_reclaim=deferred) for name, huge, deferred in configs}
     samples = {name: [] for name, *_ in configs}
     for repeat in range(args.repeats + 1):  # the first round warms up (and fills the deferred pools)
         for name, *_ in configs[repeat % len(configs):] + configs[:repeat % len(configs)]:
-            seconds, faults = churn(caches[name], args, new_kv)
+            seconds, faults = churn(caches[name], args, tokens)
             if repeat:
                 samples[name].append((seconds, faults))
     rows = []
@@ -92,6 +88,7 @@ def measure_churn(args) -> list[dict]:
         faults = statistics.median(f for _, f in samples[name])
         rows.append(dict(config=name, huge_pages=huge, deferred_reclaim=deferred,
                          us_per_sequence=round(seconds * 1e6 / args.sequences, 1),
+                         ns_per_token=round(seconds * 1e9 / (args.sequences * args.tokens), 1),
                          faults_per_sequence=round(faults / args.sequences, 1),
                          resident_after_bytes=caches[name].resident_bytes()))
     return rows
@@ -121,8 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sequences", type=int, default=64)
     p.add_argument("--concurrent", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=200)
-    p.add_argument("--generate", type=int, default=100)
+    p.add_argument("--tokens", type=int, default=300, help="tokens each sequence writes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--granularity-seqs", type=int, default=256)
     p.add_argument("--median-len", type=int, default=300)
@@ -131,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script only")
     args = p.parse_args(argv)
     if args.smoke:
-        args.sequences, args.concurrent, args.prompt, args.generate, args.repeats = 6, 2, 20, 5, 1
+        args.sequences, args.concurrent, args.tokens, args.repeats = 6, 2, 25, 1
         args.granularity_seqs = 16
     args.huge_pages = args.huge_pages and transparent_huge_page_mode() != "never"
     return args
@@ -142,13 +138,14 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     print(f"{LAYERS} layers x {KV_HEADS} KV heads x head_dim {HEAD_DIM}, fp32; THP {transparent_huge_page_mode()}; "
           f"load average {load_before[0]:.2f}")
-    print(f"churn: {args.sequences} sequences, {args.concurrent} live at a time, prompt {args.prompt} + "
-          f"{args.generate} decode writes; median of {args.repeats}")
+    print(f"churn: {args.sequences} sequences of {args.tokens} tokens, {args.concurrent} live at a time; "
+          f"thread CPU time, median of {args.repeats}")
     with torch.inference_mode():
         churn_rows = measure_churn(args)
-    print(f"{'config':14} {'us/sequence':>12} {'faults/seq':>11} {'resident after':>15}")
+    print(f"{'config':14} {'us/sequence':>12} {'ns/token':>9} {'faults/seq':>11} {'resident after':>15}")
     for row in churn_rows:
-        print(f"{row['config']:14} {row['us_per_sequence']:12.1f} {row['faults_per_sequence']:11.1f} "
+        print(f"{row['config']:14} {row['us_per_sequence']:12.1f} {row['ns_per_token']:9.1f} "
+              f"{row['faults_per_sequence']:11.1f} "
               f"{row['resident_after_bytes'] / 2**20:12.1f} MiB")
     granularity_rows = granularity(args)
     print(f"granularity: {args.granularity_seqs} sequences, lognormal lengths around {args.median_len}")
@@ -159,8 +156,8 @@ def main(argv=None) -> int:
     report = dict(shapes=dict(layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="float32"),
                   transparent_huge_pages=transparent_huge_page_mode(), threads=torch.get_num_threads(),
                   load_average_before=load_before, load_average_after=os.getloadavg(),
-                  churn=dict(sequences=args.sequences, concurrent=args.concurrent, prompt=args.prompt,
-                             generate=args.generate, repeats=args.repeats, results=churn_rows),
+                  churn=dict(sequences=args.sequences, concurrent=args.concurrent, tokens=args.tokens,
+                             clock="thread CPU time", repeats=args.repeats, results=churn_rows),
                   granularity=dict(sequences=args.granularity_seqs, median_len=args.median_len,
                                    results=granularity_rows))
     out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
