@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.attention_cpu import host_cpu  # noqa: E402
 from paged.os_memory import AnonymousMapping, huge_page_bytes_of_host, transparent_huge_page_mode  # noqa: E402
 from paged.virtual_kv import VirtualKVCache  # noqa: E402
 from paged_kernels import cpu_extension  # noqa: E402
@@ -156,16 +157,6 @@ def time_layouts(built: dict, scale: float, repeats: int, num_layers: int, clock
             step(built, name, scale)
             samples[name].append((clock() - start) * 1e6 / num_layers)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def host_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -37,6 +37,18 @@ def _int32(index: torch.Tensor) -> torch.Tensor:
     return index.to(torch.int32).contiguous()
 
 
+def _compiled_step(workspace: dict | None, key: str, query: torch.Tensor, *indices: torch.Tensor) -> tuple:
+    """(ops, *indices as contiguous int32) for the compiled kernel, () where it cannot run. The same
+    for every layer of a step, so decided once and kept in the step's workspace under ``key``."""
+    step = workspace.get(key) if workspace is not None else None
+    if step is None:
+        ops = _compiled_ops(query)
+        step = (ops, *(_int32(index) for index in indices)) if ops is not None else ()
+        if workspace is not None:
+            workspace[key] = step
+    return step
+
+
 def torch_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_dim] into flat slots; slot -1 is skipped."""
@@ -54,13 +66,7 @@ def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
                           query_start_loc: torch.Tensor, scale: float,
                           workspace: dict | None = None) -> torch.Tensor:
     """See ``paged_kernels.paged_attention``: the compiled kernel where it is loaded, else plain torch."""
-    # What the compiled kernel needs is the same for every layer of a step: decided once.
-    step = workspace.get("compiled_args") if workspace is not None else None
-    if step is None:
-        ops = _compiled_ops(query)
-        step = (ops, _int32(block_tables), _int32(seq_lens), _int32(query_start_loc)) if ops is not None else ()
-        if workspace is not None:
-            workspace["compiled_args"] = step
+    step = _compiled_step(workspace, "compiled_args", query, block_tables, seq_lens, query_start_loc)
     if not step:
         return plain_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                      query_start_loc, scale, workspace)
@@ -73,12 +79,7 @@ def torch_contiguous_attention(query: torch.Tensor, key_cache: torch.Tensor, val
                                query_start_loc: torch.Tensor, scale: float,
                                workspace: dict | None = None) -> torch.Tensor:
     """See ``paged_kernels.contiguous_attention``: the compiled kernel where it is loaded, else plain torch."""
-    step = workspace.get("compiled_contiguous_args") if workspace is not None else None
-    if step is None:
-        ops = _compiled_ops(query)
-        step = (ops, _int32(seq_slots), _int32(seq_lens), _int32(query_start_loc)) if ops is not None else ()
-        if workspace is not None:
-            workspace["compiled_contiguous_args"] = step
+    step = _compiled_step(workspace, "compiled_contiguous_args", query, seq_slots, seq_lens, query_start_loc)
     if not step:
         return plain_contiguous_attention(query, key_cache, value_cache, seq_slots, seq_lens, query_start_loc,
                                           scale, workspace)
