@@ -1,9 +1,9 @@
 """Builds and loads the compiled CPU kernels: every source in kernels/paged_kernels/csrc/ into one library.
 
-``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``write_kv_cache``, from
-paged_attention_cpu.cpp; the dense layer work: ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,
-``rotary_qkv``, from dense_cpu.cpp) or None when the kernels cannot be had; callers then keep the
-plain-torch path. The first call in a process builds (tens of seconds, once per set of sources and
+``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``contiguous_attention``,
+``write_kv_cache``, from paged_attention_cpu.cpp; the dense layer work: ``rms_norm``,
+``add_rms_norm``, ``silu_and_mul``, ``rotary_qkv``, from dense_cpu.cpp) or None when the kernels
+cannot be had; callers then keep the plain-torch path. The first call in a process builds (tens of seconds, once per set of sources and
 headers, compiler flags, torch version and host CPU) or loads the cached library (milliseconds):
 an engine calls it while loading, never inside a request.
 
