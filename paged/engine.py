@@ -26,26 +26,25 @@ import torch
 from transformers import AutoTokenizer
 
 from paged import block_size_profile, decoding
-from paged.block_manager import BlockManager
 from paged.config import EngineConfig
 from paged.decoding import Decoder
 from paged.detokenizer import Detokenizer
 from paged.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from paged.model_runner import DTYPES, ModelRunner
 from paged.models.llama import ModelArgs
-from paged.outputs import CompletionOutput, RequestOutput
+from paged.outputs import CompletionOutput, FinishReason, RequestOutput
 from paged.parallel.errors import WorkerGroupError
-from paged.parallel.partition import kv_bytes_per_token_per_rank
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
-from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
+from paged.kv_sizing import plan_kv_cache, preemption_cost_model
+from paged.scheduler import Scheduler, SchedulerOutput
 from paged.sequence import Sequence, SequenceGroup, SequenceStatus
-from paged.shared_prefixes import SharedPrefixes, is_prefix_request
+from paged.shared_prefixes import SharedPrefixRegistry
+from paged.stats import kv_stats_dict
 from paged.step_timer import StepTimer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_BYTES = 1 << 30
 MAX_CONSECUTIVE_STEP_FAULTS = 3
 
 
@@ -78,36 +77,13 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {limit}")
         self.max_model_len = config.max_model_len or limit
-        element_size = torch.tensor([], dtype=DTYPES[config.dtype]).element_size()
-        # With tensor parallel every rank holds num_blocks blocks of its own KV heads, so the KV
-        # memory settings are per rank (as vLLM's are per GPU). Raises for a model that cannot be
-        # split over tensor_parallel_size, before anything starts.
-        block_bytes = (kv_bytes_per_token_per_rank(args, config.tensor_parallel_size) * element_size
-                       * config.block_size)
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        else:
-            num_blocks = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES) // block_bytes
-            if num_blocks < 1:
-                raise ValueError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds no block "
-                                 f"of {block_bytes} bytes")
-        num_cpu_prefix_blocks = config.cpu_prefix_cache_bytes // block_bytes
-        if config.cpu_prefix_cache_bytes and not num_cpu_prefix_blocks:
-            raise ValueError(f"cpu_prefix_cache_bytes {config.cpu_prefix_cache_bytes} holds no block of "
-                             f"{block_bytes} bytes")
-        # one CPU pool for swap and the CPU prefix tier; the tier never takes more than its share
-        num_cpu_blocks = config.swap_space_bytes // block_bytes + num_cpu_prefix_blocks
-        self.block_manager = BlockManager(num_blocks, num_cpu_blocks, config.block_size,
-                                          config.enable_prefix_caching, num_cpu_prefix_blocks)
-        num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
-                                        + args.num_heads * args.head_dim * args.hidden_size
-                                        + 3 * args.hidden_size * args.intermediate_size)
-        cost_model = PreemptionCostModel(flops_per_token=2.0 * num_params, block_bytes=block_bytes)
+        layout = plan_kv_cache(config, args)
         self.eos_token_ids = _eos_token_ids(config.model, args, self.tokenizer)
-        self.scheduler = Scheduler(config, self.block_manager, cost_model, self.eos_token_ids, self.max_model_len)
+        self.scheduler = Scheduler(config, layout, preemption_cost_model(args, layout), self.eos_token_ids,
+                                   self.max_model_len)
         torch.manual_seed(config.seed)
         self.timer = StepTimer()
-        self.runner = self._make_runner(num_blocks, num_cpu_blocks)
+        self.runner = self._make_runner(layout.num_blocks, layout.num_cpu_blocks)
         self.decoder = Decoder(Sampler(self.eos_token_ids), self.eos_token_ids, self._new_seq_id)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
@@ -118,13 +94,9 @@ class LLMEngine:
         self.num_step_faults = 0
         self._consecutive_step_faults = 0
         self.first_fault: str | None = None
-        self._utilization_sum = 0.0
-        self._utilization_steps = 0
         self._restart_ranks = False
         self.closed = False
-        self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
-        self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
-        self.prefixes = SharedPrefixes()
+        self.prefixes = SharedPrefixRegistry()
         self.length_profile = block_size_profile.LengthProfile()
         self._attention_cost_s: dict[int, float] | None = None
 
@@ -174,13 +146,7 @@ class LLMEngine:
         if bad_stop_ids:
             raise InvalidRequestError("stop_token_ids", f"stop token id {bad_stop_ids[0]} is outside the "
                                                         f"vocabulary [0, {self.vocab_size})")
-        bm = self.block_manager
-        needed = bm.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
-        available = bm.num_blocks - bm.num_pinned_blocks
-        if needed > available:
-            pinned = f", {bm.num_pinned_blocks} of them pinned by shared prefixes" if bm.num_pinned_blocks else ""
-            raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
-                                                    f"has {bm.num_blocks}{pinned} (short by {needed - available})")
+        self.scheduler.check_fits(num_prompt_tokens, params)
 
     def validate_request(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         """Everything ``add_request`` checks about the request itself, without queueing it:
@@ -205,6 +171,10 @@ class LLMEngine:
         if not self.can_accept_request():
             raise EngineOverloadedError(f"{self.config.max_waiting_requests} requests are already waiting")
         text, token_ids = self.validate_request(prompt, params)
+        self._queue(request_id, text, token_ids, params, arrival_time, stream)
+
+    def _queue(self, request_id: str, text: str | None, token_ids: list[int], params: SamplingParams,
+               arrival_time: float | None, stream: bool, internal: bool = False) -> None:
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else \
@@ -213,7 +183,7 @@ class LLMEngine:
         arrival = time.time() if arrival_time is None else arrival_time
         deadline = arrival + self.config.request_timeout_s if self.config.request_timeout_s else None
         group = SequenceGroup(request_id, text, token_ids, params, self._new_seq_id(), arrival, generator,
-                              deadline, stream)
+                              deadline, stream, internal)
         self._num_requests_added += 1
         self.requests[request_id] = group
         self.scheduler.add(group)
@@ -227,14 +197,10 @@ class LLMEngine:
         output. Unknown ids are ignored."""
         group = self.requests.pop(request_id, None)
         if group is not None:
-            self._end_group(group, "abort")
+            self._end_group(group, FinishReason.ABORT)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.requests)
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -264,10 +230,10 @@ class LLMEngine:
                     grown = self.scheduler.update_from_output(plan, decisions)
                     self.num_generated_tokens_total += len(grown)
                     for group, error in decisions.failed.values():
-                        self._end_group(group, "error", error)
+                        self._end_group(group, FinishReason.ERROR, error)
                         touched[group.request_id] = group
                     self._detokenize(grown, touched)
-                self._record_utilization()
+                self.scheduler.record_kv_usage()
         with self.timer.phase("outputs"):
             outputs = [self._make_output(g) for g in touched.values() if g.stream or g.is_finished]
         self.timer.step_done()
@@ -283,14 +249,14 @@ class LLMEngine:
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
             params = group.params
-            if seq.finish_reason == "stop" or (not group.stream and not params.stop):
+            if seq.finish_reason == FinishReason.STOP or (not group.stream and not params.stop):
                 continue  # a stop token shows no text; unread text is decoded once, at the end
             stops = params.stop if seq.num_output_tokens >= params.min_tokens and not params.use_beam_search else []
             if self.detokenizer.append_token(seq, stops):
                 if seq.is_finished:
-                    seq.finish_reason = "stop"  # the stop string wins over a length limit hit at once
+                    seq.finish_reason = FinishReason.STOP  # the stop string wins over a length limit hit at once
                 else:
-                    self.scheduler.finish(seq, "stop")
+                    self.scheduler.finish(seq, FinishReason.STOP)
 
     def _fail_plan(self, plan: SchedulerOutput, exc: Exception, touched: dict[str, SequenceGroup]) -> None:
         """Running the plan raised: every request in it (and every one swapped out by it, whose
@@ -301,13 +267,13 @@ class LLMEngine:
         if self.first_fault is None:
             self.first_fault = cause
         logger.exception("a step failed; failing its %d sequence(s)", len(plan.scheduled))
-        self.block_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)
+        self.scheduler.abandon_plan(plan)
         groups = {id(item.seq.group): item.seq.group for item in plan.scheduled}
         groups.update((id(g), g) for g in plan.swapped_out)
         error = RequestFailedError(f"the engine failed while running this request ({type(exc).__name__})", 500)
         for group in groups.values():
             if group.request_id in self.requests:
-                self._end_group(group, "error", error)
+                self._end_group(group, FinishReason.ERROR, error)
                 touched[group.request_id] = group
         if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
             raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
@@ -330,7 +296,7 @@ class LLMEngine:
                                    f"({exc.summary}); retry the request", 503)
         for group in list(self.requests.values()):
             if any(seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED) for seq in group.seqs):
-                self._end_group(group, "error", error)
+                self._end_group(group, FinishReason.ERROR, error)
                 touched[group.request_id] = group
         self._reset_block_pool()
         if self.config.tensor_parallel_nnodes > 1:
@@ -342,18 +308,13 @@ class LLMEngine:
         self._restart_ranks = True
 
     def _reset_block_pool(self) -> None:
-        """A fresh, empty block manager of the same shape (no holder is left: only waiting
-        sequences, which hold no blocks, survive a lost group); prefix statistics carry over."""
-        old = self.block_manager
-        fresh = BlockManager(old.num_blocks, old.num_cpu_blocks, old.block_size, old.prefix_cache.enabled,
-                             old.cpu_pool.num_prefix_blocks)
-        fresh.prefix_cache.queried_tokens = old.prefix_cache.queried_tokens
-        fresh.prefix_cache.hit_tokens = old.prefix_cache.hit_tokens
-        self.block_manager = self.scheduler.block_manager = fresh
-        if self.prefixes.texts:  # their pinned KV went with the ranks
+        """Empty the pool (no holder is left: only waiting sequences, which hold no blocks,
+        survive a lost group); prefix statistics carry over."""
+        self.scheduler.reset_kv_cache()
+        if self.prefixes:  # their pinned KV went with the ranks
             logger.warning("%d shared prefix(es) lost their KV with the tensor-parallel group; register them "
-                           "again", len(self.prefixes.texts))
-            self.prefixes = SharedPrefixes()
+                           "again", len(self.prefixes))
+            self.prefixes.clear()
 
     def _check_worker_group(self, touched: dict[str, SequenceGroup]) -> bool:
         """Whether the tensor-parallel group can run this step. A group that died between steps
@@ -378,7 +339,7 @@ class LLMEngine:
         self._restart_ranks = False
         logger.info("tensor-parallel worker group restarted: %s", self.runner.describe())
 
-    def _end_group(self, group: SequenceGroup, reason: str, error: Exception | None = None) -> None:
+    def _end_group(self, group: SequenceGroup, reason: FinishReason, error: Exception | None = None) -> None:
         """End every unfinished sequence of the request and give back all of its blocks."""
         self.scheduler.remove_group(group)
         for seq in group.seqs:
@@ -390,7 +351,7 @@ class LLMEngine:
         now = time.time()
         expired = {g.request_id: g for g in self.requests.values() if g.deadline is not None and now > g.deadline}
         for group in expired.values():
-            self._end_group(group, "timeout")
+            self._end_group(group, FinishReason.TIMEOUT)
         return expired
 
     def _make_output(self, group: SequenceGroup) -> RequestOutput:
@@ -404,7 +365,7 @@ class LLMEngine:
         report_cumulative = params.logprobs is not None or params.use_beam_search or not params.greedy
         if not group.stream:
             for seq in seqs[:params.n]:  # without stop strings, "stop" means a stop token ended it
-                self.detokenizer.catch_up(seq, skip_last=seq.finish_reason == "stop")
+                self.detokenizer.catch_up(seq, skip_last=seq.finish_reason == FinishReason.STOP)
         outputs = [
             CompletionOutput(index=i, text=self.detokenizer.visible_text(seq, params.stop),
                              token_ids=seq.output_token_ids,
@@ -416,7 +377,7 @@ class LLMEngine:
         if finished:
             group.metrics.finished_time = time.time()
             self.requests.pop(group.request_id, None)
-            if all(seq.finish_reason in ("stop", "length") for seq in seqs) and not is_prefix_request(group.request_id):
+            if all(seq.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for seq in seqs) and not group.internal:
                 self.length_profile.record(len(group.prompt_token_ids), max(s.num_output_tokens for s in seqs))
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
@@ -424,67 +385,10 @@ class LLMEngine:
                              error=group.error)
 
     # ---- statistics ---------------------------------------------------------------------------
-    def _record_utilization(self) -> None:
-        """Live token slots / allocated token slots of the blocks held by sequences, after the step."""
-        bm = self.block_manager
-        used_blocks = bm.num_blocks - bm.num_free_blocks
-        if used_blocks == 0:
-            return
-        allocated = used_blocks * bm.block_size
-        waste = sum(bm.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in self.scheduler.running)
-        self._utilization_sum += max(0, allocated - waste) / allocated
-        self._utilization_steps += 1
-        held, unshared = bm.sharing_counts()
-        self._held_blocks_sum += held
-        self._unshared_blocks_sum += unshared
-
     def kv_stats(self) -> dict:
-        bm = self.block_manager
-        scheduler = self.scheduler
-        used_blocks = bm.num_blocks - bm.num_free_blocks
-        live = sum(seq.num_computed_tokens for seq in scheduler.running)
-        return {
-            "num_blocks": bm.num_blocks,
-            "block_size": bm.block_size,
-            "free_blocks": bm.num_free_blocks,
-            "cached_free_blocks": bm.prefix_cache.num_evictable,
-            "used_blocks": used_blocks,
-            "used_token_slots": used_blocks * bm.block_size,
-            "live_tokens": live,
-            "kv_usage": used_blocks / bm.num_blocks,
-            "num_cpu_blocks": bm.num_cpu_blocks,
-            "free_cpu_blocks": bm.num_free_cpu_blocks,
-            "prefix_queries": bm.prefix_cache.queried_tokens,
-            "prefix_hits": bm.prefix_cache.hit_tokens,
-            "prefix_hit_rate": bm.prefix_cache.hit_rate,
-            # tokens brought back from the CPU tier instead of recomputed (re-admissions included)
-            "cpu_prefix_hits": bm.cpu_hit_tokens,
-            "cpu_prefix_blocks": bm.cpu_pool.num_prefix_blocks,
-            "cpu_prefix_cached_blocks": bm.cpu_pool.num_cached,
-            "pinned_blocks": bm.num_pinned_blocks,
-            "num_shared_prefixes": len(bm.pins),
-            "num_running": len(scheduler.running),
-            "num_waiting": len(scheduler.waiting),
-            "num_swapped": sum(len(g.seqs_with_status(SequenceStatus.SWAPPED)) for g in scheduler.swapped),
-            "num_recompute_preemptions": scheduler.num_recompute_preemptions,
-            "num_swap_preemptions": scheduler.num_swap_preemptions,
-            "num_steps": self.num_steps,
-            "num_step_faults": self.num_step_faults,
-            "prompt_tokens_total": scheduler.num_prompt_tokens_computed,
-            "generated_tokens_total": self.num_generated_tokens_total,
-            "mean_kv_utilization": (self._utilization_sum / self._utilization_steps
-                                    if self._utilization_steps else 1.0),
-            # The sum and count behind the mean, so a caller can take the mean over any window.
-            "kv_utilization_sum": self._utilization_sum,
-            "kv_utilization_steps": self._utilization_steps,
-            # blocks saved by sharing (prompts of parallel samples, beams, cached prefixes): blocks
-            # the sequences held vs would hold unshared, summed over the same steps
-            "sharing_held_blocks_sum": self._held_blocks_sum,
-            "sharing_unshared_blocks_sum": self._unshared_blocks_sum,
-            "blocks_saved_by_sharing": (1 - self._held_blocks_sum / self._unshared_blocks_sum
-                                        if self._unshared_blocks_sum else 0.0),
-            "recommended_block_size": self.block_size_report()["block_size"],
-        }
+        """The pool, the queues and the engine's counters (see ``paged.stats``); no measurement."""
+        return kv_stats_dict(self.scheduler.make_stats(), self.num_steps, self.num_step_faults,
+                             self.num_generated_tokens_total, self.block_size_report()["block_size"])
 
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
@@ -494,16 +398,37 @@ class LLMEngine:
     # ---- shared prefixes and the block size ------------------------------------------------
     def register_prefix(self, prompt: str | list[int]) -> int:
         """Compute ``prompt`` once and pin its full blocks (see ``paged/shared_prefixes.py``);
-        returns the number of tokens pinned. Only while no request is unfinished."""
+        returns the number of tokens pinned (registering it again changes nothing). Only while no
+        request is unfinished: the prefix runs as a one-token request of its own, stepped here."""
         text, token_ids = self._tokenize(prompt)
-        return self.prefixes.register(self, text, token_ids)
+        key = tuple(token_ids)
+        if key in self.prefixes:
+            return self.scheduler.make_stats().kv.pinned[key].pinned_tokens
+        if self.has_unfinished_requests():
+            raise RuntimeError("register a shared prefix while the engine has no unfinished requests")
+        self.scheduler.check_pin_fits(token_ids)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        self._check_fits(len(token_ids), params)
+        request_id = f"__shared-prefix-{self._num_requests_added}"
+        self._queue(request_id, text, token_ids, params, None, stream=False, internal=True)
+        while request_id in self.requests:
+            for out in self.step():
+                if out.request_id == request_id and out.error is not None:
+                    raise RuntimeError(f"computing the shared prefix failed: {out.error}") from out.error
+        # The request just finished: its blocks are cached and nothing has been scheduled since.
+        pinned = self.scheduler.pin_prefix(key, token_ids)
+        self.prefixes.add(key, text)
+        return pinned
 
     def unregister_prefix(self, prompt: str | list[int]) -> int:
         """Unpin a registered prefix; its blocks become evictable. Returns the tokens unpinned."""
-        return self.prefixes.unregister(self, self._tokenize(prompt)[1])
+        key = tuple(self._tokenize(prompt)[1])
+        self.prefixes.remove(key)
+        return self.scheduler.unpin_prefix(key)
 
     def shared_prefixes(self) -> list[dict]:
-        return self.prefixes.describe(self)
+        """Each registered prefix: tokens, pinned tokens, and the tokens requests took from it."""
+        return self.prefixes.describe(self.scheduler.make_stats().kv.pinned)
 
     def _measure_attention_cost(self, lengths: list[int], block_sizes) -> dict[int, float]:
         args = self.model_args
@@ -516,7 +441,7 @@ class LLMEngine:
         ``MIN_REQUESTS``), with each candidate's KV utilization and measured attention cost (measured
         once, at the first call with enough requests); and what ``block_size: auto`` chose."""
         profile = self.length_profile
-        report = {"block_size": None, "in_use": self.block_manager.block_size,
+        report = {"block_size": None, "in_use": self.config.block_size,
                   "auto_choice": self.block_size_choice.to_dict() if self.block_size_choice else None}
         if len(profile) < block_size_profile.MIN_REQUESTS:
             report["reason"] = (f"needs {block_size_profile.MIN_REQUESTS} finished requests, "

@@ -14,8 +14,8 @@ def llm(tiny_llama_dir):
 
 
 def pool_is_whole(engine: LLMEngine) -> bool:
-    engine.block_manager.check_invariants()
-    return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.scheduler.block_manager.check_invariants()
+    return engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 def test_request_longer_than_max_model_len_is_refused_with_the_excess(llm):
@@ -134,7 +134,7 @@ def test_parallel_samples_differ_and_share_prompt_blocks(llm):
     engine.add_request("par", "def main():\n    " * 10, SamplingParams(max_tokens=10, n=4, temperature=1.0, seed=5,
                                                                       ignore_eos=True))
     engine.step()  # prefill, then fork into 4 samples sharing the prompt's blocks
-    tables = [engine.block_manager.block_table(s.seq_id) for s in engine.requests["par"].seqs]
+    tables = [engine.scheduler.block_manager.block_table(s.seq_id) for s in engine.requests["par"].seqs]
     assert len(tables) == 4 and all(t[:-1] == tables[0][:-1] for t in tables)
     outputs = None
     while engine.has_unfinished_requests():

@@ -79,7 +79,7 @@ def test_lost_rank_fails_running_requests_clearly_and_a_new_group_serves_the_res
         assert isinstance(out.error, RequestFailedError)
         assert "tensor-parallel worker group failed" in str(out.error) and "KV cache was lost" in str(out.error)
         assert len(out.outputs[0].token_ids) < LONG.max_tokens
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
 

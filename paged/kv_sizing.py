@@ -1,0 +1,55 @@
+"""How many KV blocks the engine gets, from the configuration and the model's shape.
+
+With tensor parallel every rank holds ``num_blocks`` blocks of its own KV heads, so the memory
+settings are per rank (as vLLM's are per GPU); a block id names the same block on every rank.
+The CPU pool serves both preemption by swap (``swap_space_bytes``) and the CPU tier of the prefix
+cache (``cpu_prefix_cache_bytes``); the tier never takes more than its share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paged.config import EngineConfig
+from paged.model_runner import DTYPES
+from paged.models.llama import ModelArgs
+from paged.parallel.partition import kv_bytes_per_token_per_rank
+from paged.scheduler import PreemptionCostModel
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30   # the device pool when neither num_kv_blocks nor kv_cache_memory_bytes is set
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    block_size: int
+    block_bytes: int            # one block's K and V over all layers (one rank's heads)
+    num_blocks: int             # the device pool
+    num_cpu_blocks: int         # the CPU pool: swap space plus the CPU prefix tier
+    num_cpu_prefix_blocks: int  # the most the tier may take of the CPU pool
+
+
+def plan_kv_cache(config: EngineConfig, args: ModelArgs) -> KVCacheLayout:
+    """The pools the configuration asks for; ValueError when a memory setting holds no block or
+    the model cannot be split over ``tensor_parallel_size`` (before anything starts)."""
+    element_size = DTYPES[config.dtype].itemsize
+    block_bytes = kv_bytes_per_token_per_rank(args, config.tensor_parallel_size) * element_size * config.block_size
+    if config.num_kv_blocks is not None:
+        num_blocks = config.num_kv_blocks
+    else:
+        num_blocks = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES) // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds no block "
+                             f"of {block_bytes} bytes")
+    num_cpu_prefix_blocks = config.cpu_prefix_cache_bytes // block_bytes
+    if config.cpu_prefix_cache_bytes and not num_cpu_prefix_blocks:
+        raise ValueError(f"cpu_prefix_cache_bytes {config.cpu_prefix_cache_bytes} holds no block of "
+                         f"{block_bytes} bytes")
+    num_cpu_blocks = config.swap_space_bytes // block_bytes + num_cpu_prefix_blocks
+    return KVCacheLayout(config.block_size, block_bytes, num_blocks, num_cpu_blocks, num_cpu_prefix_blocks)
+
+
+def preemption_cost_model(args: ModelArgs, layout: KVCacheLayout) -> PreemptionCostModel:
+    """The cost model of ``preemption_mode: auto``: ~2 FLOPs per weight per recomputed token."""
+    num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+                                    + args.num_heads * args.head_dim * args.hidden_size
+                                    + 3 * args.hidden_size * args.intermediate_size)
+    return PreemptionCostModel(flops_per_token=2.0 * num_params, block_bytes=layout.block_bytes)
