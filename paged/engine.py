@@ -8,11 +8,11 @@ exception while running a plan fails the requests of that plan (their blocks go 
 and the engine serves on. Only ``MAX_CONSECUTIVE_STEP_FAULTS`` failed steps in a row make ``step``
 raise ``EngineDeadError``: then the engine cannot go on and its owner should restart it.
 
-With ``tensor_parallel_size > 1`` the runner is a ``TensorParallelExecutor`` (torchrun-launched
-ranks, see docs/tensor_parallel.md); the scheduler, block manager and sampler stay here. When the
-group fails, the KV cache on the ranks is gone: every request holding KV fails, the pool is reset
-and the group restarts before the next step (``_recover_from_lost_ranks``). ``close()`` stops the
-ranks.
+The model runs behind the ``Executor`` protocol (paged/executor.py): in this process, or on
+tensor-parallel ranks (docs/tensor_parallel.md); the scheduler, block manager and sampler stay
+here. When the executor fails (``ExecutorFailedError``) its KV cache is gone: every request
+holding KV fails, the pool is reset and the executor restarts before the next step
+(``_recover_from_lost_executor``). ``close()`` shuts the executor down.
 """
 from __future__ import annotations
 
@@ -26,14 +26,16 @@ import torch
 from transformers import AutoTokenizer
 
 from paged import block_size_profile, decoding
+from paged.backends import resolve_attention_backend
 from paged.config import EngineConfig
 from paged.decoding import Decoder
 from paged.detokenizer import Detokenizer
-from paged.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
-from paged.model_runner import DTYPES, ModelRunner
+from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailedError, InvalidRequestError,
+                          RequestFailedError)
+from paged.executor import make_executor
+from paged.model_runner import DTYPES
 from paged.models.llama import ModelArgs
 from paged.outputs import CompletionOutput, FinishReason, RequestOutput
-from paged.parallel.errors import WorkerGroupError
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
 from paged.kv_sizing import plan_kv_cache, preemption_cost_model
@@ -83,7 +85,7 @@ class LLMEngine:
                                    self.max_model_len)
         torch.manual_seed(config.seed)
         self.timer = StepTimer()
-        self.runner = self._make_runner(layout.num_blocks, layout.num_cpu_blocks)
+        self.executor = make_executor(config, args, layout, self.timer)
         self.decoder = Decoder(Sampler(self.eos_token_ids), self.eos_token_ids, self._new_seq_id)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
@@ -94,26 +96,17 @@ class LLMEngine:
         self.num_step_faults = 0
         self._consecutive_step_faults = 0
         self.first_fault: str | None = None
-        self._restart_ranks = False
+        self._restart_executor = False
         self.closed = False
         self.prefixes = SharedPrefixRegistry()
         self.length_profile = block_size_profile.LengthProfile()
         self._attention_cost_s: dict[int, float] | None = None
 
-    def _make_runner(self, num_blocks: int, num_cpu_blocks: int):
-        """The model in this process, or the tensor-parallel ranks behind the same contract."""
-        if self.config.tensor_parallel_size == 1:
-            return ModelRunner(self.config, self.model_args, num_blocks, num_cpu_blocks, self.timer)
-        from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
-
-        return TensorParallelExecutor(WorkerGroupSpec(self.config, num_blocks, num_cpu_blocks), self.timer)
-
     def close(self) -> None:
-        """Stop the tensor-parallel ranks, if any (a single-device engine holds no process).
+        """Shut the executor down (tensor-parallel ranks stop; in process there is nothing to stop).
         Idempotent; ``step`` raises EngineDeadError afterwards."""
         self.closed = True
-        if self.config.tensor_parallel_size > 1:
-            self.runner.shutdown()
+        self.executor.shutdown()
 
     # ---- requests -----------------------------------------------------------------------------
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -208,20 +201,20 @@ class LLMEngine:
         (a ``stream=False`` request only when finished)."""
         if self.closed:
             raise EngineDeadError("the engine was closed")
-        if self._restart_ranks:
-            self._restart_worker_group()
+        if self._restart_executor:
+            self._restart()
         touched = self._expire_deadlines()
-        ready = self.config.tensor_parallel_size == 1 or self._check_worker_group(touched)
+        ready = self._check_executor(touched)
         with self.timer.phase("schedule"):
             plan = self.scheduler.schedule() if ready else SchedulerOutput()
         if not plan.is_empty:
             self.num_steps += 1
             try:
-                logits = self.runner.execute(plan)
+                logits = self.executor.execute(plan)
                 with self.timer.phase("sample"):
                     decisions = self.decoder.decide(plan.sampling_seqs, logits)
-            except WorkerGroupError as exc:
-                self._recover_from_lost_ranks(exc, touched)
+            except ExecutorFailedError as exc:
+                self._recover_from_lost_executor(exc, touched)
             except Exception as exc:  # noqa: BLE001 - the plan's requests fail, the engine goes on
                 self._fail_plan(plan, exc, touched)
             else:
@@ -279,65 +272,60 @@ class LLMEngine:
             raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
                                   f"{self.first_fault}; last: {cause}") from exc
 
-    def _recover_from_lost_ranks(self, exc: WorkerGroupError, touched: dict[str, SequenceGroup]) -> None:
-        """The tensor-parallel group failed and took the KV cache with it: every request that held
-        KV blocks (running or swapped, not only this plan's) fails, the pool is made whole and empty
-        (cached prefixes are gone too), and the group restarts before the next step, so the failed
-        requests hear about it now rather than after the weights have loaded again. Waiting
-        requests hold no KV: they run on the new group. A group over several nodes cannot be
-        restarted from here: EngineDeadError, so the owner exits and its supervisor restarts it."""
+    def _recover_from_lost_executor(self, exc: ExecutorFailedError, touched: dict[str, SequenceGroup]) -> None:
+        """The executor failed and took the KV cache with it: every request that held KV blocks
+        (running or swapped, not only this plan's) fails, the pool is made whole and empty
+        (cached and pinned prefixes are gone too), and the executor restarts before the next
+        step, so the failed requests hear about it now rather than after the weights have loaded
+        again. Waiting requests hold no KV: they run on the new executor. One that cannot be
+        restarted from here (a group over several nodes): EngineDeadError, so the owner exits and
+        its supervisor restarts it."""
         self.num_step_faults += 1
         self._consecutive_step_faults += 1
         cause = f"{type(exc).__name__}: {exc.summary}"
         if self.first_fault is None:
             self.first_fault = cause
-        logger.error("the tensor-parallel worker group failed; failing every request that held KV: %s", exc)
-        error = RequestFailedError(f"the tensor-parallel worker group failed and this request's KV cache was lost "
-                                   f"({exc.summary}); retry the request", 503)
+        logger.error("%s failed; failing every request that held KV: %s", exc.subject, exc)
+        error = RequestFailedError(f"{exc.subject} failed and this request's KV cache was lost ({exc.summary}); "
+                                   "retry the request", 503)
         for group in list(self.requests.values()):
             if any(seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED) for seq in group.seqs):
                 self._end_group(group, FinishReason.ERROR, error)
                 touched[group.request_id] = group
-        self._reset_block_pool()
-        if self.config.tensor_parallel_nnodes > 1:
-            raise EngineDeadError(f"the multi-node tensor-parallel group failed and cannot be restarted from the "
-                                  f"engine: {cause}") from exc
+        self.scheduler.reset_kv_cache()
+        if self.prefixes:  # their pinned KV is gone
+            logger.warning("%d shared prefix(es) lost their KV with %s; register them again", len(self.prefixes),
+                           exc.subject)
+            self.prefixes.clear()
+        if not self.executor.can_restart:
+            raise EngineDeadError(f"{exc.subject} failed and cannot be restarted from the engine: {cause}") from exc
         if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
             raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
                                   f"{self.first_fault}; last: {cause}") from exc
-        self._restart_ranks = True
+        self._restart_executor = True
 
-    def _reset_block_pool(self) -> None:
-        """Empty the pool (no holder is left: only waiting sequences, which hold no blocks,
-        survive a lost group); prefix statistics carry over."""
-        self.scheduler.reset_kv_cache()
-        if self.prefixes:  # their pinned KV went with the ranks
-            logger.warning("%d shared prefix(es) lost their KV with the tensor-parallel group; register them "
-                           "again", len(self.prefixes))
-            self.prefixes.clear()
-
-    def _check_worker_group(self, touched: dict[str, SequenceGroup]) -> bool:
-        """Whether the tensor-parallel group can run this step. A group that died between steps
-        (a rank killed while the engine idled) is found before anything is scheduled: with no
-        request holding KV it restarts now and the step runs; otherwise those requests fail and
-        this step only reports them (the group restarts at the next step, after they heard)."""
+    def _check_executor(self, touched: dict[str, SequenceGroup]) -> bool:
+        """Whether the executor can run this step. One that failed between steps (a rank killed
+        while the engine idled) is found before anything is scheduled: with no request holding
+        KV it restarts now and the step runs; otherwise those requests fail and this step only
+        reports them (the executor restarts at the next step, after they heard)."""
         try:
-            self.runner.check()
-        except WorkerGroupError as exc:
+            self.executor.check_health()
+        except ExecutorFailedError as exc:
             num_touched = len(touched)
-            self._recover_from_lost_ranks(exc, touched)
+            self._recover_from_lost_executor(exc, touched)
             if len(touched) > num_touched:
                 return False
-            self._restart_worker_group()
+            self._restart()
         return True
 
-    def _restart_worker_group(self) -> None:
+    def _restart(self) -> None:
         try:
-            self.runner.restart()
+            self.executor.restart()
         except Exception as exc:  # noqa: BLE001 - whatever stops the restart ends the engine
-            raise EngineDeadError(f"the tensor-parallel worker group could not be restarted: {exc}") from exc
-        self._restart_ranks = False
-        logger.info("tensor-parallel worker group restarted: %s", self.runner.describe())
+            raise EngineDeadError(f"the executor could not be restarted: {exc}") from exc
+        self._restart_executor = False
+        logger.info("executor restarted")
 
     def _end_group(self, group: SequenceGroup, reason: FinishReason, error: Exception | None = None) -> None:
         """End every unfinished sequence of the request and give back all of its blocks."""
@@ -393,7 +381,7 @@ class LLMEngine:
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
         tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids."""
-        return self.runner.performance_info()
+        return self.executor.performance_info()
 
     # ---- shared prefixes and the block size ------------------------------------------------
     def register_prefix(self, prompt: str | list[int]) -> int:
@@ -434,7 +422,8 @@ class LLMEngine:
         args = self.model_args
         return block_size_profile.measure_attention_cost(
             lengths, block_sizes, args.num_heads, args.num_kv_heads, args.head_dim, DTYPES[self.config.dtype],
-            self.config.device, self.config.attention_backend)
+            self.config.device, resolve_attention_backend(self.config.attention_backend, self.config.device,
+                                                          args.head_dim))
 
     def block_size_report(self) -> dict:
         """The block size the finished requests so far recommend (None until there are

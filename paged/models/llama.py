@@ -15,6 +15,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -23,6 +24,9 @@ from torch import nn
 from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
 from paged_kernels.linear import Linear, LinearPlan, onednn_unavailable_reason, probe_linear_plan
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
+
+if TYPE_CHECKING:
+    from paged.backends import AttentionBackend
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # GEMM probe results by (shapes and calls, dtype, thread, threads): a process that loads a model
@@ -136,7 +140,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
-    backend: str | None = None
+    backend: "AttentionBackend | None" = None   # the engine's, resolved at load; None: by device
     workspace: dict = field(default_factory=dict)  # per-step scratch the kernels share across layers
 
 

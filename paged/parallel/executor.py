@@ -14,7 +14,7 @@ Failure model (a ``WorkerGroupError`` in every case, raised within seconds):
   sends a heartbeat every ``heartbeat_period_s``; none for ``heartbeat_timeout_s`` means hung;
 * a rank's step raises: it sends the traceback, which becomes the error's message;
 * the torchrun agent exits.
-A rank that exits between steps is found by ``check()``, which the engine calls before it
+A rank that exits between steps is found by ``check_health()``, which the engine calls before it
 schedules a step. The KV cache lived on the ranks, so after the error every sequence that held KV blocks is lost:
 the engine fails those requests, resets its block manager and calls ``restart()``, which starts a
 fresh group (the weights load again). A group that spans several nodes cannot be restarted from
@@ -189,7 +189,8 @@ class ExecutorStats:
 
 
 class TensorParallelExecutor:
-    """``ModelRunner``'s contract over a torchrun-launched group of ``spec.world_size`` ranks."""
+    """The ``Executor`` contract (paged/executor.py) over a torchrun-launched group of
+    ``spec.world_size`` ranks."""
 
     def __init__(self, spec: WorkerGroupSpec, timer: StepTimer | None = None):
         self.spec = spec
@@ -302,7 +303,12 @@ class TensorParallelExecutor:
         if code is not None:
             raise WorkerGroupError(f"the torchrun agent of the tensor-parallel group exited with code {code}")
 
-    def check(self) -> None:
+    @property
+    def can_restart(self) -> bool:
+        """A group over several nodes cannot be restarted from here (their agents are not ours)."""
+        return self.spec.nnodes == 1
+
+    def check_health(self) -> None:
         """Raise WorkerGroupError if the group failed since the last step (a rank or the agent
         exited while the engine idled), so the engine can restart it before it schedules work.
         One select() without waiting; a heartbeat sent just after a step's answer is consumed."""

@@ -173,7 +173,7 @@ def test_auto_picks_a_smaller_block_for_short_requests_and_a_larger_for_long(tin
     short = auto_engine(tiny_llama_dir, write_profile(tmp_path / "short.json", short_requests()))
     long = auto_engine(tiny_llama_dir, write_profile(tmp_path / "long.json", long_requests()))
     assert short.kv_stats()["block_size"] < DEFAULT_BLOCK_SIZE < long.kv_stats()["block_size"]
-    assert short.runner.kv_cache.device_cache.shape[3] == short.kv_stats()["block_size"]
+    assert short.executor.kv_cache.device_cache.shape[3] == short.kv_stats()["block_size"]
     assert short.block_size_report()["auto_choice"]["block_size"] == short.kv_stats()["block_size"]
 
 

@@ -216,10 +216,10 @@ def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm
     engine = llm.engine
     engine.add_request("victim", "def main():", SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
     engine.add_request("victim-2", "import os", SamplingParams(max_tokens=8, ignore_eos=True, n=2))
-    real_execute = engine.runner.execute
-    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(RuntimeError("boom")))
+    real_execute = engine.executor.execute
+    monkeypatch.setattr(engine.executor, "execute", lambda plan: (_ for _ in ()).throw(RuntimeError("boom")))
     outputs = {o.request_id: o for o in engine.step()}
-    monkeypatch.setattr(engine.runner, "execute", real_execute)
+    monkeypatch.setattr(engine.executor, "execute", real_execute)
     assert set(outputs) == {"victim", "victim-2"}
     for out in outputs.values():
         assert out.finished and out.error is not None and out.error.status == 500
@@ -234,7 +234,7 @@ def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm
 def test_repeated_step_faults_make_the_engine_give_up(tiny_llama_dir, monkeypatch):
     from paged.errors import EngineDeadError
     engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, compile=False))
-    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(MemoryError("no memory")))
+    monkeypatch.setattr(engine.executor, "execute", lambda plan: (_ for _ in ()).throw(MemoryError("no memory")))
     with pytest.raises(EngineDeadError, match="no memory"):
         for index in range(10):
             engine.add_request(f"r{index}", "hello", SamplingParams(max_tokens=2))
@@ -246,7 +246,7 @@ def test_non_finite_logits_fail_that_request_alone(llm, monkeypatch):
     engine = llm.engine
     engine.add_request("poisoned", "def main():", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
     engine.add_request("healthy", "def main():", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
-    real_execute = engine.runner.execute
+    real_execute = engine.executor.execute
 
     def poison_first_row(plan):
         logits = real_execute(plan).clone()
@@ -255,7 +255,7 @@ def test_non_finite_logits_fail_that_request_alone(llm, monkeypatch):
                 logits[row, 5] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine.runner, "execute", poison_first_row)
+    monkeypatch.setattr(engine.executor, "execute", poison_first_row)
     outputs = run_to_completion(engine)
     assert outputs["poisoned"].error is not None and outputs["poisoned"].error.status == 500
     assert outputs["healthy"].error is None and len(outputs["healthy"].outputs[0].token_ids) == 6
