@@ -33,14 +33,14 @@ from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailed
                           RequestFailedError)
 from paged.executor import make_executor
 from paged.input_processor import InputProcessor
-from paged.kv_sizing import plan_kv_cache, preemption_cost_model
+from paged.kv_sizing import plan_kv_cache
 from paged.models.llama import ModelArgs
 from paged.output_processor import OutputProcessor
 from paged.outputs import FinishReason, RequestOutput
 from paged.request_validator import RequestLimits, RequestValidator
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
-from paged.scheduler import Scheduler, SchedulerOutput
+from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
 from paged.sequence import SequenceGroup, SequenceStatus
 from paged.shared_prefixes import SharedPrefixRegistry
 from paged.stats import kv_stats_dict
@@ -79,8 +79,8 @@ class LLMEngine:
         self.vocab_size, self.max_model_len = limits.vocab_size, limits.max_model_len
         layout = plan_kv_cache(config, args)
         self.eos_token_ids = _eos_token_ids(config.model, args, self.tokenizer)
-        self.scheduler = Scheduler(config, layout, preemption_cost_model(args, layout), self.eos_token_ids,
-                                   self.max_model_len)
+        self.scheduler = Scheduler(config, layout, PreemptionCostModel.for_model(args, layout.block_bytes),
+                                   self.eos_token_ids, self.max_model_len)
         torch.manual_seed(config.seed)
         self.timer = StepTimer()
         self.executor = make_executor(config, args, layout, self.timer)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from paged.config import EngineConfig
-from paged.model_runner import DTYPES
 from paged.models.llama import ModelArgs
 from paged.parallel.partition import kv_bytes_per_token_per_rank
-from paged.scheduler import PreemptionCostModel
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30   # the device pool when neither num_kv_blocks nor kv_cache_memory_bytes is set
 
@@ -30,7 +30,7 @@ class KVCacheLayout:
 def plan_kv_cache(config: EngineConfig, args: ModelArgs) -> KVCacheLayout:
     """The pools the configuration asks for; ValueError when a memory setting holds no block or
     the model cannot be split over ``tensor_parallel_size`` (before anything starts)."""
-    element_size = DTYPES[config.dtype].itemsize
+    element_size = getattr(torch, config.dtype).itemsize   # config.dtype names a torch dtype
     block_bytes = kv_bytes_per_token_per_rank(args, config.tensor_parallel_size) * element_size * config.block_size
     if config.num_kv_blocks is not None:
         num_blocks = config.num_kv_blocks
@@ -45,11 +45,3 @@ def plan_kv_cache(config: EngineConfig, args: ModelArgs) -> KVCacheLayout:
                          f"{block_bytes} bytes")
     num_cpu_blocks = config.swap_space_bytes // block_bytes + num_cpu_prefix_blocks
     return KVCacheLayout(config.block_size, block_bytes, num_blocks, num_cpu_blocks, num_cpu_prefix_blocks)
-
-
-def preemption_cost_model(args: ModelArgs, layout: KVCacheLayout) -> PreemptionCostModel:
-    """The cost model of ``preemption_mode: auto``: ~2 FLOPs per weight per recomputed token."""
-    num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
-                                    + args.num_heads * args.head_dim * args.hidden_size
-                                    + 3 * args.hidden_size * args.intermediate_size)
-    return PreemptionCostModel(flops_per_token=2.0 * num_params, block_bytes=layout.block_bytes)

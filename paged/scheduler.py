@@ -39,6 +39,7 @@ from paged.stats import SchedulerStats
 
 if TYPE_CHECKING:
     from paged.kv_sizing import KVCacheLayout
+    from paged.models.llama import ModelArgs
 
 
 @dataclass
@@ -55,6 +56,14 @@ class PreemptionCostModel:
     block_bytes: int
     compute_flops_per_s: float = 2.5e11
     copy_bytes_per_s: float = 2.0e10
+
+    @classmethod
+    def for_model(cls, args: "ModelArgs", block_bytes: int) -> "PreemptionCostModel":
+        """~2 FLOPs per weight per recomputed token."""
+        num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+                                        + args.num_heads * args.head_dim * args.hidden_size
+                                        + 3 * args.hidden_size * args.intermediate_size)
+        return cls(flops_per_token=2.0 * num_params, block_bytes=block_bytes)
 
     def prefers_swap(self, num_tokens_to_recompute: int, num_blocks_to_move: int) -> bool:
         recompute_s = num_tokens_to_recompute * self.flops_per_token / self.compute_flops_per_s
