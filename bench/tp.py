@@ -44,7 +44,8 @@ sys.path.insert(0, ROOT)
 from paged import LLM, EngineConfig, SamplingParams  # noqa: E402
 from paged.model_runner import ModelInput, ModelRunner  # noqa: E402
 from paged.models.llama import ModelArgs  # noqa: E402
-from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec  # noqa: E402
+from paged.parallel.executor import TensorParallelExecutor  # noqa: E402
+from paged.parallel.launch_spec import WorkerGroupSpec  # noqa: E402
 
 sys.path.insert(1, BENCH)
 from throughput import cpu_model, load_avg, parse_workloads  # noqa: E402

@@ -52,6 +52,7 @@ def make_executor(config: "EngineConfig", args: "ModelArgs", layout: "KVCacheLay
         from paged.model_runner import ModelRunner
 
         return ModelRunner(config, args, layout.num_blocks, layout.num_cpu_blocks, timer)
-    from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
+    from paged.parallel.executor import TensorParallelExecutor
+    from paged.parallel.launch_spec import WorkerGroupSpec
 
     return TensorParallelExecutor(WorkerGroupSpec(config, layout.num_blocks, layout.num_cpu_blocks), timer)
