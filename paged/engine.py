@@ -33,14 +33,15 @@ from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailed
                           RequestFailedError)
 from paged.executor import make_executor
 from paged.input_processor import InputProcessor
-from paged.kv_sizing import plan_kv_cache
+from paged.kv_sizing import PreemptionCostModel, plan_kv_cache
 from paged.models.llama import ModelArgs
 from paged.output_processor import OutputProcessor
 from paged.outputs import FinishReason, RequestOutput
 from paged.request_validator import RequestLimits, RequestValidator
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
-from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
+from paged.scheduler import Scheduler
+from paged.scheduler_output import SchedulerOutput
 from paged.sequence import SequenceGroup, SequenceStatus
 from paged.shared_prefixes import SharedPrefixRegistry
 from paged.stats import kv_stats_dict

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from paged.config import EngineConfig
     from paged.kv_sizing import KVCacheLayout
     from paged.models.llama import ModelArgs
-    from paged.scheduler import SchedulerOutput
+    from paged.scheduler_output import SchedulerOutput
     from paged.step_timer import StepTimer
 
 

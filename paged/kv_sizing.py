@@ -1,4 +1,5 @@
-"""How many KV blocks the engine gets, from the configuration and the model's shape.
+"""How many KV blocks the engine gets, from the configuration and the model's shape, and what
+moving them costs against recomputing them (the choice of ``preemption_mode: auto``).
 
 With tensor parallel every rank holds ``num_blocks`` blocks of its own KV heads, so the memory
 settings are per rank (as vLLM's are per GPU); a block id names the same block on every rank.
@@ -45,3 +46,32 @@ def plan_kv_cache(config: EngineConfig, args: ModelArgs) -> KVCacheLayout:
                          f"{block_bytes} bytes")
     num_cpu_blocks = config.swap_space_bytes // block_bytes + num_cpu_prefix_blocks
     return KVCacheLayout(config.block_size, block_bytes, num_blocks, num_cpu_blocks, num_cpu_prefix_blocks)
+
+
+@dataclass
+class PreemptionCostModel:
+    """Rough seconds to recompute tokens vs to move blocks out and back in.
+
+    The two rates are orders of magnitude, not measurements: on the 2-core AVX-512 hosts of
+    docs/performance.md the fp32 GEMM peak measured ~440 GFLOP/s (a whole step runs below it)
+    and DRAM reads ~28 GB/s (a copy also writes). The choice does not hinge on them: recomputing
+    a block costs ``flops_per_token * copy_bytes_per_s / (2 * kv_bytes_per_token *
+    compute_flops_per_s)`` times what swapping it costs, ~220 for the default 39 M model and
+    more for larger models, so swap wins whenever the CPU pool has room for the victim."""
+    flops_per_token: float
+    block_bytes: int
+    compute_flops_per_s: float = 2.5e11
+    copy_bytes_per_s: float = 2.0e10
+
+    @classmethod
+    def for_model(cls, args: ModelArgs, block_bytes: int) -> "PreemptionCostModel":
+        """~2 FLOPs per weight per recomputed token."""
+        num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+                                        + args.num_heads * args.head_dim * args.hidden_size
+                                        + 3 * args.hidden_size * args.intermediate_size)
+        return cls(flops_per_token=2.0 * num_params, block_bytes=block_bytes)
+
+    def prefers_swap(self, num_tokens_to_recompute: int, num_blocks_to_move: int) -> bool:
+        recompute_s = num_tokens_to_recompute * self.flops_per_token / self.compute_flops_per_s
+        swap_s = 2 * num_blocks_to_move * self.block_bytes / self.copy_bytes_per_s
+        return swap_s < recompute_s

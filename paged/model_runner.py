@@ -18,7 +18,7 @@ import torch
 from paged.backends import resolve_backends
 from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
-from paged.scheduler import SchedulerOutput
+from paged.scheduler_output import SchedulerOutput
 from paged.step_timer import StepTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from paged.block_manager import BlockManager
@@ -34,76 +33,16 @@ from paged.decoding import StepDecisions
 from paged.errors import InvalidRequestError
 from paged.outputs import FinishReason
 from paged.sampling_params import SamplingParams
+from paged.scheduler_output import SchedulerOutput
 from paged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 from paged.stats import SchedulerStats
 
 if TYPE_CHECKING:
-    from paged.kv_sizing import KVCacheLayout
-    from paged.models.llama import ModelArgs
-
-
-@dataclass
-class PreemptionCostModel:
-    """Rough seconds to recompute tokens vs to move blocks out and back in.
-
-    The two rates are orders of magnitude, not measurements: on the 2-core AVX-512 hosts of
-    docs/performance.md the fp32 GEMM peak measured ~440 GFLOP/s (a whole step runs below it)
-    and DRAM reads ~28 GB/s (a copy also writes). The choice does not hinge on them: recomputing
-    a block costs ``flops_per_token * copy_bytes_per_s / (2 * kv_bytes_per_token *
-    compute_flops_per_s)`` times what swapping it costs, ~220 for the default 39 M model and
-    more for larger models, so swap wins whenever the CPU pool has room for the victim."""
-    flops_per_token: float
-    block_bytes: int
-    compute_flops_per_s: float = 2.5e11
-    copy_bytes_per_s: float = 2.0e10
-
-    @classmethod
-    def for_model(cls, args: "ModelArgs", block_bytes: int) -> "PreemptionCostModel":
-        """~2 FLOPs per weight per recomputed token."""
-        num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
-                                        + args.num_heads * args.head_dim * args.hidden_size
-                                        + 3 * args.hidden_size * args.intermediate_size)
-        return cls(flops_per_token=2.0 * num_params, block_bytes=block_bytes)
-
-    def prefers_swap(self, num_tokens_to_recompute: int, num_blocks_to_move: int) -> bool:
-        recompute_s = num_tokens_to_recompute * self.flops_per_token / self.compute_flops_per_s
-        swap_s = 2 * num_blocks_to_move * self.block_bytes / self.copy_bytes_per_s
-        return swap_s < recompute_s
-
-
-@dataclass
-class SchedulerOutput:
-    """The plan of one step: everything the model runner needs, in order.
-
-    ``scheduled[i]`` runs its next ``num_new_tokens`` tokens with block table ``block_tables[i]``
-    (final for this step). Before the forward, the runner applies ``swap_out`` (device -> CPU
-    block), then ``prefix_offload`` (device -> CPU: cached blocks evicted into the CPU tier), then
-    ``swap_in`` (CPU -> device block), then ``prefix_load`` (CPU -> device: CPU-tier hits), then
-    ``copies`` (copy-on-write, device -> device). Device blocks freed or evicted while planning
-    may be handed out again in the same plan, which is why everything that reads the device runs
-    before anything that writes it (the block manager keeps CPU blocks a plan reads until it ran).
-    """
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)
-    prefix_offload: list[tuple[int, int]] = field(default_factory=list)
-    prefix_load: list[tuple[int, int]] = field(default_factory=list)
-    swapped_out: list[SequenceGroup] = field(default_factory=list)  # preempted by swap in this plan
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-    @property
-    def sampling_seqs(self) -> list[Sequence]:
-        """Sequences whose last token runs this step (they get logits), in plan order."""
-        return [item.seq for item in self.scheduled if item.samples]
+    from paged.kv_sizing import KVCacheLayout, PreemptionCostModel
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, layout: "KVCacheLayout", cost_model: PreemptionCostModel,
+    def __init__(self, config: EngineConfig, layout: "KVCacheLayout", cost_model: "PreemptionCostModel",
                  eos_token_ids: list[int], max_model_len: int):
         self.config = config
         self.block_manager = BlockManager(layout.num_blocks, layout.num_cpu_blocks, layout.block_size,
@@ -161,7 +100,7 @@ class Scheduler:
         assert not self.running and not self.swapped, "reset while sequences hold KV"
         self.block_manager.reset()
 
-    def abandon_plan(self, plan: "SchedulerOutput") -> None:
+    def abandon_plan(self, plan: SchedulerOutput) -> None:
         """Running ``plan`` failed, so its block moves may not have happened: forget what they
         were to fill. The caller then ends the plan's requests."""
         self.block_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)

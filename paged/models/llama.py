@@ -7,6 +7,9 @@ reference op for op (RMSNorm in fp32, rotate-half RoPE). Two speed paths, each c
 measuring it on this host, change only the order of additions: GEMMs through oneDNN with
 prepacked weights (``paged_kernels.linear``) and torch.compile'd dense regions (``forward_ops``). So
 greedy outputs equal HF's except where its two best logits tie to within the last bits.
+
+Past ~350 lines on purpose: the model, its config parsing and its checkpoint loading are one
+family's definition, read together against HF's.
 """
 from __future__ import annotations
 

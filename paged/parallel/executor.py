@@ -30,7 +30,7 @@ from paged.parallel.launch_spec import WorkerGroupSpec
 from paged.parallel.partition import ShardLayout, layout_for
 from paged.parallel.protocol import Done, ShardLogits
 from paged.parallel.worker_group import RankInfo, WorkerGroup
-from paged.scheduler import SchedulerOutput
+from paged.scheduler_output import SchedulerOutput
 from paged.step_timer import StepTimer
 
 __all__ = ["ExecutorStats", "TensorParallelExecutor", "WorkerGroupError"]
