@@ -31,7 +31,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
-sys.path.append(BENCH)  # appended: no bench/ script may shadow a package of the project
+sys.path.append(BENCH)  # for workload.py; appended, so installed modules come first
 
 from workload import special_token_ids, workload_for_model  # noqa: E402
 

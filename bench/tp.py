@@ -40,7 +40,6 @@ import torch
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
-# The engine first: no bench/ script may shadow a package of the project.
 from paged import LLM, EngineConfig, SamplingParams  # noqa: E402
 from paged.model_runner import ModelInput, ModelRunner  # noqa: E402
 from paged.models.llama import ModelArgs  # noqa: E402
