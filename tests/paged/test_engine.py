@@ -231,6 +231,30 @@ def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm
     assert engine.kv_stats()["num_step_faults"] >= 1 and "boom" in engine.first_fault
 
 
+def test_an_executor_that_loses_its_kv_cache_fails_the_requests_holding_kv_and_restarts(tiny_llama_dir, monkeypatch):
+    """The engine's recovery talks to the Executor protocol only: no tensor-parallel branch."""
+    from paged.errors import ExecutorFailedError
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False))
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+    engine.add_request("holds-kv", "def main():", greedy)
+    engine.add_request("waits", "def main():", greedy)
+    engine.step()
+    restarts = []
+    real_execute = engine.executor.execute
+    monkeypatch.setattr(engine.executor, "restart", lambda: restarts.append(True))
+    monkeypatch.setattr(engine.executor, "execute",
+                        lambda plan: (_ for _ in ()).throw(ExecutorFailedError("device lost")))
+    failed = {o.request_id: o for o in engine.step()}
+    assert set(failed) == {"holds-kv"} and failed["holds-kv"].error.status == 503
+    assert "the executor failed" in str(failed["holds-kv"].error) and "KV cache was lost" in str(failed["holds-kv"].error)
+    assert pool_is_whole(engine) and engine.kv_stats()["num_step_faults"] == 1
+    monkeypatch.setattr(engine.executor, "execute", real_execute)
+    outputs = run_to_completion(engine)
+    assert restarts == [True], "restarted once, before the next step"
+    assert outputs["waits"].error is None and len(outputs["waits"].outputs[0].token_ids) == 4
+    assert pool_is_whole(engine)
+
+
 def test_repeated_step_faults_make_the_engine_give_up(tiny_llama_dir, monkeypatch):
     from paged.errors import EngineDeadError
     engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, compile=False))
