@@ -25,10 +25,16 @@ from paged_kernels import cpu_extension
 MAX_COMPILED_HEAD_DIM = 256
 
 
-def _compiled_ops(tensor: torch.Tensor):
-    if tensor.device.type != "cpu" or tensor.shape[-1] > MAX_COMPILED_HEAD_DIM:
+def compiled_ops_for(device_type: str, head_dim: int):
+    """``torch.ops.paged_cpu`` when its attention kernels take tensors of this device type and head
+    dim (and the library loads), else None: then the plain torch path runs."""
+    if device_type != "cpu" or head_dim > MAX_COMPILED_HEAD_DIM:
         return None
     return cpu_extension.load()
+
+
+def _compiled_ops(tensor: torch.Tensor):
+    return compiled_ops_for(tensor.device.type, tensor.shape[-1])
 
 
 def _int32(index: torch.Tensor) -> torch.Tensor:
