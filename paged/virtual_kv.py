@@ -113,6 +113,12 @@ class VirtualKVCache:
         self.peak_committed_pages = max(self.peak_committed_pages, self.committed_pages)
 
     # ---- slots ------------------------------------------------------------------------------
+    def next_slot(self) -> int | None:
+        """The slot ``allocate`` would hand out now (nothing changes), None when all are live."""
+        if self.warm_slots:
+            return next(reversed(self.warm_slots))
+        return self.free_slots[0] if self.free_slots else None
+
     def allocate(self) -> int | None:
         """A slot for a new sequence, None when all are live. A warm slot first (most recently
         released: its pages are the likeliest to be in the CPU caches), else a free one."""

@@ -96,15 +96,22 @@ class VirtualKVManager:
         cache = self.cache
         return sum(cache.pages_for(cache.touched[slot]) for slot in cache.warm_slots)
 
-    def _make_room(self, num_pages: int) -> bool:
-        """Can ``num_pages`` more be committed within the budget? Trims warm slots where needed."""
+    def _has_room(self, num_pages: int, taking: int | None = None) -> bool:
+        """Could ``num_pages`` more be committed within the budget once warm slots are trimmed
+        (``taking``: a warm slot about to become live, whose pages cannot be trimmed)?"""
         cache = self.cache
         if cache.committed_pages + num_pages <= self.num_pages:
             return True
-        if cache.committed_pages - self._warm_pages() + num_pages > self.num_pages:
-            return False
-        cache.trim(self.num_pages - num_pages)
-        return True
+        trimmable = self._warm_pages()
+        if taking in cache.warm_slots:
+            trimmable -= cache.pages_for(cache.touched[taking])
+        return cache.committed_pages - trimmable + num_pages <= self.num_pages
+
+    def _make_room(self, num_pages: int) -> None:
+        """Trim warm slots, least recently released first, until ``num_pages`` more fit (after
+        ``_has_room`` said they can)."""
+        if self.cache.committed_pages + num_pages > self.num_pages:
+            self.cache.trim(self.num_pages - num_pages)
 
     def allocate_slots(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int,
                        new_computed_blocks: list | None = None) -> list[tuple[int, int]] | None:
@@ -116,17 +123,18 @@ class VirtualKVManager:
         slot = self.slots.get(seq_id)
         fresh = slot is None
         if fresh:
-            slot = cache.allocate()
+            slot = cache.next_slot()
             if slot is None:
                 return None
         num_tokens = num_computed_tokens + num_new_tokens
         grow = cache.pages_to_grow(slot, num_tokens)
-        if grow and not self._make_room(grow):
-            if fresh:
-                cache.release(slot)  # back where it came from: untouched, or warm as it was
+        if grow and not self._has_room(grow, taking=slot if fresh else None):
             return None
+        if fresh:
+            cache.allocate()   # ``slot``: live now, so trimming below cannot take its pages
+            self.slots[seq_id] = slot
+        self._make_room(grow)
         cache.reserve(slot, num_tokens)
-        self.slots[seq_id] = slot
         return []
 
     def block_table(self, seq_id: int) -> list[int]:
@@ -194,8 +202,10 @@ class VirtualKVManager:
         """Copy the sequences' tokens back into slots now (after ``can_swap_in``)."""
         for seq_id in seq_ids:
             swapped = self.swapped.pop(seq_id)
-            if not self._make_room(self.cache.pages_for(swapped.num_tokens)):
+            pages = self.cache.pages_for(swapped.num_tokens)   # as if the slot were fresh: at least enough
+            if not self._has_room(pages):
                 raise RuntimeError("swap-in without room (the scheduler should have checked can_swap_in)")
+            self._make_room(pages)
             self.slots[seq_id] = self.cache.swap_in(swapped)
             self.swap_bytes_used -= swapped.kv.nbytes
         return []
