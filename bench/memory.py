@@ -67,6 +67,8 @@ class Bench:
         self.torch, self.LLM, self.SamplingParams, self.args = torch, LLM, SamplingParams, args
         self.model_args = ModelArgs.from_checkpoint(args.model)
         self.excluded = special_token_ids(args.model)
+        # --cpu-time: one thread, timed by its CPU time, so other processes' load does not count
+        self.clock = time.thread_time if args.cpu_time else time.perf_counter
 
     # ---- engines ------------------------------------------------------------------------------
     def engine(self, model: str, **overrides):
@@ -104,7 +106,7 @@ class Bench:
         manager = engine.scheduler.kv_manager
         cache = getattr(manager, "cache", None)   # the virtual KV memory, for mincore and 2 MiB pages
         os_checks = []
-        start = time.perf_counter()
+        start = self.clock()
         for request_id, prompt, p in zip(ids, prompts, params):
             engine.add_request(request_id, prompt, p, stream=False)
         while len(finished) < len(ids):
@@ -113,14 +115,14 @@ class Bench:
                     finished[out.request_id] = out
             if trace:
                 stats = engine.kv_stats()
-                row = [round(time.perf_counter() - start, 4), stats["live_tokens"], stats["resident_kv_bytes"],
-                       stats["num_running"]]
+                row = [round(self.clock() - start, 4), stats["live_tokens"], stats["resident_kv_bytes"],
+                       stats["num_running"], stats["kv_usage"] * stats["kv_budget_bytes"]]
                 if cache is not None:
                     row.append(self.huge_page_bytes(cache))
                     if len(steps) % 25 == 0:
                         os_checks.append(cache.resident_bytes() - stats["resident_kv_bytes"])
                 steps.append(row)
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         outputs = [finished[i] for i in ids]
         return {"outputs": outputs, "elapsed_s": elapsed, "stats": engine.kv_stats(), "trace": steps,
                 "os_minus_counter_bytes": os_checks}
@@ -186,7 +188,7 @@ class Bench:
                 built = build([1] * batch, [kv] * batch, shapes, seed=index)
                 built["layouts"] = {k: v for k, v in built["layouts"].items() if k in ("contiguous", "paged bs=16")}
                 same = self.torch.equal(step(built, "contiguous", scale), step(built, "paged bs=16", scale))
-                times = time_layouts(built, scale, self.args.kernel_repeats, shapes.layers, time.perf_counter)
+                times = time_layouts(built, scale, self.args.kernel_repeats, shapes.layers, self.clock)
                 rows.append({"case": f"decode b{batch} kv{kv}", "outputs_identical": same,
                              "us_per_token": {name: t * a.num_layers / batch for name, t in times.items()},
                              "paged_over_contiguous": times["paged bs=16"] / times["contiguous"] - 1})
@@ -309,7 +311,7 @@ def render(results: dict) -> str:
     t, k, s, p, sh = (results["throughput"], results["kernel"], results["attention_in_step"], results["prefill"],
                       results["sharing"])
     lines = ["# Paged vs virtual KV memory on this CPU (indicative)", "",
-             f"{results['meta']['cpu']}, {results['meta']['threads']} threads, load average "
+             f"{results['meta']['cpu']}, {results['meta']['threads']} threads, {results['meta']['clock']}, load average "
              f"{results['meta']['loadavg_start']} -> {results['meta']['loadavg_end']}; model {results['meta']['model']}, "
              f"fp32; KV budget {mib(t['kv_budget_bytes'])} for both; `{results['meta']['command']}`", "",
              "| | paged (block 16) | virtual (4 KiB pages) | virtual / paged |", "|---|---|---|---|"]
@@ -372,15 +374,21 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     token_bytes = t["token_bytes"]
-    for model, style in (("paged", "-"), ("virtual", "-")):
+    for model, color in (("paged", "tab:blue"), ("virtual", "tab:orange")):
         trace = t["rows"][model]["trace"]
-        ax.plot([r[0] for r in trace], [r[2] / (1 << 20) for r in trace], style,
-                label=f"{model}: resident KV" + (" (blocks of 16)" if model == "paged" else " (4 KiB pages)"))
-    trace = t["rows"]["virtual"]["trace"]
-    ax.plot([r[0] for r in trace], [r[1] * token_bytes / (1 << 20) for r in trace], "k:", label="virtual: live tokens' KV")
-    ax.plot([r[0] for r in trace], [r[4] / (1 << 20) for r in trace], "--", label="virtual on 2 MiB pages (computed)")
-    ax.axhline(t["rows"]["paged"]["pool_bytes"] / (1 << 20), color="grey", lw=0.8, label="paged pool (committed at start)")
-    ax.set_xlabel("seconds")
+        x = [r[0] / trace[-1][0] for r in trace]   # both runs on one axis: the fraction of the run's time
+        unit = "blocks of 16" if model == "paged" else "4 KiB pages, warm slots included"
+        ax.plot(x, [r[2] / (1 << 20) for r in trace], color=color, label=f"{model}: resident KV ({unit})")
+        if model == "virtual":
+            ax.plot(x, [r[4] / (1 << 20) for r in trace], color=color, lw=0.8, ls="-.",
+                    label="virtual: pages of live sequences")
+            ax.plot(x, [r[5] / (1 << 20) for r in trace], "--", color="tab:green",
+                    label="virtual on 2 MiB pages (computed from the same slots)")
+        ax.plot(x, [r[1] * token_bytes / (1 << 20) for r in trace], ":", color=color,
+                label=f"{model}: live tokens x KV bytes per token")
+    ax.axhline(t["rows"]["paged"]["pool_bytes"] / (1 << 20), color="grey", lw=0.8,
+               label="paged pool (committed at start) = budget")
+    ax.set_xlabel("fraction of the run")
     ax.set_ylabel("MiB")
     ax.set_yscale("log")
     ax.set_title(f"KV memory over a run ({t['workload']['name']}, budget {mib(t['kv_budget_bytes'])})", fontsize=9)
@@ -416,6 +424,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "model-store" / "tiny-llama"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="1 thread, timed by its CPU time (for a busy machine; the step timer stays wall clock)")
     ap.add_argument("--kv-bytes", type=int, default=16 << 20, help="the KV budget of every engine (default 16 MiB)")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every timed run")
@@ -424,6 +434,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "images" / "memory.png")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 repeat: checks the script, measures nothing")
     args = ap.parse_args(argv)
+    if args.cpu_time:
+        args.threads = 1
     if args.smoke:
         args.repeats, args.kernel_repeats, args.max_num_seqs = 1, 2, 16
     return args
@@ -440,6 +452,7 @@ def main(argv=None) -> int:
     smoke = args.smoke
     started = time.perf_counter()
     results = {"meta": {"cpu": _cpu_name(), "threads": args.threads, "torch": torch.__version__,
+                        "clock": "thread CPU time" if args.cpu_time else "wall clock",
                         "model": args.model, "loadavg_start": [round(x, 2) for x in os.getloadavg()],
                         "command": " ".join(["python", *([sys.argv[0]] if argv is None else ["bench/memory.py"]),
                                              *(sys.argv[1:] if argv is None else argv)])}}
