@@ -7,10 +7,9 @@ tokens, checking the manager's and the cache's invariants (mincore included) aft
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from test_virtual_kv import LAYERS, make_cache, stored, write_tokens
+from test_virtual_kv import LAYERS, MACHINE_SETTINGS, make_cache, stored, write_tokens
 
 from paged.errors import InvalidRequestError
 from paged.sampling_params import SamplingParams
@@ -180,8 +179,6 @@ class VirtualKVManagerDeferredMachine(VirtualKVManagerMachine):
     DEFERRED = True
 
 
-MACHINE_SETTINGS = settings(max_examples=30, stateful_step_count=30, deadline=None, derandomize=True,
-                            database=None, suppress_health_check=[HealthCheck.too_slow])
 VirtualKVManagerMachine.TestCase.settings = MACHINE_SETTINGS
 VirtualKVManagerDeferredMachine.TestCase.settings = MACHINE_SETTINGS
 TestVirtualKVManagerStateMachine = VirtualKVManagerMachine.TestCase
