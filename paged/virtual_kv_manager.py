@@ -4,8 +4,9 @@ committed by the OS as tokens are written, within a budget of pages.
 
 The scheduler's calls in page terms: ``allocate_slots`` gives a new sequence a slot and reserves
 the tokens the next step writes; what that commits (``pages_to_grow``) must fit the budget, after
-trimming the warm slots that deferred reclaim keeps (least recently released first), or nothing
-changes and the answer is None (the scheduler then preempts, as it does when blocks run short).
+trimming the warm slots that deferred reclaim keeps (least recently released first) and the slack
+of live slots (pages past their tokens that a longer sequence left in a reused warm slot), or
+nothing changes and the answer is None (the scheduler then preempts, as it does when blocks run short).
 Preemption by recompute releases the slot (its pages return, or stay warm); by swap, the slot's
 written tokens are copied to CPU memory (at most ``swap_space_bytes`` in all) and its pages return.
 
@@ -96,22 +97,34 @@ class VirtualKVManager:
         cache = self.cache
         return sum(cache.pages_for(cache.touched[slot]) for slot in cache.warm_slots)
 
-    def _has_room(self, num_pages: int, taking: int | None = None) -> bool:
-        """Could ``num_pages`` more be committed within the budget once warm slots are trimmed
-        (``taking``: a warm slot about to become live, whose pages cannot be trimmed)?"""
+    def _trimmable(self, exclude: int | None) -> int:
+        """Pages that could be given back without touching a sequence's tokens: the warm slots',
+        and the slack of live slots (pages past their reserved tokens that a longer sequence left
+        in a reused warm slot), ``exclude`` (a slot about to grow or be taken) left out."""
+        cache = self.cache
+        warm = sum(cache.pages_for(cache.touched[s]) for s in cache.warm_slots if s != exclude)
+        return warm + sum(cache.slack_pages(s) for s in cache.reserved if s != exclude)
+
+    def _has_room(self, num_pages: int, exclude: int | None = None) -> bool:
+        """Could ``num_pages`` more be committed within the budget, once trimmable pages go back?"""
         cache = self.cache
         if cache.committed_pages + num_pages <= self.num_pages:
             return True
-        trimmable = self._warm_pages()
-        if taking in cache.warm_slots:
-            trimmable -= cache.pages_for(cache.touched[taking])
-        return cache.committed_pages - trimmable + num_pages <= self.num_pages
+        return cache.committed_pages - self._trimmable(exclude) + num_pages <= self.num_pages
 
-    def _make_room(self, num_pages: int) -> None:
-        """Trim warm slots, least recently released first, until ``num_pages`` more fit (after
-        ``_has_room`` said they can)."""
-        if self.cache.committed_pages + num_pages > self.num_pages:
-            self.cache.trim(self.num_pages - num_pages)
+    def _make_room(self, num_pages: int, exclude: int | None = None) -> None:
+        """Give pages back until ``num_pages`` more fit (after ``_has_room`` said they can): warm
+        slots first, least recently released first, then the slack of live slots."""
+        cache = self.cache
+        target = self.num_pages - num_pages
+        if cache.committed_pages <= target:
+            return
+        cache.trim(target)
+        for slot in list(cache.reserved):
+            if cache.committed_pages <= target:
+                break
+            if slot != exclude:
+                cache.return_slack(slot)
 
     def allocate_slots(self, seq_id: int, num_computed_tokens: int, num_new_tokens: int,
                        new_computed_blocks: list | None = None) -> list[tuple[int, int]] | None:
@@ -128,12 +141,12 @@ class VirtualKVManager:
                 return None
         num_tokens = num_computed_tokens + num_new_tokens
         grow = cache.pages_to_grow(slot, num_tokens)
-        if grow and not self._has_room(grow, taking=slot if fresh else None):
+        if grow and not self._has_room(grow, exclude=slot):
             return None
         if fresh:
-            cache.allocate()   # ``slot``: live now, so trimming below cannot take its pages
+            cache.allocate()   # ``slot``: live now, so trimming warm slots cannot take its pages
             self.slots[seq_id] = slot
-        self._make_room(grow)
+        self._make_room(grow, exclude=slot)
         cache.reserve(slot, num_tokens)
         return []
 
@@ -191,12 +204,12 @@ class VirtualKVManager:
 
     def can_swap_in(self, seq_ids: list[int], num_tokens_after: list[int]) -> bool:
         """A slot each, and the pages for ``num_tokens_after[i]`` tokens each within the budget
-        once the warm slots are trimmed (counted as if every slot were fresh)."""
+        once trimmable pages go back (counted as if every slot were fresh)."""
         cache = self.cache
         if cache.num_free_slots < len(seq_ids):
             return False
         needed = sum(cache.pages_for(n) for n in num_tokens_after)
-        return cache.committed_pages - self._warm_pages() + needed <= self.num_pages
+        return cache.committed_pages - self._trimmable(None) + needed <= self.num_pages
 
     def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Copy the sequences' tokens back into slots now (after ``can_swap_in``)."""

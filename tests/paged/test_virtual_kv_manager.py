@@ -61,6 +61,19 @@ def test_warm_slots_are_trimmed_only_when_admission_needs_their_pages():
     manager.check_invariants()
 
 
+def test_a_reused_warm_slots_pages_past_its_tokens_go_back_when_admission_needs_them():
+    manager = make_manager(num_pages=12, deferred=True)
+    manager.allocate_slots(1, 0, 24)    # 12 pages: the whole budget
+    manager.free(1)                     # warm
+    manager.allocate_slots(2, 0, 4)     # takes the warm slot: 4 of its pages hold tokens, 8 are slack
+    slot = manager.slots[2]
+    assert manager.cache.committed_pages == 12 and manager.cache.slack_pages(slot) == 8
+    assert manager.allocate_slots(3, 0, 16) == [], "the slack makes room for 8 pages"
+    assert manager.cache.slack_pages(slot) == 0 and manager.cache.committed_pages == 12
+    assert manager.allocate_slots(4, 0, 1) is None
+    manager.check_invariants()   # mincore: no page of slot 2 resident past its tokens
+
+
 def test_swap_is_bounded_by_the_swap_space_and_round_trips_the_tokens():
     manager = make_manager(num_pages=12, swap_tokens=10)
     manager.allocate_slots(1, 0, 8)
