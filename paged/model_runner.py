@@ -127,7 +127,8 @@ class ModelRunner:
             self.attention_impl = "compiled" if paged_kernels.prepare_cpu_kernels() else "plain"
         self.model = model if model is not None else \
             LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
-                                             linear_backend=config.linear_backend)
+                                             linear_backend=config.linear_backend,
+                                             quantization=config.quantization)
         self.model.step_timer = self.timer
         self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
                                 config.block_size, self.dtype, self.device)
