@@ -217,10 +217,11 @@ def pack_for_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None, scal
                         in_packed_order(scales), silu_and_mul)
 
 
-def packed_linear(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """``x @ W.T + bias`` (then SiLU(gate) * up for a ``silu_and_mul`` weight) by the packed kernel."""
+def packed_linear(x: torch.Tensor, packed: PackedWeight, isa: str = "auto") -> torch.Tensor:
+    """``x @ W.T + bias`` (then SiLU(gate) * up for a ``silu_and_mul`` weight) by the packed kernel.
+    ``isa``: "auto" (the fastest here), or force "amx", "avx512_bf16" or "fma" (see ``packed_isa``)."""
     return cpu_extension.load().packed_linear(x, packed.data, packed.out_features, packed.bias, packed.scales,
-                                              packed.silu_and_mul)
+                                              packed.silu_and_mul, isa)
 
 
 # ---- the plan -----------------------------------------------------------------------------------

@@ -17,9 +17,11 @@
 // of a fused gate_up weight so that panel p holds gate outputs [16p, 16p + 16) and the matching up
 // outputs, and the kernel writes SiLU(gate) * up.
 //
-// Arithmetic: fp32 accumulation always. bf16 weights with bf16 rows: AMX tiles (tdpbf16ps) from
-// kAmxMinRows rows where the CPU and the kernel allow them, vdpbf16ps below that (or where there
-// is no AMX), else the pairs widened to fp32 and FMAs. fp32: FMAs. int8 (weight-only, symmetric per output
+// Arithmetic: fp32 accumulation always. bf16 weights with bf16 rows: AMX tiles (tdpbf16ps) where
+// the CPU and the kernel allow them, else vdpbf16ps, else the pairs widened to fp32 and FMAs. On an
+// Emerald Rapids Xeon (1 thread, weights in L2) AMX streamed ~60 GB/s of weights at 1 row where
+// vdpbf16ps managed ~35: vdpbf16ps issues at half the rate of an FMA, and a tile product costs
+// about as much for 1 row as for 16, so AMX wins at every row count. fp32: FMAs. int8 (weight-only, symmetric per output
 // channel): each int8 pair widened exactly to bf16 (bf16 holds every integer up to 256) for
 // vdpbf16ps with bf16 rows, or to fp32 for FMAs; the channel's scale multiplies the sum. Then
 // bias (fp32) and one rounding to the output dtype (torch's round to nearest even). The order of
@@ -42,6 +44,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
@@ -61,10 +64,6 @@ using namespace paged_cpu;
 constexpr int kPanel = 2 * kLanes;
 constexpr int kMaxTileRows = 12;
 constexpr int kPairsPerChunk = 16;  // K is packed in chunks of 32 (one AMX tile deep)
-// From this many rows AMX beats vdpbf16ps (measured with bench/gemm.py on an Emerald Rapids Xeon,
-// 2 threads: vdpbf16ps issues at half the rate of an FMA, so it stops keeping up with DRAM at a
-// few rows, while a tile product costs about as much for 4 rows as for 16).
-constexpr int64_t kAmxMinRows = 1;
 constexpr int kAmxRows = 16;  // rows of an A tile
 // Below this many weight bytes per thread a call runs on the calling thread: waking a thread costs
 // a few microseconds, the time to stream ~64 KiB.
@@ -311,10 +310,13 @@ struct alignas(64) TileConfig {
 
 // Panels [begin, end) with AMX: tiles 0 and 1 sum the panel's two 16-column halves for up to 16
 // rows, tile 2 holds 32 k of the rows, tiles 3 and 4 the matching 16 pairs x 16 columns of each
-// half (int8 weights are widened to bf16 into a 2 KiB buffer first). The rows (x) are padded to a
-// whole number of A tiles. Tile state is per thread: each thread configures and releases it.
+// half. int8 weights are widened to bf16 first: a chunk at a time into 2 KiB (one row tile), or
+// the whole panel once when several row tiles reuse it. The rows (x) are padded to a whole number
+// of A tiles. Tile state is per thread: each thread configures and releases it.
 template <typename W, typename T>
 void amx_panels(const Problem<W, c10::BFloat16, T>& p, int64_t rows, int64_t begin, int64_t end) {
+  constexpr bool kInt8 = std::is_same_v<W, int8_t>;
+  constexpr int64_t pair_row = 2 * kPanel;  // elements from one k pair of a panel to the next
   const int tile_rows = static_cast<int>(std::min<int64_t>(rows, kAmxRows));
   TileConfig config;
   for (int t = 0; t < 5; ++t) {
@@ -323,29 +325,40 @@ void amx_panels(const Problem<W, c10::BFloat16, T>& p, int64_t rows, int64_t beg
   }
   _tile_loadconfig(&config);
   alignas(64) float sums[kAmxRows][kPanel];
-  alignas(64) c10::BFloat16 widened[2][kPairsPerChunk][kPanel];
-  constexpr int64_t pair_row = 2 * kPanel;  // elements from one k pair of a panel to the next
+  alignas(64) c10::BFloat16 chunk_bf16[kPairsPerChunk * pair_row];
+  const bool widen_panel = kInt8 && rows > kAmxRows;
+  std::vector<c10::BFloat16> panel_bf16(widen_panel ? p.panel_elements : 0);
   const int64_t chunks = p.k_steps / kPairsPerChunk;
   const int64_t x_bytes = p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16));
+  auto widen = [](const int8_t* w, int64_t pairs, c10::BFloat16* out) {
+    for (int64_t j = 0; j < pairs * pair_row; j += kPanel) {
+      _mm512_storeu_si512(out + j, (__m512i)pairs_bf16(w + j));
+    }
+  };
   for (int64_t panel = begin; panel < end; ++panel) {
+    const W* w_panel = p.panel(panel);
+    if constexpr (kInt8) {
+      if (widen_panel) widen(w_panel, p.k_steps, panel_bf16.data());
+    }
     for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
       const c10::BFloat16* x = p.x + row0 * p.x_stride;
-      const W* w = p.panel(panel);
       _tile_zero(0);
       _tile_zero(1);
-      for (int64_t c = 0; c < chunks; ++c, w += kPairsPerChunk * pair_row) {
-        _tile_loadd(2, x + c * 2 * kPairsPerChunk, x_bytes);
-        if constexpr (std::is_same_v<W, int8_t>) {
-          for (int j = 0; j < kPairsPerChunk; ++j) {
-            _mm512_store_si512(widened[0][j], (__m512i)pairs_bf16(w + j * pair_row));
-            _mm512_store_si512(widened[1][j], (__m512i)pairs_bf16(w + j * pair_row + kPanel));
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t offset = c * kPairsPerChunk * pair_row;
+        const void* b = w_panel + offset;
+        if constexpr (kInt8) {
+          if (widen_panel) {
+            b = panel_bf16.data() + offset;
+          } else {
+            widen(w_panel + offset, kPairsPerChunk, chunk_bf16);
+            b = chunk_bf16;
           }
-          _tile_loadd(3, widened[0], kPanel * sizeof(c10::BFloat16));
-          _tile_loadd(4, widened[1], kPanel * sizeof(c10::BFloat16));
-        } else {
-          _tile_loadd(3, w, pair_row * sizeof(W));
-          _tile_loadd(4, w + kPanel, pair_row * sizeof(W));
         }
+        const auto* b16 = static_cast<const c10::BFloat16*>(b);
+        _tile_loadd(2, x + c * 2 * kPairsPerChunk, x_bytes);
+        _tile_loadd(3, b16, pair_row * sizeof(c10::BFloat16));
+        _tile_loadd(4, b16 + kPanel, pair_row * sizeof(c10::BFloat16));
         _tile_dpbf16ps(0, 2, 3);
         _tile_dpbf16ps(1, 2, 4);
       }
@@ -385,9 +398,16 @@ bool uses_amx() {
 
 // ---- the operator ------------------------------------------------------------------------------
 
+// The instruction paths this build and process can take, for reports: "amx", "avx512_bf16", "fma".
+std::string packed_linear_isa() {
+  std::string isa = uses_amx() ? "amx," : "";
+  return isa + (has_avx512_bf16() ? "avx512_bf16,fma" : "fma");
+}
+
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales,
-                         bool silu_and_mul) {
+                         bool silu_and_mul, c10::string_view isa) {
   TORCH_CHECK_VALUE(x.dim() == 2, "packed_linear: x must be [rows, in_features], got ", x.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu() && packed.device().is_cpu(), "packed_linear: CPU tensors only");
   const at::ScalarType dtype = x.scalar_type(), wtype = packed.scalar_type();
@@ -429,8 +449,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   const int64_t panel_elements = k_steps * kPanel * (pairs ? 2 : 1);
   const int64_t panel_bytes = panel_elements * static_cast<int64_t>(packed.element_size());
   const bool bf16_rows = pairs && dtype == at::kBFloat16;
-  const bool amx = bf16_rows && rows >= kAmxMinRows && uses_amx();
-  const bool dot = bf16_rows && !amx && has_avx512_bf16();
+  // "auto": the fastest this CPU and build have; the others force one (for tests and benchmarks).
+  const bool auto_isa = isa == "auto";
+  TORCH_CHECK_VALUE(auto_isa || isa == "amx" || isa == "avx512_bf16" || isa == "fma",
+                    "packed_linear: isa must be auto, amx, avx512_bf16 or fma, got ", std::string(isa));
+  TORCH_CHECK_VALUE(auto_isa || isa == "fma" || (bf16_rows && (isa == "amx" ? uses_amx() : has_avx512_bf16())),
+                    "packed_linear: isa ", std::string(isa), " needs bf16 rows, a bf16 or int8 weight and a CPU and ",
+                    "build with it (here: ", packed_linear_isa(), ")");
+  const bool amx = bf16_rows && (auto_isa ? uses_amx() : isa == "amx");
+  const bool dot = bf16_rows && !amx && (auto_isa ? has_avx512_bf16() : isa == "avx512_bf16");
   // The rows as the tiles read them: as given where their layout fits, else a zero-padded copy
   // (K to the packed K; for AMX the rows to whole A tiles), in fp32 for the widening FMA tiles.
   const int64_t x_cols = pairs ? 2 * k_steps : k_size;
@@ -457,14 +484,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
     } else {
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        const Problem<W, c10::BFloat16, T> p{xs.data_ptr<c10::BFloat16>(), x_stride, w, k_steps, panel_elements, epi};
+        if (amx || dot) {
+          const Problem<W, c10::BFloat16, T> p{xs.data_ptr<c10::BFloat16>(), x_stride, w, k_steps, panel_elements,
+                                               epi};
 #if defined(PAGED_CPU_AMX)
-        if (amx) {
-          for_panels(panels, panel_bytes, [&](int64_t begin, int64_t end) { amx_panels(p, rows, begin, end); });
-          return;
-        }
+          if (amx) {
+            for_panels(panels, panel_bytes, [&](int64_t begin, int64_t end) { amx_panels(p, rows, begin, end); });
+            return;
+          }
 #endif
-        if (dot) {
           for_panels(panels, panel_bytes,
                      [&](int64_t begin, int64_t end) { vector_panels<PairsDotTile>(p, rows, begin, end); });
           return;
@@ -484,17 +512,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   return out;
 }
 
-// The instruction paths this build and process can take, for reports: "amx", "avx512_bf16", "fma".
-std::string packed_linear_isa() {
-  std::string isa = uses_amx() ? "amx," : "";
-  return isa + (has_avx512_bf16() ? "avx512_bf16,fma" : "fma");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(paged_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias=None, Tensor? scales=None, "
-        "bool silu_and_mul=False) -> Tensor");
+        "bool silu_and_mul=False, str isa=\"auto\") -> Tensor");
   m.def("packed_linear_isa() -> str", &packed_linear_isa);
 }
 
@@ -503,7 +525,8 @@ TORCH_LIBRARY_IMPL(paged_cpu, CPU, m) { m.impl("packed_linear", &packed_linear);
 // Shapes only, for tracing (meta and fake tensors).
 TORCH_LIBRARY_IMPL(paged_cpu, Meta, m) {
   m.impl("packed_linear", [](const at::Tensor& x, const at::Tensor&, int64_t out_features,
-                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool) {
+                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool,
+                             c10::string_view) {
     return at::empty_symint({x.sym_size(0), c10::SymInt(out_features)}, x.options());
   });
 }
