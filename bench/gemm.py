@@ -116,26 +116,18 @@ def interleaved_min(fns: dict, repeats: int) -> dict:
     return best
 
 
+def available_paths(dtype: torch.dtype, quantization: str | None, in_features: int) -> tuple[str, ...]:
+    """The paths of paged_kernels/linear.py that run here for these weights."""
+    paths = kl.INT8_PATHS if quantization else kl.FLOAT_PATHS
+    out = tuple(p for p in paths if kl.path_unavailable_reason(p, dtype, quantization) is None)
+    return tuple(p for p in out if p != "torch_int8" or in_features % kl.TORCH_INT8_K_MULTIPLE == 0)
+
+
 def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str) -> dict:
     """Per path, a function (x -> y) over this weight, built once (the packing is not timed)."""
-    if dtype == "int8":
-        q, scales = kl.quantize_int8(weight)
-        low = scales.to(weight.dtype)
-        calls = {"dequant": lambda x: kl.dequant_linear(x, q, scales, bias)}
-        if kl.path_unavailable_reason("packed", weight.dtype, "int8") is None:
-            packed = kl.pack_for_kernel(q, bias, scales)
-            calls["packed"] = lambda x: kl.packed_linear(x, packed)
-        if weight.shape[1] % kl.TORCH_INT8_K_MULTIPLE == 0:
-            calls["torch_int8"] = lambda x: kl.torch_int8_linear(x, q, low, bias)
-        return calls
-    calls = {"torch": lambda x: F.linear(x, weight, bias)}
-    if kl.onednn_unavailable_reason(weight.dtype) is None:
-        reordered = kl.pack_weight(weight, 256)
-        calls["onednn"] = lambda x: kl.onednn_linear(x, reordered, bias)
-    if kl.packed_unavailable_reason(weight.dtype) is None:
-        packed = kl.pack_for_kernel(weight, bias)
-        calls["packed"] = lambda x: kl.packed_linear(x, packed)
-    return calls
+    quantization = "int8" if dtype == "int8" else None
+    paths = available_paths(weight.dtype, quantization, weight.shape[1])
+    return kl.path_runners(weight, paths, quantization, bias=bias)
 
 
 def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_bytes: int,

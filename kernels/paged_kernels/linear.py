@@ -289,7 +289,8 @@ class Linear(nn.Linear):
     plan: LinearPlan | None = None
     onednn_weight: torch.Tensor | None = None
     packed: PackedWeight | None = None
-    int8: tuple | None = None  # (q [out, in], fp32 scales [out], scales in the model's dtype)
+    # (q [out, in], fp32 scales [out], scales in the model's dtype) for the torch_int8 / dequant paths
+    int8: tuple | None = None
     fuse_silu_and_mul: bool = False
 
     def apply_plan(self, plan: LinearPlan) -> None:
@@ -299,7 +300,8 @@ class Linear(nn.Linear):
         self.int8 = self.packed = self.onednn_weight = None
         if plan.quantization == "int8":
             q, scales = quantize_int8(weight)
-            self.int8 = (q, scales, scales.to(plan.dtype))
+            if plan.uses("torch_int8") or plan.uses("dequant"):
+                self.int8 = (q, scales, scales.to(plan.dtype))
             if plan.uses("packed"):
                 self.packed = pack_for_kernel(q, bias, scales, silu_and_mul=self.fuse_silu_and_mul)
             return
@@ -361,31 +363,32 @@ def best_of_interleaved(calls, repeats: int) -> list[float]:
     return best
 
 
-def path_runners(weight: torch.Tensor, paths: tuple[str, ...], quantization: str | None,
-                 max_rows: int) -> dict:
-    """For each path, a function of x that runs ``weight`` (no bias) on it the way Linear would."""
+def path_runners(weight: torch.Tensor, paths: tuple[str, ...], quantization: str | None = None,
+                 max_rows: int = PROBE_ROWS[-1], bias: torch.Tensor | None = None) -> dict:
+    """For each path, a function of x that runs ``weight`` (and ``bias``) on it the way Linear
+    would; the packing and quantizing happen here, once."""
     runners = {}
     if quantization == "int8":
         q, scales = quantize_int8(weight)
         low = scales.to(weight.dtype)
         for path in paths:
             if path == "packed":
-                packed = pack_for_kernel(q, scales=scales)
+                packed = pack_for_kernel(q, bias, scales)
                 runners[path] = lambda x, p=packed: packed_linear(x, p)
             elif path == "torch_int8":
-                runners[path] = lambda x: torch_int8_linear(x, q, low, None)
+                runners[path] = lambda x: torch_int8_linear(x, q, low, bias)
             else:
-                runners[path] = lambda x: dequant_linear(x, q, scales, None)
+                runners[path] = lambda x: dequant_linear(x, q, scales, bias)
         return runners
     for path in paths:
         if path == "packed":
-            packed = pack_for_kernel(weight)
+            packed = pack_for_kernel(weight, bias)
             runners[path] = lambda x, p=packed: packed_linear(x, p)
         elif path == "onednn":
             reordered = pack_weight(weight, max_rows)
-            runners[path] = lambda x, p=reordered: onednn_linear(x, p, None)
+            runners[path] = lambda x, p=reordered: onednn_linear(x, p, bias)
         else:
-            runners[path] = lambda x: F.linear(x, weight)
+            runners[path] = lambda x: F.linear(x, weight, bias)
     return runners
 
 
