@@ -123,15 +123,25 @@ def available_paths(dtype: torch.dtype, quantization: str | None, in_features: i
     return tuple(p for p in out if p != "torch_int8" or in_features % kl.TORCH_INT8_K_MULTIPLE == 0)
 
 
-def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str) -> dict:
-    """Per path, a function (x -> y) over this weight, built once (the packing is not timed)."""
+def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_paths: bool = False) -> dict:
+    """Per path, a function (x -> y) over this weight, built once (the packing is not timed).
+    ``isa_paths``: also the packed kernel forced onto each instruction path the host has
+    ("packed_amx", "packed_avx512_bf16", "packed_fma"), for bf16 rows."""
     quantization = "int8" if dtype == "int8" else None
     paths = available_paths(weight.dtype, quantization, weight.shape[1])
-    return kl.path_runners(weight, paths, quantization, bias=bias)
+    calls = kl.path_runners(weight, paths, quantization, bias=bias)
+    if isa_paths and "packed" in paths and weight.dtype == torch.bfloat16:
+        scales = None
+        if quantization:
+            weight, scales = kl.quantize_int8(weight)
+        packed = kl.pack_for_kernel(weight, bias, scales)
+        for isa in kl.packed_isa().split(","):
+            calls[f"packed_{isa}"] = lambda x, isa=isa: kl.packed_linear(x, packed, isa)
+    return calls
 
 
 def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_bytes: int,
-                bandwidth: float) -> list[dict]:
+                bandwidth: float, isa_paths: bool = False) -> list[dict]:
     """Every path at every row count on ``shape``, each call on a weight copy not in cache."""
     gen = torch.Generator().manual_seed(shape["n"] * 7 + shape["k"])
     float_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -141,7 +151,7 @@ def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_byt
     nbytes = weight_bytes(shape, dtype)
     copies = max(1, math.ceil(cold_bytes / nbytes))
     # Every copy is its own memory with its own packing; the values need not differ.
-    per_copy = [path_calls(weight if i == 0 else weight.clone(), bias, dtype) for i in range(copies)]
+    per_copy = [path_calls(weight if i == 0 else weight.clone(), bias, dtype, isa_paths) for i in range(copies)]
     paths = list(per_copy[0])
     fused = None
     if shape["name"] == "gate_up_proj" and "packed" in paths:
@@ -168,9 +178,14 @@ def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_byt
                   "weight_gbps": {p: round(nbytes / seconds[p] / 1e9, 1) for p in paths},
                   "rel_err_vs_fp64": {p: float((per_copy[0][p](x).double() - reference).abs().max()
                                                / reference.abs().max()) for p in paths}}
-        record["best"] = min(paths, key=lambda p: seconds[p])
+        record["best"] = min(plan_paths(paths), key=lambda p: seconds[p])
         records.append(record)
     return records
+
+
+def plan_paths(paths) -> list[str]:
+    """The paths a plan can choose (not the packed kernel forced onto one instruction path)."""
+    return [p for p in paths if not p.startswith("packed_")]
 
 
 def over_copies(per_copy: list[dict], path: str, x: torch.Tensor):
@@ -229,7 +244,7 @@ def step_summary(records: list[dict], shapes: list[dict], rows: list[int], plan:
         step = {p: sum(r["us"][p] * r["calls"] for r in at_m.values()) for p in paths}
         bound = sum(r["bound_us"] * r["calls"] for r in at_m.values())
         flops = sum(2 * m * r["n"] * r["k"] * r["calls"] for r in at_m.values())
-        best = min(step, key=step.get)
+        best = min(plan_paths(step), key=step.get)
         entry = {"m": m, "step_us": {p: round(t, 1) for p, t in step.items()}, "bound_us": round(bound, 1),
                  "best": best, "best_over_bound": round(step[best] / bound, 2),
                  "best_peak_fraction": round(flops / (step[best] * 1e-6) / 1e9 / peak, 3)}
@@ -298,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peak-size", type=int, default=2048)
     ap.add_argument("--dram-mib", type=int, default=2048, help="buffer of the DRAM bandwidth measurement")
     ap.add_argument("--no-probe", action="store_true", help="skip the probe's plan")
+    ap.add_argument("--isa-paths", action="store_true",
+                    help="also time the packed kernel forced onto each instruction path (AMX, AVX512_BF16, FMA)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gemm.json"))
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -333,7 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
                 peak = result["peaks"]["float32" if dtype == "float32" else "bfloat16"]["peak"]
                 records = []
                 for shape in shapes:
-                    records += bench_shape(shape, dtype, rows, opts.repeats, opts.cold_mib << 20, bandwidth)
+                    records += bench_shape(shape, dtype, rows, opts.repeats, opts.cold_mib << 20, bandwidth,
+                                           opts.isa_paths)
                 plan, figures = (None, {}) if opts.no_probe else probe_plan(shapes, dtype)
                 steps = step_summary(records, shapes, rows, plan, peak)
                 result["models"][model]["dtypes"][dtype] = {

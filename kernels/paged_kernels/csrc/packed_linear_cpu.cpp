@@ -1,37 +1,39 @@
 // The small-M GEMM of decode: y = x @ W^T (+ bias) for a few rows x [M, K] against a weight W [N, K]
-// that paged_kernels/linear.py packed once at load, as one torch operator:
-//   torch.ops.paged_cpu.packed_linear(x, packed, out_features, bias, scales, silu_and_mul) -> y
+// that paged_kernels/linear.py packed once at load (pack_for_kernel), as one torch operator:
+//   torch.ops.paged_cpu.packed_linear(x, packed, out_features, bias, scales, silu_and_mul, isa) -> y
 //
 // At decode a step multiplies a handful of rows by every weight of the model, so the time is the
 // time to stream the weights from DRAM: the kernel reads each weight byte once per call, in the
-// order it lies in memory, and keeps the M rows' partial sums in registers meanwhile.
+// order it lies in memory, and keeps the M rows' partial sums in registers (or AMX tiles) meanwhile.
 //
-// Packed layout (what pack_small_m in linear.py writes): the N outputs in panels of kPanel = 32
-// (zero rows pad the last), each panel one contiguous run of memory:
-//   float32:        [panels, K, 32]              element (p, k, c)      = W[32p + c, k]
-//   bfloat16, int8: [panels, K2 / 2, 32, 2]      element (p, j, c, e)   = W[32p + c, 2j + e]
-// with K2 = K rounded up to a multiple of 32 (zero columns pad it). The pairs are the operand
-// order of AVX512_BF16's dot product (vdpbf16ps: 16 fp32 lanes += the products of 16 pairs of
-// bf16), so one 64-byte load gives 16 columns at two k; 16 pairs (32 k) of 16 columns are one
-// AMX B tile (rows of 64 bytes, 128 bytes apart). With silu_and_mul, the packer interleaves the gate and up halves
-// of a fused gate_up weight so that panel p holds gate outputs [16p, 16p + 16) and the matching up
-// outputs, and the kernel writes SiLU(gate) * up.
+// Packed layout: the N outputs in panels of kPanel = 32 (zero rows pad the last), each panel one
+// contiguous run of memory:
+//   float32:        [panels, K, 32]          element (p, k, c)    = W[32p + c, k]
+//   bfloat16, int8: [panels, K2 / 2, 32, 2]  element (p, j, c, e) = W[32p + c, 2j + e]
+// with K2 = K rounded up to a multiple of 32 (zero columns pad it). The pairs are the operand order
+// of AVX512_BF16's dot product (vdpbf16ps: 16 fp32 lanes += the products of 16 pairs of bf16), so
+// one 64-byte load gives 16 columns at two k; 16 pairs (32 k) of 16 columns are one AMX B tile
+// (rows of 64 bytes, 128 bytes apart). With silu_and_mul the packer has interleaved the gate and up
+// halves of a fused gate_up weight, so that panel p holds gate outputs [16p, 16p + 16) and the
+// matching up outputs, and the kernel writes SiLU(gate) * up. bias and int8 scales come as fp32 in
+// packed column order.
 //
-// Arithmetic: fp32 accumulation always. bf16 weights with bf16 rows: AMX tiles (tdpbf16ps) where
-// the CPU and the kernel allow them, else vdpbf16ps, else the pairs widened to fp32 and FMAs. On an
-// Emerald Rapids Xeon (1 thread, weights in L2) AMX streamed ~60 GB/s of weights at 1 row where
-// vdpbf16ps managed ~35: vdpbf16ps issues at half the rate of an FMA, and a tile product costs
-// about as much for 1 row as for 16, so AMX wins at every row count. fp32: FMAs. int8 (weight-only, symmetric per output
-// channel): each int8 pair widened exactly to bf16 (bf16 holds every integer up to 256) for
-// vdpbf16ps with bf16 rows, or to fp32 for FMAs; the channel's scale multiplies the sum. Then
-// bias (fp32) and one rounding to the output dtype (torch's round to nearest even). The order of
-// the additions differs from F.linear's, so results differ in the last bits.
+// Arithmetic: fp32 sums always. bf16 rows with bf16 or int8 weights: AMX tiles (tdpbf16ps) where
+// the CPU and the build have them, else vdpbf16ps, else the pairs widened to fp32 and FMAs; fp32:
+// FMAs. On an Emerald Rapids Xeon (1 thread, weights in L2) AMX streamed ~60 GB/s of weights at 1
+// row where vdpbf16ps managed ~35: vdpbf16ps issues at half the rate of an FMA, and a tile product
+// costs about as much for 1 row as for 16, so AMX runs every row count there. int8 (weight-only,
+// symmetric per output channel): each weight widened exactly (bf16 holds every integer up to 256)
+// to bf16 for the dot products or to fp32 for FMAs, and the channel's scale multiplies the sum.
+// Then bias and one rounding to the output dtype (torch's round to nearest even). The order of the
+// additions differs from F.linear's, so results differ in the last bits. `isa` forces one
+// instruction path ("amx", "avx512_bf16", "fma"; "auto" picks), for tests and benchmarks.
 //
 // Threads: whole panels are split over torch's OpenMP threads (at::parallel_for), each thread a
-// contiguous run of panels (one linear stream of memory); a call with few panels stays on the
-// calling thread. Rows go in tiles of at most kMaxTileRows (2 accumulators per row stay in the 32
-// vector registers; AMX: 16 rows); a panel is read from DRAM by its first tile and from L2 by the
-// others. The result does not depend on the number of threads.
+// contiguous run of panels (one linear stream of memory); a call with little weight per thread
+// stays on the calling thread. Rows go in tiles of at most kMaxTileRows (2 accumulators per row
+// stay in the 32 vector registers) or kAmxRows (AMX); a panel is read from DRAM by its first tile
+// and from L2 by the others. The result does not depend on the number of threads.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
