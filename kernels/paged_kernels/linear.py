@@ -55,6 +55,8 @@ PROBE_MAX_MACS = 1 << 29
 # On a machine busy with other work every call can take milliseconds: past this budget the probe
 # stops, and the row counts it did not reach take the decision of the largest one it did.
 PROBE_BUDGET_S = 3.0
+# The clock of that budget (a test gives the probe its own).
+probe_clock = time.perf_counter
 # The packed layout (csrc/packed_linear_cpu.cpp): panels of 32 output columns; in the pair layouts
 # (bf16, int8) K is padded to a multiple of 32.
 PANEL = 32
@@ -421,6 +423,8 @@ def probe_linear_plan(weights: list[tuple[torch.Tensor, int]], dtype: torch.dtyp
     if "torch_int8" in candidates and any(w.shape[1] % TORCH_INT8_K_MULTIPLE for w, _ in weights):
         unavailable["torch_int8"] = f"in_features not all divisible by {TORCH_INT8_K_MULTIPLE}"
     paths = tuple(p for p in candidates if p not in unavailable)
+    if "packed" in paths:
+        figures["packed_isa"] = packed_isa()
     for _ in range(len(paths)):
         if len(paths) <= 1:
             break
@@ -460,19 +464,25 @@ def _timed_probe(weights, dtype, rows, repeats, paths, quantization, figures) ->
         w = weight.detach()[:keep].contiguous()
         cases.append((path_runners(w, paths, quantization, max_rows), in_features, calls * out_features / keep))
     generator = torch.Generator().manual_seed(0)
-    seconds: dict[str, list[float]] = {p: [] for p in paths}
-    deadline = time.perf_counter() + PROBE_BUDGET_S
+    # The smallest and the largest row counts first: if the budget runs out, the ones between take
+    # the decision of the nearest measured one, and decode and prefill sizes are both measured.
+    order = sorted(range(len(rows)), key=lambda i: (i not in (0, len(rows) - 1), i))
+    measured: dict[int, dict[str, float]] = {}
+    deadline = probe_clock() + PROBE_BUDGET_S
     with torch.inference_mode():
-        for m in rows:
-            cost = _step_cost(cases, m, dtype, repeats, generator, deadline if seconds[paths[0]] else math.inf)
+        for i in order:
+            cost = _step_cost(cases, rows[i], dtype, repeats, generator, deadline if measured else math.inf)
             if cost is None:
-                figures["unmeasured_rows"] = list(rows[len(seconds[paths[0]]):])
+                figures["unmeasured_rows"] = [r for j, r in enumerate(rows) if j not in measured]
                 break
-            for p in paths:
-                seconds[p].append(cost[p])
-    chosen = [_fastest({p: seconds[p][i] for p in paths}, quantization) for i in range(len(seconds[paths[0]]))]
-    chosen += chosen[-1:] * (len(rows) - len(chosen))
-    figures.update(us_per_step={p: [round(s * 1e6, 1) for s in seconds[p]] for p in paths}, chosen=chosen)
+            measured[i] = cost
+
+    def nearest(i: int) -> int:
+        return min(measured, key=lambda j: (abs(math.log(rows[i] / rows[j])), j))
+
+    chosen = [_fastest(measured[nearest(i)], quantization) for i in range(len(rows))]
+    figures.update(us_per_step={p: [round(measured[i][p] * 1e6, 1) if i in measured else None
+                                    for i in range(len(rows))] for p in paths}, chosen=chosen)
     return LinearPlan(dtype=dtype, limits=bucket_limits(rows), paths=tuple(chosen), source="probe",
                       quantization=quantization)
 
@@ -488,7 +498,7 @@ def _step_cost(cases, rows: int, dtype, repeats: int, generator, deadline: float
     """Calls-weighted seconds per step of each path at ``rows`` rows; None once past ``deadline``."""
     total: dict[str, float] = {}
     for runners, in_features, scale in cases:
-        if time.perf_counter() > deadline:
+        if probe_clock() > deadline:
             return None
         x = torch.randn(rows, in_features, generator=generator).to(dtype)
         for path, seconds in _time_paths(x, runners, repeats).items():

@@ -196,9 +196,10 @@ def test_probe_on_this_host_returns_figures_for_every_bucket():
     figures = result.figures
     assert figures["rows"] == list(kl.PROBE_ROWS) and len(figures["chosen"]) == len(kl.PROBE_ROWS)
     measured = figures.get("us_per_step", {})
-    for i, chosen in enumerate(figures["chosen"][:len(measured.get("torch", []))]):
-        fastest = min(measured, key=lambda p: measured[p][i])
-        assert chosen in (fastest, "torch")
+    for i, chosen in enumerate(figures["chosen"]):
+        if measured and measured["torch"][i] is not None:
+            fastest = min(measured, key=lambda p: measured[p][i])
+            assert chosen in (fastest, "torch")
     assert figures["probe_s"] < 3 * kl.PROBE_BUDGET_S
 
 
@@ -246,5 +247,24 @@ def test_probe_past_its_budget_extends_the_last_measured_decision(monkeypatch):
         {rows: dict(packed=2.0, onednn=1.0, torch=3.0) for rows in kl.PROBE_ROWS}))
     result = kl.probe_linear_plan([(random_linear(64, 32, torch.float32).weight, 1)], torch.float32)
     assert result.figures["unmeasured_rows"] == list(kl.PROBE_ROWS[1:])
-    assert len(result.figures["us_per_step"]["torch"]) == 1
+    assert [t is not None for t in result.figures["us_per_step"]["torch"]] == [True] + [False] * 4
     assert result.plan.describe() == "onednn"
+
+
+def test_probe_measures_the_smallest_and_largest_rows_first_and_fills_between_from_the_nearest(monkeypatch):
+    requires_onednn(torch.float32)
+    timed = []
+    # One time unit per timed row count, a budget of 1.5: two row counts fit.
+    monkeypatch.setattr(kl, "probe_clock", lambda: float(len(timed)))
+    monkeypatch.setattr(kl, "PROBE_BUDGET_S", 1.5)
+
+    def fake(x, runners, repeats):
+        timed.append(x.shape[0])
+        return {"packed": 1.0, "onednn": 2.0, "torch": 3.0} if x.shape[0] < 16 else \
+            {"packed": 3.0, "onednn": 1.0, "torch": 2.0}
+
+    monkeypatch.setattr(kl, "_time_paths", fake)
+    result = kl.probe_linear_plan([(random_linear(64, 32, torch.float32).weight, 1)], torch.float32)
+    assert timed[:2] == [1, 256] and result.figures["unmeasured_rows"] == [4, 16, 64]
+    # 4 is nearer 1 than 256, 16 is nearer 1 (log distance 2.8 vs 2.8: the smaller wins), 64 nearer 256
+    assert result.plan.paths == ("packed", "packed", "packed", "onednn", "onednn")
