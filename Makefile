@@ -43,14 +43,15 @@ model: $(MODEL_DIR)/config.json
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Drift check: a throwaway venv with the newest versions setup.cfg's ranges allow (torch stays the CPU
-# build), then the smoke tests (imports beside Hugging Face's `kernels`, HF equality, a TorchServe round trip).
+# Drift check: a throwaway venv with the newest versions setup.cfg's ranges allow, then the smoke tests
+# (imports beside Hugging Face's `kernels`, HF equality, a TorchServe round trip).
 LATEST_VENV := .venv-latest
 test-latest:
 	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	# torch stays the CPU build (requirements.in as a constraint): the newest torch in range is a CUDA build
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements.in -e '.[test]'
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(torch|triton|transformers|kernels|tokenizers|safetensors|torchserve|pydantic|huggingface-hub)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -m smoke
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-# Keep bench/ off the import path so no bench/ script can shadow a package of the project
+# Run from the repository root: bench/ (generic script names) off the import path, the root on it
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 sys.path.insert(0, str(ROOT))
 

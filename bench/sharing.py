@@ -31,7 +31,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
-sys.path.append(BENCH)  # appended: no bench/ script may shadow a package of the project
+sys.path.append(BENCH)  # for workload.py; appended, so installed modules come first
 
 from workload import special_token_ids, workload_for_model  # noqa: E402
 
@@ -205,7 +205,7 @@ class Bench:
             predicted = LengthProfile.load(path).utilizations()
             auto = self.llm(block_size="auto", block_size_profile=path, kv_cache_memory_bytes=KV_BYTES,
                             enable_prefix_caching=False)
-            choice = auto.engine.block_size_choice
+            choice = auto.engine.block_size_advisor.auto_choice
             log(f"[block size] {wl.name}: auto chose {choice.block_size} ({choice.reason})")
             del auto
             runs = {b: [] for b in sorted(set(sizes) | {choice.block_size})}

@@ -40,11 +40,11 @@ import torch
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
-# The engine first: no bench/ script may shadow a package of the project.
 from paged import LLM, EngineConfig, SamplingParams  # noqa: E402
 from paged.model_runner import ModelInput, ModelRunner  # noqa: E402
 from paged.models.llama import ModelArgs  # noqa: E402
-from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec  # noqa: E402
+from paged.parallel.executor import TensorParallelExecutor  # noqa: E402
+from paged.parallel.launch_spec import WorkerGroupSpec  # noqa: E402
 
 sys.path.insert(1, BENCH)
 from throughput import cpu_model, load_avg, parse_workloads  # noqa: E402
@@ -145,7 +145,7 @@ def engine_throughput(args) -> tuple[list[str], dict]:
         for repeat in range(args.repeats):
             for label in labels[repeat % 2:] + labels[:repeat % 2]:
                 llm = engines[label]
-                stats = getattr(llm.engine.runner, "stats", None)
+                stats = getattr(llm.engine.executor, "stats", None)
                 before = dict(vars(stats)) if stats is not None else None
                 started = time.perf_counter()
                 outputs = llm.generate(workload.prompts, params, use_tqdm=False)
@@ -162,7 +162,7 @@ def engine_throughput(args) -> tuple[list[str], dict]:
     lines = [f"Engine end to end: {workload.name}, {num_requests} requests ({summary['prompt_tokens']} prompt, "
              f"{summary['output_tokens']} output tokens), greedy, EOS ignored, {args.engine_kv_blocks} KV blocks "
              f"each, prefix caching off; TP=1 on {args.threads} threads, TP={args.tp} on "
-             f"{engines[tp_label].engine.runner.spec.resolved_threads_per_rank()} thread(s) per rank.", "",
+             f"{engines[tp_label].engine.executor.spec.resolved_threads_per_rank()} thread(s) per rank.", "",
              "| engine | out tok/s | vs TP=1 | engine steps | broadcast ms | channel ms | "
              "all-reduce ms (calls, KiB each) | gather ms | greedy = TP=1 |",
              "|---|---|---|---|---|---|---|---|---|"]

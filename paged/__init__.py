@@ -13,6 +13,7 @@ _EXPORTS = {
     "SamplingParams": "paged.sampling_params",
     "RequestOutput": "paged.outputs",
     "CompletionOutput": "paged.outputs",
+    "FinishReason": "paged.outputs",
     "EngineOverloadedError": "paged.errors",
     "EngineDeadError": "paged.errors",
 }

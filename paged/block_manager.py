@@ -18,6 +18,10 @@ Block moves decided while planning a step run, in ``KVCache.apply``, in this ord
 CPU-tier offloads (device -> CPU), then swap-ins and CPU-tier loads (CPU -> device), then
 copy-on-write copies, then the model writes. So a device block's old content leaves before its
 new content arrives; on the CPU side the pool never reuses a block within the plan that reads it.
+
+One class of ~450 lines on purpose: every operation below moves reference counts that the
+invariants above relate across the device pool, the prefix cache, pins and the swap tables, and
+``check_invariants`` must see all of them at once.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 
 from paged.cpu_block_pool import CpuBlockPool
 from paged.prefix_cache import PrefixCache, hash_block_tokens
+from paged.stats import KVCacheStats, PinnedPrefixStats
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,16 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
-        self.ref_counts = [0] * num_blocks
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self._empty(enable_prefix_caching, num_cpu_prefix_blocks)
+
+    def _empty(self, enable_prefix_caching: bool, num_cpu_prefix_blocks: int) -> None:
+        self.ref_counts = [0] * self.num_blocks
+        self.free_block_ids: deque[int] = deque(range(self.num_blocks))
         self.prefix_cache = PrefixCache(enabled=enable_prefix_caching)
         self.block_tables: dict[int, list[int]] = {}
         # Hashes of the leading full blocks of each sequence that are registered in the cache.
         self.seq_block_hashes: dict[int, list[int]] = {}
-        self.cpu_pool = CpuBlockPool(num_cpu_blocks, num_cpu_prefix_blocks)
+        self.cpu_pool = CpuBlockPool(self.num_cpu_blocks, num_cpu_prefix_blocks)
         self.cpu_block_tables: dict[int, list[int]] = {}
         # Pinned prefixes: key -> the device blocks each holds one reference to.
         self.pins: dict[Hashable, list[int]] = {}
@@ -62,7 +70,32 @@ class BlockManager:
         self.cpu_hit_tokens = 0
         self._loads: list[tuple[int, int]] = []  # CPU-tier loads of the plan being built: (cpu, device)
 
+    def reset(self) -> None:
+        """Forget every block, as if the pool had just been built: cached prefixes, pins and the CPU
+        tier go too (their KV is gone, e.g. with a failed tensor-parallel group); the prefix
+        query counters carry over. Only while no sequence holds blocks."""
+        assert not self.block_tables and not self.cpu_block_tables, "reset while sequences hold blocks"
+        queried, hit = self.prefix_cache.queried_tokens, self.prefix_cache.hit_tokens
+        self._empty(self.prefix_cache.enabled, self.cpu_pool.num_prefix_blocks)
+        self.prefix_cache.queried_tokens, self.prefix_cache.hit_tokens = queried, hit
+
+    def make_stats(self) -> KVCacheStats:
+        """The pool's counters now (no work beyond counting)."""
+        return KVCacheStats(
+            num_blocks=self.num_blocks, block_size=self.block_size, free_blocks=self.num_free_blocks,
+            cached_free_blocks=self.prefix_cache.num_evictable, num_cpu_blocks=self.num_cpu_blocks,
+            free_cpu_blocks=self.num_free_cpu_blocks, prefix_queries=self.prefix_cache.queried_tokens,
+            prefix_hits=self.prefix_cache.hit_tokens, cpu_prefix_hits=self.cpu_hit_tokens,
+            cpu_prefix_blocks=self.cpu_pool.num_prefix_blocks, cpu_prefix_cached_blocks=self.cpu_pool.num_cached,
+            pinned_blocks=self.num_pinned_blocks,
+            pinned={key: PinnedPrefixStats(len(blocks) * self.block_size, self.pin_hit_tokens[key])
+                    for key, blocks in self.pins.items()})
+
     # ---- accounting -------------------------------------------------------------------------
+    @property
+    def prefix_caching_enabled(self) -> bool:
+        return self.prefix_cache.enabled
+
     @property
     def num_free_blocks(self) -> int:
         """Blocks an allocation can take: never-used ones plus cached ones nobody holds."""
@@ -202,6 +235,10 @@ class BlockManager:
         for index in range(num_blocks):
             parent = hash_block_tokens(parent, token_ids[index * self.block_size:(index + 1) * self.block_size])
             yield parent
+
+    def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        """A request's first admission looked up its prompt: count the tokens and the hits."""
+        self.prefix_cache.record_query(num_prompt_tokens, num_hit_tokens)
 
     def find_cached_prefix(self, token_ids: list[int]) -> list[int | CpuHit]:
         """Cached blocks holding a leading run of ``token_ids``: device block ids, or ``CpuHit``

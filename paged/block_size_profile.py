@@ -232,15 +232,14 @@ def choose_at_start(path: str | None, measure: AttentionCostFn) -> BlockSizeChoi
 
 # ---- attention cost ------------------------------------------------------------------------------
 def measure_attention_cost(lengths: list[int], block_sizes: Iterable[int], num_heads: int, num_kv_heads: int,
-                           head_dim: int, dtype, device: str = "cpu", backend: str | None = None,
-                           rounds: int = 5, calls: int = 3, seed: int = 0) -> dict[int, float]:
+                           head_dim: int, dtype, device: str, attention, rounds: int = 5, calls: int = 3,
+                           seed: int = 0) -> dict[int, float]:
     """Seconds for one decode-step attention call over sequences of ``lengths`` tokens at each
     block size: the median over ``rounds`` of the fastest of ``calls`` calls. Every round builds
     its pools anew, with blocks scattered as a long-running server's are, and visits the block
-    sizes in turn, so that neither one lucky allocation nor a burst of load decides."""
+    sizes in turn, so that neither one lucky allocation nor a burst of load decides.
+    ``attention``: the engine's ``paged.backends.AttentionBackend``, so what is timed is what runs."""
     import torch
-
-    from paged_kernels import paged_attention
 
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -264,13 +263,13 @@ def measure_attention_cost(lengths: list[int], block_sizes: Iterable[int], num_h
                     block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
                     seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
                     query_start_loc=torch.arange(len(lengths) + 1, dtype=torch.int32, device=device),
-                    scale=head_dim ** -0.5, backend=backend)
-                paged_attention(**case)
+                    scale=head_dim ** -0.5)
+                attention.paged_attention(**case)
                 fastest = math.inf
                 for _ in range(calls):
                     sync()
                     begin = time.perf_counter()
-                    paged_attention(**case)
+                    attention.paged_attention(**case)
                     sync()
                     fastest = min(fastest, time.perf_counter() - begin)
                 if round_index:

@@ -19,7 +19,7 @@ class EngineConfig:
     """Everything the engine needs; validated on construction (ValueError names the field).
 
     Pool sizing: give ``num_kv_blocks`` or ``kv_cache_memory_bytes`` (not both); with neither, the
-    pool takes 1 GiB (``paged.engine.DEFAULT_KV_CACHE_BYTES``). ``swap_space_bytes`` sizes the
+    pool takes 1 GiB (``paged.kv_sizing.DEFAULT_KV_CACHE_BYTES``). ``swap_space_bytes`` sizes the
     CPU pool that preemption by swap moves blocks to (0 disables swapping: recompute only).
     ``cpu_prefix_cache_bytes`` adds a CPU tier to the prefix cache: cached blocks evicted from the
     device pool are copied there and brought back on a hit (0: off; see docs/sharing.md).

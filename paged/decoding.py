@@ -14,6 +14,7 @@ import torch
 
 from paged import beam_search
 from paged.errors import RequestFailedError
+from paged.outputs import FinishReason
 from paged.sampler import Sampler
 from paged.sequence import Sequence, SequenceGroup, SequenceStatus
 
@@ -39,7 +40,7 @@ class StepDecisions:
 
 def generated_length(seq: Sequence) -> int:
     """Generated tokens, not counting a final end token (how hypotheses are length-normalized)."""
-    ends_with_stop = seq.finish_reason == "stop" and seq.num_output_tokens > 0
+    ends_with_stop = seq.finish_reason == FinishReason.STOP and seq.num_output_tokens > 0
     return seq.num_output_tokens - int(ends_with_stop)
 
 
@@ -118,7 +119,7 @@ class Decoder:
             hypothesis = beams[candidate.parent].fork(self.new_seq_id())
             hypothesis.token_ids.append(candidate.token)
             hypothesis.cumulative_logprob = candidate.score
-            hypothesis.status, hypothesis.finish_reason = SequenceStatus.FINISHED, "stop"
+            hypothesis.status, hypothesis.finish_reason = SequenceStatus.FINISHED, FinishReason.STOP
             group.seqs.append(hypothesis)
         # The first candidate of a parent extends the parent; each further one extends a fork.
         taken: set[int] = set()

@@ -1,18 +1,19 @@
-"""LLMEngine: add_request / abort_request / step over the scheduler, model runner and decoder.
+"""LLMEngine: add_request / abort_request / step over the scheduler, the executor and the decoder.
 
-A step is one pipeline: ``Scheduler.schedule()`` -> plan -> ``ModelRunner.execute(plan)`` ->
-logits -> ``Decoder.decide`` -> ``Scheduler.update_from_output`` -> detokenize -> outputs.
+A step is one pipeline, each stage in its own module:
+``Scheduler.schedule()`` -> plan -> ``Executor.execute(plan)`` -> logits -> ``Decoder.decide`` ->
+``Scheduler.update_from_output`` -> ``OutputProcessor`` (text, stop strings) -> ``RequestOutput``s.
 
 Faults stay with the requests they touch: a row without a usable token fails its request; an
 exception while running a plan fails the requests of that plan (their blocks go back to the pool)
 and the engine serves on. Only ``MAX_CONSECUTIVE_STEP_FAULTS`` failed steps in a row make ``step``
 raise ``EngineDeadError``: then the engine cannot go on and its owner should restart it.
 
-With ``tensor_parallel_size > 1`` the runner is a ``TensorParallelExecutor`` (torchrun-launched
-ranks, see docs/tensor_parallel.md); the scheduler, block manager and sampler stay here. When the
-group fails, the KV cache on the ranks is gone: every request holding KV fails, the pool is reset
-and the group restarts before the next step (``_recover_from_lost_ranks``). ``close()`` stops the
-ranks.
+The model runs behind the ``Executor`` protocol (paged/executor.py): in this process, or on
+tensor-parallel ranks (docs/tensor_parallel.md); the scheduler, block manager and sampler stay
+here. When the executor fails (``ExecutorFailedError``) its KV cache is gone: every request
+holding KV fails, the pool is reset and the executor restarts before the next step
+(``_recover_from_lost_executor``). ``close()`` shuts the executor down.
 """
 from __future__ import annotations
 
@@ -25,28 +26,32 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from paged import block_size_profile, decoding
-from paged.block_manager import BlockManager
+from paged.block_size_advisor import BlockSizeAdvisor, attention_cost_fn
 from paged.config import EngineConfig
 from paged.decoding import Decoder
-from paged.detokenizer import Detokenizer
-from paged.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
-from paged.model_runner import DTYPES, ModelRunner
+from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailedError, InvalidRequestError,
+                          RequestFailedError)
+from paged.executor import make_executor
+from paged.input_processor import InputProcessor
+from paged.kv_sizing import PreemptionCostModel, plan_kv_cache
 from paged.models.llama import ModelArgs
-from paged.outputs import CompletionOutput, RequestOutput
-from paged.parallel.errors import WorkerGroupError
-from paged.parallel.partition import kv_bytes_per_token_per_rank
+from paged.output_processor import OutputProcessor
+from paged.outputs import FinishReason, RequestOutput
+from paged.request_validator import RequestLimits, RequestValidator
 from paged.sampler import Sampler
 from paged.sampling_params import SamplingParams
-from paged.scheduler import PreemptionCostModel, Scheduler, SchedulerOutput
-from paged.sequence import Sequence, SequenceGroup, SequenceStatus
-from paged.shared_prefixes import SharedPrefixes, is_prefix_request
+from paged.scheduler import Scheduler
+from paged.scheduler_output import SchedulerOutput
+from paged.sequence import SequenceGroup, SequenceStatus
+from paged.shared_prefixes import SharedPrefixRegistry
+from paged.stats import kv_stats_dict
 from paged.step_timer import StepTimer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_BYTES = 1 << 30
 MAX_CONSECUTIVE_STEP_FAULTS = 3
+# A shared prefix is computed as the prefill of a one-token request of its own.
+_PREFIX_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
 def _eos_token_ids(model_dir: str, args: ModelArgs, tokenizer) -> list[int]:
@@ -62,134 +67,50 @@ def _eos_token_ids(model_dir: str, args: ModelArgs, tokenizer) -> list[int]:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        self.config = config
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
-        self.block_size_choice: block_size_profile.BlockSizeChoice | None = None
-        if config.block_size == "auto":
-            self.block_size_choice = block_size_profile.choose_at_start(config.block_size_profile,
-                                                                        self._measure_attention_cost)
-            self.config = config = dataclasses.replace(config, block_size=self.block_size_choice.block_size)
-            logger.info("block_size auto: %d (%s)", config.block_size, self.block_size_choice.reason)
+        self.block_size_advisor = BlockSizeAdvisor.at_start(config.block_size, config.block_size_profile,
+                                                            attention_cost_fn(config, args))
+        choice = self.block_size_advisor.auto_choice
+        if choice is not None:
+            config = dataclasses.replace(config, block_size=choice.block_size)
+            logger.info("block_size auto: %d (%s)", config.block_size, choice.reason)
+        self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.vocab_size = args.vocab_size
-        limit = args.max_position_embeddings
-        if args.sliding_window:
-            limit = min(limit, args.sliding_window)  # beyond it the full-attention result would differ
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {limit}")
-        self.max_model_len = config.max_model_len or limit
-        element_size = torch.tensor([], dtype=DTYPES[config.dtype]).element_size()
-        # With tensor parallel every rank holds num_blocks blocks of its own KV heads, so the KV
-        # memory settings are per rank (as vLLM's are per GPU). Raises for a model that cannot be
-        # split over tensor_parallel_size, before anything starts.
-        block_bytes = (kv_bytes_per_token_per_rank(args, config.tensor_parallel_size) * element_size
-                       * config.block_size)
-        if config.num_kv_blocks is not None:
-            num_blocks = config.num_kv_blocks
-        else:
-            num_blocks = (config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES) // block_bytes
-            if num_blocks < 1:
-                raise ValueError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds no block "
-                                 f"of {block_bytes} bytes")
-        num_cpu_prefix_blocks = config.cpu_prefix_cache_bytes // block_bytes
-        if config.cpu_prefix_cache_bytes and not num_cpu_prefix_blocks:
-            raise ValueError(f"cpu_prefix_cache_bytes {config.cpu_prefix_cache_bytes} holds no block of "
-                             f"{block_bytes} bytes")
-        # one CPU pool for swap and the CPU prefix tier; the tier never takes more than its share
-        num_cpu_blocks = config.swap_space_bytes // block_bytes + num_cpu_prefix_blocks
-        self.block_manager = BlockManager(num_blocks, num_cpu_blocks, config.block_size,
-                                          config.enable_prefix_caching, num_cpu_prefix_blocks)
-        num_params = args.num_layers * (args.hidden_size * (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
-                                        + args.num_heads * args.head_dim * args.hidden_size
-                                        + 3 * args.hidden_size * args.intermediate_size)
-        cost_model = PreemptionCostModel(flops_per_token=2.0 * num_params, block_bytes=block_bytes)
+        limits = RequestLimits.for_model(config, args)
+        self.vocab_size, self.max_model_len = limits.vocab_size, limits.max_model_len
+        layout = plan_kv_cache(config, args)
         self.eos_token_ids = _eos_token_ids(config.model, args, self.tokenizer)
-        self.scheduler = Scheduler(config, self.block_manager, cost_model, self.eos_token_ids, self.max_model_len)
+        self.scheduler = Scheduler(config, layout, PreemptionCostModel.for_model(args, layout.block_bytes),
+                                   self.eos_token_ids, self.max_model_len)
         torch.manual_seed(config.seed)
         self.timer = StepTimer()
-        self.runner = self._make_runner(num_blocks, num_cpu_blocks)
+        self.executor = make_executor(config, args, layout, self.timer)
         self.decoder = Decoder(Sampler(self.eos_token_ids), self.eos_token_ids, self._new_seq_id)
-        self.detokenizer = Detokenizer(self.tokenizer)
+        self.input_processor = InputProcessor(config, self.tokenizer, RequestValidator(limits), self.scheduler,
+                                              self._new_seq_id)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.requests: dict[str, SequenceGroup] = {}
+        self.prefixes = SharedPrefixRegistry()
         self._next_seq_id = 0
-        self._num_requests_added = 0
         self.num_steps = 0
         self.num_generated_tokens_total = 0
         self.num_step_faults = 0
         self._consecutive_step_faults = 0
         self.first_fault: str | None = None
-        self._utilization_sum = 0.0
-        self._utilization_steps = 0
-        self._restart_ranks = False
+        self._restart_executor = False
         self.closed = False
-        self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
-        self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
-        self.prefixes = SharedPrefixes()
-        self.length_profile = block_size_profile.LengthProfile()
-        self._attention_cost_s: dict[int, float] | None = None
-
-    def _make_runner(self, num_blocks: int, num_cpu_blocks: int):
-        """The model in this process, or the tensor-parallel ranks behind the same contract."""
-        if self.config.tensor_parallel_size == 1:
-            return ModelRunner(self.config, self.model_args, num_blocks, num_cpu_blocks, self.timer)
-        from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
-
-        return TensorParallelExecutor(WorkerGroupSpec(self.config, num_blocks, num_cpu_blocks), self.timer)
 
     def close(self) -> None:
-        """Stop the tensor-parallel ranks, if any (a single-device engine holds no process).
+        """Shut the executor down (tensor-parallel ranks stop; in process there is nothing to stop).
         Idempotent; ``step`` raises EngineDeadError afterwards."""
         self.closed = True
-        if self.config.tensor_parallel_size > 1:
-            self.runner.shutdown()
+        self.executor.shutdown()
 
     # ---- requests -----------------------------------------------------------------------------
-    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", "prompt must not be empty")
-            return prompt, self.tokenizer(prompt).input_ids
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise InvalidRequestError("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
-        for token in prompt:
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
-                raise InvalidRequestError("prompt", f"prompt token id {token!r} is outside the vocabulary "
-                                                    f"[0, {self.vocab_size})")
-        return None, list(prompt)
-
-    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        total = num_prompt_tokens + params.max_tokens
-        if num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError("prompt", f"prompt ({num_prompt_tokens} tokens) leaves no room to generate "
-                                                f"within max_model_len {self.max_model_len}")
-        if total > self.max_model_len:
-            raise InvalidRequestError("max_tokens", f"prompt ({num_prompt_tokens} tokens) + max_tokens "
-                                                    f"({params.max_tokens}) = {total} exceeds max_model_len "
-                                                    f"{self.max_model_len} by {total - self.max_model_len}")
-        if params.num_seqs > self.config.max_num_seqs:
-            param = "beam_width" if params.use_beam_search else ("best_of" if params.best_of > params.n else "n")
-            raise InvalidRequestError(param, f"the request runs {params.num_seqs} sequences at once but the engine "
-                                             f"runs at most max_num_seqs={self.config.max_num_seqs}")
-        bad_stop_ids = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad_stop_ids:
-            raise InvalidRequestError("stop_token_ids", f"stop token id {bad_stop_ids[0]} is outside the "
-                                                        f"vocabulary [0, {self.vocab_size})")
-        bm = self.block_manager
-        needed = bm.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
-        available = bm.num_blocks - bm.num_pinned_blocks
-        if needed > available:
-            pinned = f", {bm.num_pinned_blocks} of them pinned by shared prefixes" if bm.num_pinned_blocks else ""
-            raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
-                                                    f"has {bm.num_blocks}{pinned} (short by {needed - available})")
-
     def validate_request(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         """Everything ``add_request`` checks about the request itself, without queueing it:
         returns (prompt text or None, prompt token ids) or raises InvalidRequestError."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(None, f"params must be SamplingParams, got {type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
-        self._check_fits(len(token_ids), params)
-        return text, token_ids
+        return self.input_processor.validate(prompt, params)
 
     def can_accept_request(self) -> bool:
         """Would ``add_request`` find room in the waiting queue now?"""
@@ -204,18 +125,11 @@ class LLMEngine:
             raise InvalidRequestError(None, f"request id {request_id!r} is already in use")
         if not self.can_accept_request():
             raise EngineOverloadedError(f"{self.config.max_waiting_requests} requests are already waiting")
-        text, token_ids = self.validate_request(prompt, params)
-        generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else \
-                hash((self.config.seed, self._num_requests_added)) & (2**63 - 1)
-            generator = torch.Generator().manual_seed(seed)
-        arrival = time.time() if arrival_time is None else arrival_time
-        deadline = arrival + self.config.request_timeout_s if self.config.request_timeout_s else None
-        group = SequenceGroup(request_id, text, token_ids, params, self._new_seq_id(), arrival, generator,
-                              deadline, stream)
-        self._num_requests_added += 1
-        self.requests[request_id] = group
+        text, token_ids = self.input_processor.validate(prompt, params)
+        self._queue(self.input_processor.make_group(request_id, text, token_ids, params, arrival_time, stream))
+
+    def _queue(self, group: SequenceGroup) -> None:
+        self.requests[group.request_id] = group
         self.scheduler.add(group)
 
     def _new_seq_id(self) -> int:
@@ -227,14 +141,10 @@ class LLMEngine:
         output. Unknown ids are ignored."""
         group = self.requests.pop(request_id, None)
         if group is not None:
-            self._end_group(group, "abort")
+            self._end_group(group, FinishReason.ABORT)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self.requests)
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -242,20 +152,20 @@ class LLMEngine:
         (a ``stream=False`` request only when finished)."""
         if self.closed:
             raise EngineDeadError("the engine was closed")
-        if self._restart_ranks:
-            self._restart_worker_group()
+        if self._restart_executor:
+            self._restart()
         touched = self._expire_deadlines()
-        ready = self.config.tensor_parallel_size == 1 or self._check_worker_group(touched)
+        ready = self._check_executor(touched)
         with self.timer.phase("schedule"):
             plan = self.scheduler.schedule() if ready else SchedulerOutput()
         if not plan.is_empty:
             self.num_steps += 1
             try:
-                logits = self.runner.execute(plan)
+                logits = self.executor.execute(plan)
                 with self.timer.phase("sample"):
                     decisions = self.decoder.decide(plan.sampling_seqs, logits)
-            except WorkerGroupError as exc:
-                self._recover_from_lost_ranks(exc, touched)
+            except ExecutorFailedError as exc:
+                self._recover_from_lost_executor(exc, touched)
             except Exception as exc:  # noqa: BLE001 - the plan's requests fail, the engine goes on
                 self._fail_plan(plan, exc, touched)
             else:
@@ -264,121 +174,26 @@ class LLMEngine:
                     grown = self.scheduler.update_from_output(plan, decisions)
                     self.num_generated_tokens_total += len(grown)
                     for group, error in decisions.failed.values():
-                        self._end_group(group, "error", error)
+                        self._end_group(group, FinishReason.ERROR, error)
                         touched[group.request_id] = group
-                    self._detokenize(grown, touched)
-                self._record_utilization()
+                    for seq in self.output_processor.detokenize(grown, touched):
+                        self.scheduler.finish(seq, FinishReason.STOP)
+                self.scheduler.record_kv_usage()
         with self.timer.phase("outputs"):
-            outputs = [self._make_output(g) for g in touched.values() if g.stream or g.is_finished]
+            outputs = [self._output(g) for g in touched.values() if g.stream or g.is_finished]
         self.timer.step_done()
         return outputs
 
-    def _detokenize(self, seqs: list[Sequence], touched: dict[str, SequenceGroup]) -> None:
-        """Extend each grown sequence's text; a stop string (counted from min_tokens on) ends it.
-        The text of a token that ended its sequence as a stop token is not shown."""
-        now = time.time()
-        for seq in seqs:
-            group = seq.group
-            touched[group.request_id] = group
-            if group.metrics.first_token_time is None:
-                group.metrics.first_token_time = now
-            params = group.params
-            if seq.finish_reason == "stop" or (not group.stream and not params.stop):
-                continue  # a stop token shows no text; unread text is decoded once, at the end
-            stops = params.stop if seq.num_output_tokens >= params.min_tokens and not params.use_beam_search else []
-            if self.detokenizer.append_token(seq, stops):
-                if seq.is_finished:
-                    seq.finish_reason = "stop"  # the stop string wins over a length limit hit at once
-                else:
-                    self.scheduler.finish(seq, "stop")
+    def _output(self, group: SequenceGroup) -> RequestOutput:
+        output = self.output_processor.make_output(group)
+        if output.finished:
+            self.requests.pop(group.request_id, None)
+            seqs = group.seqs
+            if not group.internal and all(s.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for s in seqs):
+                self.block_size_advisor.record(len(group.prompt_token_ids), max(s.num_output_tokens for s in seqs))
+        return output
 
-    def _fail_plan(self, plan: SchedulerOutput, exc: Exception, touched: dict[str, SequenceGroup]) -> None:
-        """Running the plan raised: every request in it (and every one swapped out by it, whose
-        blocks may not have reached the CPU pool) fails; the pool gets their blocks back."""
-        self.num_step_faults += 1
-        self._consecutive_step_faults += 1
-        cause = f"{type(exc).__name__}: {exc}"
-        if self.first_fault is None:
-            self.first_fault = cause
-        logger.exception("a step failed; failing its %d sequence(s)", len(plan.scheduled))
-        self.block_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)
-        groups = {id(item.seq.group): item.seq.group for item in plan.scheduled}
-        groups.update((id(g), g) for g in plan.swapped_out)
-        error = RequestFailedError(f"the engine failed while running this request ({type(exc).__name__})", 500)
-        for group in groups.values():
-            if group.request_id in self.requests:
-                self._end_group(group, "error", error)
-                touched[group.request_id] = group
-        if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
-            raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
-                                  f"{self.first_fault}; last: {cause}") from exc
-
-    def _recover_from_lost_ranks(self, exc: WorkerGroupError, touched: dict[str, SequenceGroup]) -> None:
-        """The tensor-parallel group failed and took the KV cache with it: every request that held
-        KV blocks (running or swapped, not only this plan's) fails, the pool is made whole and empty
-        (cached prefixes are gone too), and the group restarts before the next step, so the failed
-        requests hear about it now rather than after the weights have loaded again. Waiting
-        requests hold no KV: they run on the new group. A group over several nodes cannot be
-        restarted from here: EngineDeadError, so the owner exits and its supervisor restarts it."""
-        self.num_step_faults += 1
-        self._consecutive_step_faults += 1
-        cause = f"{type(exc).__name__}: {exc.summary}"
-        if self.first_fault is None:
-            self.first_fault = cause
-        logger.error("the tensor-parallel worker group failed; failing every request that held KV: %s", exc)
-        error = RequestFailedError(f"the tensor-parallel worker group failed and this request's KV cache was lost "
-                                   f"({exc.summary}); retry the request", 503)
-        for group in list(self.requests.values()):
-            if any(seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED) for seq in group.seqs):
-                self._end_group(group, "error", error)
-                touched[group.request_id] = group
-        self._reset_block_pool()
-        if self.config.tensor_parallel_nnodes > 1:
-            raise EngineDeadError(f"the multi-node tensor-parallel group failed and cannot be restarted from the "
-                                  f"engine: {cause}") from exc
-        if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
-            raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
-                                  f"{self.first_fault}; last: {cause}") from exc
-        self._restart_ranks = True
-
-    def _reset_block_pool(self) -> None:
-        """A fresh, empty block manager of the same shape (no holder is left: only waiting
-        sequences, which hold no blocks, survive a lost group); prefix statistics carry over."""
-        old = self.block_manager
-        fresh = BlockManager(old.num_blocks, old.num_cpu_blocks, old.block_size, old.prefix_cache.enabled,
-                             old.cpu_pool.num_prefix_blocks)
-        fresh.prefix_cache.queried_tokens = old.prefix_cache.queried_tokens
-        fresh.prefix_cache.hit_tokens = old.prefix_cache.hit_tokens
-        self.block_manager = self.scheduler.block_manager = fresh
-        if self.prefixes.texts:  # their pinned KV went with the ranks
-            logger.warning("%d shared prefix(es) lost their KV with the tensor-parallel group; register them "
-                           "again", len(self.prefixes.texts))
-            self.prefixes = SharedPrefixes()
-
-    def _check_worker_group(self, touched: dict[str, SequenceGroup]) -> bool:
-        """Whether the tensor-parallel group can run this step. A group that died between steps
-        (a rank killed while the engine idled) is found before anything is scheduled: with no
-        request holding KV it restarts now and the step runs; otherwise those requests fail and
-        this step only reports them (the group restarts at the next step, after they heard)."""
-        try:
-            self.runner.check()
-        except WorkerGroupError as exc:
-            num_touched = len(touched)
-            self._recover_from_lost_ranks(exc, touched)
-            if len(touched) > num_touched:
-                return False
-            self._restart_worker_group()
-        return True
-
-    def _restart_worker_group(self) -> None:
-        try:
-            self.runner.restart()
-        except Exception as exc:  # noqa: BLE001 - whatever stops the restart ends the engine
-            raise EngineDeadError(f"the tensor-parallel worker group could not be restarted: {exc}") from exc
-        self._restart_ranks = False
-        logger.info("tensor-parallel worker group restarted: %s", self.runner.describe())
-
-    def _end_group(self, group: SequenceGroup, reason: str, error: Exception | None = None) -> None:
+    def _end_group(self, group: SequenceGroup, reason: FinishReason, error: Exception | None = None) -> None:
         """End every unfinished sequence of the request and give back all of its blocks."""
         self.scheduler.remove_group(group)
         for seq in group.seqs:
@@ -390,149 +205,152 @@ class LLMEngine:
         now = time.time()
         expired = {g.request_id: g for g in self.requests.values() if g.deadline is not None and now > g.deadline}
         for group in expired.values():
-            self._end_group(group, "timeout")
+            self._end_group(group, FinishReason.TIMEOUT)
         return expired
 
-    def _make_output(self, group: SequenceGroup) -> RequestOutput:
-        params = group.params
-        finished = group.is_finished
-        seqs = group.seqs
-        if finished and params.use_beam_search:
-            seqs = sorted(seqs, key=decoding.beam_rank_score, reverse=True)
-        elif finished and len(seqs) > params.n:
-            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
-        report_cumulative = params.logprobs is not None or params.use_beam_search or not params.greedy
-        if not group.stream:
-            for seq in seqs[:params.n]:  # without stop strings, "stop" means a stop token ended it
-                self.detokenizer.catch_up(seq, skip_last=seq.finish_reason == "stop")
-        outputs = [
-            CompletionOutput(index=i, text=self.detokenizer.visible_text(seq, params.stop),
-                             token_ids=seq.output_token_ids,
-                             cumulative_logprob=seq.cumulative_logprob if report_cumulative else None,
-                             logprobs=list(seq.logprobs) if params.logprobs is not None else None,
-                             finish_reason=seq.finish_reason)
-            for i, seq in enumerate(seqs[:params.n])
-        ]
-        if finished:
-            group.metrics.finished_time = time.time()
-            self.requests.pop(group.request_id, None)
-            if all(seq.finish_reason in ("stop", "length") for seq in seqs) and not is_prefix_request(group.request_id):
-                self.length_profile.record(len(group.prompt_token_ids), max(s.num_output_tokens for s in seqs))
-        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
-                             prompt_token_ids=group.prompt_token_ids, outputs=outputs, finished=finished,
-                             metrics=group.metrics, num_cached_tokens=group.num_cached_tokens,
-                             error=group.error)
+    # ---- faults -------------------------------------------------------------------------------
+    def _count_fault(self, cause: str) -> None:
+        self.num_step_faults += 1
+        self._consecutive_step_faults += 1
+        if self.first_fault is None:
+            self.first_fault = cause
+
+    def _check_fault_budget(self, cause: str, exc: Exception) -> None:
+        """EngineDeadError after ``MAX_CONSECUTIVE_STEP_FAULTS`` failed steps in a row."""
+        if self._consecutive_step_faults >= MAX_CONSECUTIVE_STEP_FAULTS:
+            raise EngineDeadError(f"{self._consecutive_step_faults} steps in a row failed; first cause: "
+                                  f"{self.first_fault}; last: {cause}") from exc
+
+    def _fail_plan(self, plan: SchedulerOutput, exc: Exception, touched: dict[str, SequenceGroup]) -> None:
+        """Running the plan raised: every request in it (and every one swapped out by it, whose
+        blocks may not have reached the CPU pool) fails; the pool gets their blocks back."""
+        cause = f"{type(exc).__name__}: {exc}"
+        self._count_fault(cause)
+        logger.exception("a step failed; failing its %d sequence(s)", len(plan.scheduled))
+        self.scheduler.abandon_plan(plan)
+        groups = {id(item.seq.group): item.seq.group for item in plan.scheduled}
+        groups.update((id(g), g) for g in plan.swapped_out)
+        error = RequestFailedError(f"the engine failed while running this request ({type(exc).__name__})", 500)
+        for group in groups.values():
+            if group.request_id in self.requests:
+                self._end_group(group, FinishReason.ERROR, error)
+                touched[group.request_id] = group
+        self._check_fault_budget(cause, exc)
+
+    def _recover_from_lost_executor(self, exc: ExecutorFailedError, touched: dict[str, SequenceGroup]) -> None:
+        """The executor failed and took the KV cache with it: every request that held KV blocks
+        (running or swapped, not only this plan's) fails, the pool is made whole and empty
+        (cached and pinned prefixes are gone too), and the executor restarts before the next
+        step, so the failed requests hear about it now rather than after the weights have loaded
+        again. Waiting requests hold no KV: they run on the new executor. One that cannot be
+        restarted from here (a group over several nodes): EngineDeadError, so the owner exits and
+        its supervisor restarts it."""
+        cause = f"{type(exc).__name__}: {exc.summary}"
+        self._count_fault(cause)
+        logger.error("%s failed; failing every request that held KV: %s", exc.subject, exc)
+        error = RequestFailedError(f"{exc.subject} failed and this request's KV cache was lost ({exc.summary}); "
+                                   "retry the request", 503)
+        for group in list(self.requests.values()):
+            if any(seq.status in (SequenceStatus.RUNNING, SequenceStatus.SWAPPED) for seq in group.seqs):
+                self._end_group(group, FinishReason.ERROR, error)
+                touched[group.request_id] = group
+        self.scheduler.reset_kv_cache()
+        if self.prefixes:  # their pinned KV is gone
+            logger.warning("%d shared prefix(es) lost their KV with %s; register them again", len(self.prefixes),
+                           exc.subject)
+            self.prefixes.clear()
+        if not self.executor.can_restart:
+            raise EngineDeadError(f"{exc.subject} failed and cannot be restarted from the engine: {cause}") from exc
+        self._check_fault_budget(cause, exc)
+        self._restart_executor = True
+
+    def _check_executor(self, touched: dict[str, SequenceGroup]) -> bool:
+        """Whether the executor can run this step. One that failed between steps (a rank killed
+        while the engine idled) is found before anything is scheduled: with no request holding
+        KV it restarts now and the step runs; otherwise those requests fail and this step only
+        reports them (the executor restarts at the next step, after they heard)."""
+        try:
+            self.executor.check_health()
+        except ExecutorFailedError as exc:
+            num_touched = len(touched)
+            self._recover_from_lost_executor(exc, touched)
+            if len(touched) > num_touched:
+                return False
+            self._restart()
+        return True
+
+    def _restart(self) -> None:
+        try:
+            self.executor.restart()
+        except Exception as exc:  # noqa: BLE001 - whatever stops the restart ends the engine
+            raise EngineDeadError(f"the executor could not be restarted: {exc}") from exc
+        self._restart_executor = False
+        logger.info("executor restarted")
 
     # ---- statistics ---------------------------------------------------------------------------
-    def _record_utilization(self) -> None:
-        """Live token slots / allocated token slots of the blocks held by sequences, after the step."""
-        bm = self.block_manager
-        used_blocks = bm.num_blocks - bm.num_free_blocks
-        if used_blocks == 0:
-            return
-        allocated = used_blocks * bm.block_size
-        waste = sum(bm.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in self.scheduler.running)
-        self._utilization_sum += max(0, allocated - waste) / allocated
-        self._utilization_steps += 1
-        held, unshared = bm.sharing_counts()
-        self._held_blocks_sum += held
-        self._unshared_blocks_sum += unshared
-
     def kv_stats(self) -> dict:
-        bm = self.block_manager
-        scheduler = self.scheduler
-        used_blocks = bm.num_blocks - bm.num_free_blocks
-        live = sum(seq.num_computed_tokens for seq in scheduler.running)
-        return {
-            "num_blocks": bm.num_blocks,
-            "block_size": bm.block_size,
-            "free_blocks": bm.num_free_blocks,
-            "cached_free_blocks": bm.prefix_cache.num_evictable,
-            "used_blocks": used_blocks,
-            "used_token_slots": used_blocks * bm.block_size,
-            "live_tokens": live,
-            "kv_usage": used_blocks / bm.num_blocks,
-            "num_cpu_blocks": bm.num_cpu_blocks,
-            "free_cpu_blocks": bm.num_free_cpu_blocks,
-            "prefix_queries": bm.prefix_cache.queried_tokens,
-            "prefix_hits": bm.prefix_cache.hit_tokens,
-            "prefix_hit_rate": bm.prefix_cache.hit_rate,
-            # tokens brought back from the CPU tier instead of recomputed (re-admissions included)
-            "cpu_prefix_hits": bm.cpu_hit_tokens,
-            "cpu_prefix_blocks": bm.cpu_pool.num_prefix_blocks,
-            "cpu_prefix_cached_blocks": bm.cpu_pool.num_cached,
-            "pinned_blocks": bm.num_pinned_blocks,
-            "num_shared_prefixes": len(bm.pins),
-            "num_running": len(scheduler.running),
-            "num_waiting": len(scheduler.waiting),
-            "num_swapped": sum(len(g.seqs_with_status(SequenceStatus.SWAPPED)) for g in scheduler.swapped),
-            "num_recompute_preemptions": scheduler.num_recompute_preemptions,
-            "num_swap_preemptions": scheduler.num_swap_preemptions,
-            "num_steps": self.num_steps,
-            "num_step_faults": self.num_step_faults,
-            "prompt_tokens_total": scheduler.num_prompt_tokens_computed,
-            "generated_tokens_total": self.num_generated_tokens_total,
-            "mean_kv_utilization": (self._utilization_sum / self._utilization_steps
-                                    if self._utilization_steps else 1.0),
-            # The sum and count behind the mean, so a caller can take the mean over any window.
-            "kv_utilization_sum": self._utilization_sum,
-            "kv_utilization_steps": self._utilization_steps,
-            # blocks saved by sharing (prompts of parallel samples, beams, cached prefixes): blocks
-            # the sequences held vs would hold unshared, summed over the same steps
-            "sharing_held_blocks_sum": self._held_blocks_sum,
-            "sharing_unshared_blocks_sum": self._unshared_blocks_sum,
-            "blocks_saved_by_sharing": (1 - self._held_blocks_sum / self._unshared_blocks_sum
-                                        if self._unshared_blocks_sum else 0.0),
-            "recommended_block_size": self.block_size_report()["block_size"],
-        }
+        """The pool, the queues and the engine's counters (see ``paged.stats``). Counts only:
+        nothing is measured."""
+        return kv_stats_dict(self.scheduler.make_stats(), self.num_steps, self.num_step_faults,
+                             self.num_generated_tokens_total, self.block_size_report()["block_size"])
 
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
         tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids."""
-        return self.runner.performance_info()
-
-    # ---- shared prefixes and the block size ------------------------------------------------
-    def register_prefix(self, prompt: str | list[int]) -> int:
-        """Compute ``prompt`` once and pin its full blocks (see ``paged/shared_prefixes.py``);
-        returns the number of tokens pinned. Only while no request is unfinished."""
-        text, token_ids = self._tokenize(prompt)
-        return self.prefixes.register(self, text, token_ids)
-
-    def unregister_prefix(self, prompt: str | list[int]) -> int:
-        """Unpin a registered prefix; its blocks become evictable. Returns the tokens unpinned."""
-        return self.prefixes.unregister(self, self._tokenize(prompt)[1])
-
-    def shared_prefixes(self) -> list[dict]:
-        return self.prefixes.describe(self)
-
-    def _measure_attention_cost(self, lengths: list[int], block_sizes) -> dict[int, float]:
-        args = self.model_args
-        return block_size_profile.measure_attention_cost(
-            lengths, block_sizes, args.num_heads, args.num_kv_heads, args.head_dim, DTYPES[self.config.dtype],
-            self.config.device, self.config.attention_backend)
-
-    def block_size_report(self) -> dict:
-        """The block size the finished requests so far recommend (None until there are
-        ``MIN_REQUESTS``), with each candidate's KV utilization and measured attention cost (measured
-        once, at the first call with enough requests); and what ``block_size: auto`` chose."""
-        profile = self.length_profile
-        report = {"block_size": None, "in_use": self.block_manager.block_size,
-                  "auto_choice": self.block_size_choice.to_dict() if self.block_size_choice else None}
-        if len(profile) < block_size_profile.MIN_REQUESTS:
-            report["reason"] = (f"needs {block_size_profile.MIN_REQUESTS} finished requests, "
-                                f"has {len(profile)}")
-            return report
-        if self._attention_cost_s is None:
-            self._attention_cost_s = self._measure_attention_cost(profile.decode_lengths(), profile.candidates)
-        choice = block_size_profile.recommend(profile, lambda *_: self._attention_cost_s)
-        report.update(choice.to_dict())
-        return report
-
-    def save_length_profile(self, path: str) -> None:
-        """Write the finished requests' lengths (and the measured attention costs, if any) where
-        ``block_size: "auto"`` with ``block_size_profile=path`` reads them at the next start."""
-        self.length_profile.save(path, self._attention_cost_s)
+        return self.executor.performance_info()
 
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""
         return self.timer.report()
+
+    # ---- shared prefixes ----------------------------------------------------------------------
+    def register_prefix(self, prompt: str | list[int]) -> int:
+        """Compute ``prompt`` once and pin its full blocks (see ``paged/shared_prefixes.py``);
+        returns the number of tokens pinned (registering it again changes nothing). Only while no
+        request is unfinished: the prefix runs as a one-token request of its own, stepped here."""
+        text, token_ids = self.input_processor.tokenize(prompt)
+        key = tuple(token_ids)
+        if key in self.prefixes:
+            return self.scheduler.make_stats().kv.pinned[key].pinned_tokens
+        if self.has_unfinished_requests():
+            raise RuntimeError("register a shared prefix while the engine has no unfinished requests")
+        self.scheduler.check_pin_fits(token_ids)
+        self.input_processor.check(len(token_ids), _PREFIX_PARAMS)
+        request_id = f"__shared-prefix-{self.input_processor.num_requests}"
+        self._queue(self.input_processor.make_group(request_id, text, token_ids, _PREFIX_PARAMS, None,
+                                                    stream=False, internal=True))
+        while request_id in self.requests:
+            for out in self.step():
+                if out.request_id == request_id and out.error is not None:
+                    raise RuntimeError(f"computing the shared prefix failed: {out.error}") from out.error
+        # The request just finished: its blocks are cached and nothing has been scheduled since.
+        pinned = self.scheduler.pin_prefix(key, token_ids)
+        self.prefixes.add(key, text)
+        return pinned
+
+    def unregister_prefix(self, prompt: str | list[int]) -> int:
+        """Unpin a registered prefix; its blocks become evictable. Returns the tokens unpinned."""
+        key = tuple(self.input_processor.tokenize(prompt)[1])
+        self.prefixes.remove(key)
+        return self.scheduler.unpin_prefix(key)
+
+    def shared_prefixes(self) -> list[dict]:
+        """Each registered prefix: tokens, pinned tokens, and the tokens requests took from it."""
+        return self.prefixes.describe(self.scheduler.make_stats().kv.pinned)
+
+    # ---- the block size -----------------------------------------------------------------------
+    def block_size_report(self) -> dict:
+        """What ``block_size: auto`` chose, and the block size the finished requests recommend
+        (see ``paged/block_size_advisor.py``). Never measures anything."""
+        return self.block_size_advisor.report(self.config.block_size)
+
+    def measure_attention_costs(self) -> dict[int, float]:
+        """Time one decode-step attention at every candidate block size over the finished
+        requests' lengths (a short benchmark, on this thread: call it between requests); the
+        block-size report uses these costs from then on."""
+        return self.block_size_advisor.measure_attention_costs()
+
+    def save_length_profile(self, path: str) -> None:
+        """Write the finished requests' lengths (and the attention costs, if any) where
+        ``block_size: "auto"`` with ``block_size_profile=path`` reads them at the next start."""
+        self.block_size_advisor.save(path)

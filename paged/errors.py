@@ -34,3 +34,16 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an internal error; no request can be served (HTTP 500)."""
+
+
+class ExecutorFailedError(RuntimeError):
+    """The executor that runs the model failed and the KV cache it held is gone (e.g. a rank of a
+    tensor-parallel group died). The engine fails every request that held KV, empties its block
+    pool and restarts the executor. ``subject`` names what failed, for messages."""
+
+    subject = "the executor"
+
+    @property
+    def summary(self) -> str:
+        """The first line of the message (a traceback may follow it), for request errors."""
+        return str(self).split("\n", 1)[0].rstrip(":")

@@ -1,5 +1,8 @@
 """Runs the model on one step's plan: applies its block moves, builds the flat batch, returns logits.
 
+``ModelRunner`` is the in-process implementation of the engine's ``Executor`` (paged/executor.py);
+a tensor-parallel rank runs one over its weight shards.
+
 The step's scheduled tokens (each sequence's next ``num_new_tokens`` uncomputed tokens) become
 one flat batch: input ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc. Only
 sequences whose last token runs this step produce logits. ``ModelInput`` is that batch as plain
@@ -12,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import paged_kernels
+from paged.backends import resolve_backends
 from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
-from paged.scheduler import SchedulerOutput
+from paged.scheduler_output import SchedulerOutput
 from paged.step_timer import StepTimer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,12 +109,14 @@ class KVCache:
 
 
 class ModelRunner:
-    """The model and its KV pools; ``execute`` runs one plan.
+    """The model and its KV pools; ``execute`` runs one plan (the ``Executor`` contract in process).
 
     ``model``: a model built elsewhere (a tensor-parallel rank passes its shard, with ``args``
     holding the rank's head and MLP sizes, so the KV pools hold only its KV heads); None loads
     ``config.model`` whole. The logits then cover the model's vocabulary (a rank's: its shard).
     """
+
+    can_restart = True  # nothing here outlives a failure: the model and pools live in this process
 
     def __init__(self, config: EngineConfig, args: ModelArgs, num_blocks: int, num_cpu_blocks: int,
                  timer: StepTimer | None = None, model: LlamaForCausalLM | None = None):
@@ -121,10 +126,8 @@ class ModelRunner:
         self.device = config.device
         self.dtype = DTYPES[config.dtype]
         self.timer = timer or StepTimer(enabled=False)
-        # The compiled CPU attention is built (or loaded from its cache) now, not in a request.
-        self.attention_impl = config.attention_backend or ("triton" if str(self.device).startswith("cuda") else "torch")
-        if self.attention_impl == "torch":
-            self.attention_impl = "compiled" if paged_kernels.prepare_cpu_kernels() else "plain"
+        # Every kernel choice is made now (the compiled CPU kernels built or loaded), not in a request.
+        self.backends = resolve_backends(config.attention_backend, self.device, args.head_dim, self.dtype)
         self.model = model if model is not None else \
             LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
                                              linear_backend=config.linear_backend,
@@ -135,12 +138,20 @@ class ModelRunner:
         self.layer_caches = self.kv_cache.layer_caches()
 
     def performance_info(self) -> dict:
-        """The fast paths this runner chose at load (reported by describe and the benchmarks)."""
+        """The fast paths this runner chose at load and runs (reported by describe and the benchmarks)."""
         model = self.model
         return {"linear_backend": model.linear_backend, "linear_probe": model.linear_probe,
-                "compile": model.compile_status,
-                "attention": self.attention_impl,
+                "compile": model.compile_status, **self.backends.describe(),
                 "threads": torch.get_num_threads()}
+
+    def check_health(self) -> None:
+        """In process there is nothing to lose between steps."""
+
+    def restart(self) -> None:
+        """Nothing to restart: a failed step leaves the model and its pools usable."""
+
+    def shutdown(self) -> None:
+        """Holds no process or connection: nothing to stop."""
 
     def execute(self, plan: SchedulerOutput) -> torch.Tensor:
         """Run the plan; returns fp32 logits [num sampling sequences, vocab] in plan order."""
@@ -160,7 +171,7 @@ class ModelRunner:
                 block_tables=torch.from_numpy(inp.block_tables).to(dev),
                 seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
                 query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
-                backend=self.config.attention_backend,
+                backend=self.backends.attention,
             )
             logits_indices = torch.tensor(inp.logits_indices, dtype=torch.long, device=dev)
         with self.timer.phase("forward_other"):

@@ -1,7 +1,19 @@
 """What the engine hands back to callers."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended. A str enum: each member equals (and serializes as) its value, so the
+    words a client sees ("stop", "length", ...) are the same whether it reads JSON or the objects."""
+
+    STOP = "stop"        # an end token, a stop token or a stop string
+    LENGTH = "length"    # max_tokens or max_model_len
+    ABORT = "abort"      # the caller aborted the request
+    TIMEOUT = "timeout"  # request_timeout_s passed
+    ERROR = "error"      # the request failed (see RequestOutput.error)
 
 
 @dataclass
@@ -20,7 +32,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None  # None unless logprobs were asked for (or beams)
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, chosen first
-    finish_reason: str | None = None  # None while running, "stop" | "length" | "abort" | "timeout"
+    finish_reason: FinishReason | None = None  # None while running
 
     @property
     def finished(self) -> bool:

@@ -15,69 +15,38 @@ Invariants between steps:
 - ``running`` never holds more than ``max_num_seqs`` sequences: a request is admitted only when
   every sequence it will fork into (``params.num_seqs``) fits;
 - ``num_computed_tokens`` only grows in ``update_from_output``, after the model ran.
+
+The scheduler owns the KV block manager: it is the only caller of its allocation, and the engine
+reads the pool through ``make_stats`` and acts on it through the few methods below (admission
+check, pins, ``reset_kv_cache``), never through the pool's own structures.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 from paged.block_manager import BlockManager
 from paged.config import EngineConfig
 from paged.decoding import StepDecisions
+from paged.errors import InvalidRequestError
+from paged.outputs import FinishReason
+from paged.sampling_params import SamplingParams
+from paged.scheduler_output import SchedulerOutput
 from paged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
+from paged.stats import SchedulerStats
 
-
-@dataclass
-class PreemptionCostModel:
-    """Rough seconds to recompute tokens vs to move blocks out and back in."""
-    flops_per_token: float
-    block_bytes: int
-    compute_flops_per_s: float = 2.5e11   # fp32 GEMM roofline of a 2-core AVX-512 CPU
-    copy_bytes_per_s: float = 2.0e10
-
-    def prefers_swap(self, num_tokens_to_recompute: int, num_blocks_to_move: int) -> bool:
-        recompute_s = num_tokens_to_recompute * self.flops_per_token / self.compute_flops_per_s
-        swap_s = 2 * num_blocks_to_move * self.block_bytes / self.copy_bytes_per_s
-        return swap_s < recompute_s
-
-
-@dataclass
-class SchedulerOutput:
-    """The plan of one step: everything the model runner needs, in order.
-
-    ``scheduled[i]`` runs its next ``num_new_tokens`` tokens with block table ``block_tables[i]``
-    (final for this step). Before the forward, the runner applies ``swap_out`` (device -> CPU
-    block), then ``prefix_offload`` (device -> CPU: cached blocks evicted into the CPU tier), then
-    ``swap_in`` (CPU -> device block), then ``prefix_load`` (CPU -> device: CPU-tier hits), then
-    ``copies`` (copy-on-write, device -> device). Device blocks freed or evicted while planning
-    may be handed out again in the same plan, which is why everything that reads the device runs
-    before anything that writes it (the block manager keeps CPU blocks a plan reads until it ran).
-    """
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)
-    copies: list[tuple[int, int]] = field(default_factory=list)
-    prefix_offload: list[tuple[int, int]] = field(default_factory=list)
-    prefix_load: list[tuple[int, int]] = field(default_factory=list)
-    swapped_out: list[SequenceGroup] = field(default_factory=list)  # preempted by swap in this plan
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-    @property
-    def sampling_seqs(self) -> list[Sequence]:
-        """Sequences whose last token runs this step (they get logits), in plan order."""
-        return [item.seq for item in self.scheduled if item.samples]
+if TYPE_CHECKING:
+    from paged.kv_sizing import KVCacheLayout, PreemptionCostModel
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, cost_model: PreemptionCostModel,
+    def __init__(self, config: EngineConfig, layout: "KVCacheLayout", cost_model: "PreemptionCostModel",
                  eos_token_ids: list[int], max_model_len: int):
         self.config = config
-        self.block_manager = block_manager
+        self.block_manager = BlockManager(layout.num_blocks, layout.num_cpu_blocks, layout.block_size,
+                                          config.enable_prefix_caching, layout.num_cpu_prefix_blocks)
         self.cost_model = cost_model
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -87,6 +56,80 @@ class Scheduler:
         self.swapped: list[SequenceGroup] = []
         self.num_recompute_preemptions = 0
         self.num_swap_preemptions = 0
+        self._utilization_sum = 0.0
+        self._utilization_steps = 0
+        self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
+        self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
+
+    # ---- the KV pool, as the engine sees it -----------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise InvalidRequestError when the request could need more blocks at once than the pool
+        has outside pinned prefixes (it could never run)."""
+        bm = self.block_manager
+        needed = bm.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
+        pinned = bm.num_pinned_blocks
+        if needed > bm.num_blocks - pinned:
+            held = f", {pinned} of them pinned by shared prefixes" if pinned else ""
+            raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
+                                                    f"has {bm.num_blocks}{held} (short by {needed - bm.num_blocks + pinned})")
+
+    def check_pin_fits(self, token_ids: list[int]) -> None:
+        """Raise InvalidRequestError unless pinning the full blocks of ``token_ids`` leaves room
+        for one request of ``max_model_len`` tokens (or prefix caching is off)."""
+        bm = self.block_manager
+        if not bm.prefix_caching_enabled:
+            raise InvalidRequestError("prompt", "shared prefixes need enable_prefix_caching=True")
+        pinned_after = bm.num_pinned_blocks_with(token_ids)
+        room = bm.max_blocks_for_one_sequence(self.max_model_len)
+        if pinned_after + room > bm.num_blocks:
+            raise InvalidRequestError(
+                "prompt", f"pinning this prefix ({len(token_ids)} tokens) would make {pinned_after} of the "
+                          f"pool's {bm.num_blocks} blocks pinned, leaving {bm.num_blocks - pinned_after}; one "
+                          f"request of max_model_len={self.max_model_len} tokens needs up to {room}")
+
+    def pin_prefix(self, key: Hashable, token_ids: list[int]) -> int:
+        """Pin the cached full blocks of ``token_ids`` (see ``BlockManager.pin_prefix``)."""
+        return self.block_manager.pin_prefix(key, token_ids)
+
+    def unpin_prefix(self, key: Hashable) -> int:
+        return self.block_manager.unpin_prefix(key)
+
+    def reset_kv_cache(self) -> None:
+        """The KV cache was lost (a failed executor): the pool becomes whole and empty. Only once
+        no sequence holds blocks (the caller failed the running and swapped ones)."""
+        assert not self.running and not self.swapped, "reset while sequences hold KV"
+        self.block_manager.reset()
+
+    def abandon_plan(self, plan: SchedulerOutput) -> None:
+        """Running ``plan`` failed, so its block moves may not have happened: forget what they
+        were to fill. The caller then ends the plan's requests."""
+        self.block_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)
+
+    def record_kv_usage(self) -> None:
+        """After a step: add live token slots / allocated slots of the blocks sequences hold, and
+        the blocks held vs unshared, to the sums ``make_stats`` reports."""
+        bm = self.block_manager
+        used_blocks = bm.num_blocks - bm.num_free_blocks
+        if used_blocks == 0:
+            return
+        allocated = used_blocks * bm.block_size
+        waste = sum(bm.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in self.running)
+        self._utilization_sum += max(0, allocated - waste) / allocated
+        self._utilization_steps += 1
+        held, unshared = bm.sharing_counts()
+        self._held_blocks_sum += held
+        self._unshared_blocks_sum += unshared
+
+    def make_stats(self) -> SchedulerStats:
+        """The queues, preemptions, KV use and the pool's counters now."""
+        return SchedulerStats(
+            kv=self.block_manager.make_stats(), num_running=len(self.running), num_waiting=len(self.waiting),
+            num_swapped=sum(len(g.seqs_with_status(SequenceStatus.SWAPPED)) for g in self.swapped),
+            live_tokens=sum(seq.num_computed_tokens for seq in self.running),
+            num_recompute_preemptions=self.num_recompute_preemptions, num_swap_preemptions=self.num_swap_preemptions,
+            prompt_tokens_total=self.num_prompt_tokens_computed, kv_utilization_sum=self._utilization_sum,
+            kv_utilization_steps=self._utilization_steps, sharing_held_blocks_sum=self._held_blocks_sum,
+            sharing_unshared_blocks_sum=self._unshared_blocks_sum)
 
     # ---- queues ---------------------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:
@@ -95,9 +138,6 @@ class Scheduler:
     @property
     def num_waiting_requests(self) -> int:
         return len({seq.group.request_id for seq in self.waiting})
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
 
     def remove_group(self, group: SequenceGroup) -> None:
         """Drop every sequence of the group from the queues and free its blocks."""
@@ -114,7 +154,7 @@ class Scheduler:
         self.block_manager.fork(parent.seq_id, child.seq_id)
         self.running.insert(self.running.index(parent) + 1, child)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """The running sequence is done: it leaves ``running`` and gives its blocks back."""
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.running.remove(seq)
@@ -219,7 +259,7 @@ class Scheduler:
             if group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = time.time()
                 group.num_cached_tokens = computed
-                bm.prefix_cache.record_query(seq.num_tokens, computed)
+                bm.record_prefix_query(seq.num_tokens, computed)
             seq.num_computed_tokens = computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -266,9 +306,9 @@ class Scheduler:
         params = seq.group.params
         if seq.num_output_tokens >= params.min_tokens and (
                 token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)):
-            self.finish(seq, "stop")
+            self.finish(seq, FinishReason.STOP)
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.finish(seq, "length")
+            self.finish(seq, FinishReason.LENGTH)
 
     def drop(self, seq: Sequence) -> None:
         """A beam that ends without a result: out of the queues and out of its request."""

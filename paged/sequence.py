@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paged.outputs import RequestMetrics
+from paged.outputs import FinishReason, RequestMetrics
 from paged.sampling_params import SamplingParams
 
 
@@ -32,7 +32,7 @@ class Sequence:
         self.group = group
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         # Detokenizer state: text decoded so far and the token window offsets.
         self.text = ""
         self.prefix_offset = max(0, self.num_prompt_tokens - 6)
@@ -73,7 +73,8 @@ class SequenceGroup:
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, first_seq_id: int, arrival_time: float | None,
-                 generator: torch.Generator | None, deadline: float | None, stream: bool = True):
+                 generator: torch.Generator | None, deadline: float | None, stream: bool = True,
+                 internal: bool = False):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -87,6 +88,9 @@ class SequenceGroup:
         # stream: report after every step that produced text; otherwise only once, when finished
         self.stream = stream and not params.use_beam_search
         self.error: Exception | None = None  # set when the request failed alone
+        # made by the engine itself (a shared prefix's computation): left out of the length profile
+        self.internal = internal
+
     def seqs_with_status(self, status: SequenceStatus) -> list[Sequence]:
         return [seq for seq in self.seqs if seq.status == status]
 

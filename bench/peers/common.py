@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if BENCH_DIR not in sys.path:
-    # Appended, not prepended: no bench/ module may shadow a package of the project.
+    # For workload.py; appended, so installed modules come first.
     sys.path.append(BENCH_DIR)
 
 from workload import Workload  # noqa: E402

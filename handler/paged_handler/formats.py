@@ -144,7 +144,7 @@ class ResponseFormat(ABC):
 
 # ---------------------------------------------------------------------------- native and gRPC
 class NativeFormat(ResponseFormat):
-    """DESIGN.md's JSON: choices with text and token_ids; streams are NDJSON lines."""
+    """The native JSON (docs/serving.md, "Requests"): choices with text and token_ids; streams are NDJSON lines."""
 
     stream_content_type = "application/x-ndjson"
     separator = "\n"

@@ -8,19 +8,23 @@ callable for intermediate chunks, and frames the returned ``Answer``.
 
 Every check that can refuse a request runs before the engine sees it, so a refused request costs
 no engine work: body size and shape, field types and ranges, prompt length in characters (before
-tokenizing) and tokens, token ids in the vocabulary, samples within ``max_num_seqs``, and the
-largest possible answer within the frontend's response limit.
+tokenizing), then the engine's own ``RequestValidator`` (prompt and answer within the context,
+token ids in the vocabulary, sequences within ``max_num_seqs``), and the largest possible answer
+within the frontend's response limit.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from paged.async_engine import AsyncLLMEngine
+from paged.errors import InvalidRequestError
 from paged.outputs import RequestOutput
+from paged.request_validator import RequestLimits, RequestValidator
 from paged.sampling_params import SamplingParams
 
 from paged_handler import formats
@@ -57,6 +61,15 @@ class Prepared:
     format: ResponseFormat
 
 
+@contextlib.contextmanager
+def _refusal():
+    """The engine's refusal (InvalidRequestError) as a 400 naming the same field."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        raise RequestError(exc.message, param=exc.param) from None
+
+
 class LLMService:
     def __init__(self, engine: AsyncLLMEngine, tokenizers: TokenizerPool, settings: dict, model_name: str,
                  metrics=None):
@@ -68,6 +81,8 @@ class LLMService:
         self.metrics = metrics
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
+        self.validator = RequestValidator(RequestLimits.for_engine(engine.config, engine.vocab_size,
+                                                                   engine.max_model_len))
         # a token spans at most longest_token_chars characters, so a longer text cannot fit
         self.max_prompt_chars = engine.max_model_len * (tokenizers.longest_token_chars + 1)
         self.response_budget = settings["max_response_bytes"] - RESPONSE_MARGIN_BYTES
@@ -153,38 +168,21 @@ class LLMService:
     # ------------------------------------------------------------------ checks
     async def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            if not prompt:
-                raise RequestError("prompt must not be empty", param="prompt")
+            with _refusal():
+                self.validator.check_prompt_text(prompt)
             if len(prompt) > self.max_prompt_chars:
                 raise RequestError(f"prompt of {len(prompt)} characters is longer than the model's context "
                                    f"({self.max_model_len} tokens)", param="prompt")
             return await self.tokenizers.encode(prompt)
-        if not prompt:
-            raise RequestError("prompt must not be empty", param="prompt")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                               param="prompt")
-        return list(prompt)
+        with _refusal():
+            return self.validator.check_prompt_ids(prompt)
 
     def _finish_checks(self, request_id: str, ids: list[int], kwargs: dict, stream: bool,
                        fmt: ResponseFormat) -> Prepared:
-        if len(ids) >= self.max_model_len:
-            raise RequestError(f"prompt of {len(ids)} tokens does not fit the model's context "
-                               f"({self.max_model_len} tokens)", param="prompt")
-        params = make_sampling_params(kwargs)
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                               f"model's context of {self.max_model_len} tokens", param="max_tokens")
-        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
-        if bad is not None:
-            raise RequestError(f"stop token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                               param="stop_token_ids")
-        max_num_seqs = self.engine.config.max_num_seqs
-        if params.num_seqs > max_num_seqs:
-            param = "beam_width" if params.use_beam_search else ("best_of" if params.best_of > params.n else "n")
-            raise RequestError(f"the request runs {params.num_seqs} sequences at once; this server runs at most "
-                               f"{max_num_seqs}", param=param)
+        with _refusal():
+            self.validator.check_prompt_length(len(ids))  # a prompt too long is the first fault named
+            params = make_sampling_params(kwargs)
+            self.validator.check(len(ids), params)
         if not stream:
             size = fmt.max_answer_bytes(params.n, params.max_tokens, self.tokenizers.longest_token_json_bytes,
                                         len(str(self.vocab_size)) + 1)

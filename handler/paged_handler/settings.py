@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from paged.config import EngineConfig
-from paged.shared_prefixes import load_prefix_entries
+
+from paged_handler.prefixes import load_prefix_entries
 
 # TorchServe's own default max_request_size / max_response_size (bytes).
 TORCHSERVE_DEFAULT_MESSAGE_SIZE = 6_553_500

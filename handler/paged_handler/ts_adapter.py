@@ -29,10 +29,10 @@ import uuid
 from typing import Any
 
 from paged.async_engine import AsyncLLMEngine
-from paged.shared_prefixes import engine_factory_with_prefixes
 
 from paged_handler.errors import INTERNAL_ERROR, RequestError, phrase
 from paged_handler.lifecycle import ParentWatchdog, exit_when_drained
+from paged_handler.prefixes import engine_factory_with_prefixes
 from paged_handler.service import Answer, LLMService
 from paged_handler.settings import HANDLER_DEFAULTS, parse_handler_config
 

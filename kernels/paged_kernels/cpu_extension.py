@@ -1,12 +1,12 @@
 """Builds and loads the compiled CPU kernels: every source in kernels/paged_kernels/csrc/ into one library.
 
-``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``write_kv_cache``, from
-paged_attention_cpu.cpp; the dense layer work: ``rms_norm``, ``add_rms_norm``, ``silu_and_mul``,
-``rotary_qkv``, from dense_cpu.cpp; the small-M GEMM ``packed_linear``, from packed_linear_cpu.cpp)
-or None when the kernels cannot be had; callers then keep the plain-torch path. The first call in
-a process builds (tens of seconds, once per set of sources and headers, compiler flags, torch
-version and host CPU) or loads the cached library (milliseconds): an engine calls it while
-loading, never inside a request.
+``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``contiguous_attention``,
+``write_kv_cache``, from paged_attention_cpu.cpp; the dense layer work: ``rms_norm``,
+``add_rms_norm``, ``silu_and_mul``, ``rotary_qkv``, from dense_cpu.cpp; the small-M GEMM
+``packed_linear``, from packed_linear_cpu.cpp) or None when the kernels cannot be had; callers
+then keep the plain-torch path. The first call in a process builds (tens of seconds, once per set
+of sources and headers, compiler flags, torch version and host CPU) or loads the cached library
+(milliseconds): an engine calls it while loading, never inside a request.
 
 The library is compiled for the host CPU (``-march=native``), so the host's CPU identity is part of
 the cache key: a cache directory shared by machines with different CPUs never hands one of them
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 LIBRARY_NAME = "paged_cpu"
 BUILD_TIMEOUT_S = 600
+# torch's headers need C++20 from torch 2.14 on (2.13's build with it too).
+LANGUAGE_STANDARD = "-std=c++20"
 # Tried in order; the portable set is for a compiler that rejects -march=native.
 FLAG_SETS = (
     ["-O3", "-march=native", "-ffp-contract=fast"],
@@ -98,7 +100,7 @@ def _command(cxx: str, flags: list[str], output: Path) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     lib_dirs = library_paths()
-    command = [cxx, *flags, "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+    command = [cxx, *flags, LANGUAGE_STANDARD, "-shared", "-fPIC", "-fopenmp", "-w",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     for include in include_paths():
         command += ["-isystem", include]
@@ -127,7 +129,7 @@ def _library_path() -> Path:
     source = _source_digest()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, " ".join([cxx, *flags]).encode(), torch.__version__.encode(),
+        key = hashlib.sha256(b"\0".join([source, " ".join([cxx, LANGUAGE_STANDARD, *flags]).encode(), torch.__version__.encode(),
                                          _host_cpu().encode()])).hexdigest()[:16]
         directory = _build_root() / key
         library = directory / f"{LIBRARY_NAME}.so"

@@ -1,7 +1,8 @@
 """Plain-torch reference for the kernels contract, used by the tests.
 
 Deliberately slow and simple: one Python loop per token / per sequence, the sequence's blocks
-gathered into dense K/V, a full masked softmax in float32. It is the definition the Triton and
+gathered into dense K/V (or its slot's first tokens, for the contiguous layout), a full masked
+softmax in float32. It is the definition the Triton and
 the fast torch implementations are checked against, not a serving path.
 """
 from __future__ import annotations
@@ -39,9 +40,30 @@ def reference_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, valu
     Query head h reads KV head h // (num_heads // num_kv_heads). Computed in float32,
     returned in query.dtype.
     """
+    def sequence_kv(seq: int, kv_len: int):
+        return (gather_kv(key_cache, block_tables[seq], kv_len), gather_kv(value_cache, block_tables[seq], kv_len))
+
+    return _reference_attention(query, sequence_kv, seq_lens, query_start_loc, scale)
+
+
+def reference_contiguous_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                   seq_slots: torch.Tensor, seq_lens: torch.Tensor,
+                                   query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """``reference_paged_attention`` over caches [num_slots, max_model_len, num_kv_heads, head_dim]:
+    sequence i's keys are ``key_cache[seq_slots[i], :seq_lens[i]]``."""
+    slots = seq_slots.tolist()
+
+    def sequence_kv(seq: int, kv_len: int):
+        return key_cache[slots[seq], :kv_len], value_cache[slots[seq], :kv_len]
+
+    return _reference_attention(query, sequence_kv, seq_lens, query_start_loc, scale)
+
+
+def _reference_attention(query: torch.Tensor, sequence_kv, seq_lens: torch.Tensor,
+                         query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """The attention both layouts share; ``sequence_kv(seq, kv_len)`` gives that sequence's dense
+    K and V [kv_len, num_kv_heads, head_dim]."""
     num_heads = query.shape[1]
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.zeros_like(query)
     starts = query_start_loc.tolist()
     for seq, kv_len in enumerate(seq_lens.tolist()):
@@ -49,11 +71,11 @@ def reference_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, valu
         q_len = q_end - q_start
         if q_len == 0:
             continue
+        keys, values = sequence_kv(seq, kv_len)
+        group = num_heads // keys.shape[1]
         q = query[q_start:q_end].float()                                        # [Q, H, D]
-        k = gather_kv(key_cache, block_tables[seq], kv_len).float()             # [L, KVH, D]
-        v = gather_kv(value_cache, block_tables[seq], kv_len).float()
-        k = k.repeat_interleave(group, dim=1)                                   # [L, H, D]
-        v = v.repeat_interleave(group, dim=1)
+        k = keys.float().repeat_interleave(group, dim=1)                        # [L, H, D]
+        v = values.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale                     # [H, Q, L]
         q_pos = torch.arange(kv_len - q_len, kv_len)
         k_pos = torch.arange(kv_len)

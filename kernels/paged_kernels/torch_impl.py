@@ -9,6 +9,10 @@ fallback where the compiled kernels cannot be had (and the path for non-CPU tens
 dims above 256): decode tokens (q_len 1) of all sequences run as one batched, masked attention
 over K/V gathered through the block tables; each sequence with several new tokens runs one SDPA
 call.
+
+The contiguous variant (``torch_contiguous_attention``) reads each sequence's K/V from one slot of
+a [num_slots, max_model_len, num_kv_heads, head_dim] cache: the same compiled kernel with linear
+addressing, or, as the fallback, one SDPA call per sequence on a view of its slot (no gather).
 """
 from __future__ import annotations
 
@@ -21,16 +25,34 @@ from paged_kernels import cpu_extension
 MAX_COMPILED_HEAD_DIM = 256
 
 
-def _compiled_ops(tensor: torch.Tensor):
-    if tensor.device.type != "cpu" or tensor.shape[-1] > MAX_COMPILED_HEAD_DIM:
+def compiled_ops_for(device_type: str, head_dim: int):
+    """``torch.ops.paged_cpu`` when its attention kernels take tensors of this device type and head
+    dim (and the library loads), else None: then the plain torch path runs."""
+    if device_type != "cpu" or head_dim > MAX_COMPILED_HEAD_DIM:
         return None
     return cpu_extension.load()
+
+
+def _compiled_ops(tensor: torch.Tensor):
+    return compiled_ops_for(tensor.device.type, tensor.shape[-1])
 
 
 def _int32(index: torch.Tensor) -> torch.Tensor:
     if index.dtype == torch.int32 and index.is_contiguous():
         return index
     return index.to(torch.int32).contiguous()
+
+
+def _compiled_step(workspace: dict | None, key: str, query: torch.Tensor, *indices: torch.Tensor) -> tuple:
+    """(ops, *indices as contiguous int32) for the compiled kernel, () where it cannot run. The same
+    for every layer of a step, so decided once and kept in the step's workspace under ``key``."""
+    step = workspace.get(key) if workspace is not None else None
+    if step is None:
+        ops = _compiled_ops(query)
+        step = (ops, *(_int32(index) for index in indices)) if ops is not None else ()
+        if workspace is not None:
+            workspace[key] = step
+    return step
 
 
 def torch_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
@@ -50,13 +72,7 @@ def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
                           query_start_loc: torch.Tensor, scale: float,
                           workspace: dict | None = None) -> torch.Tensor:
     """See ``paged_kernels.paged_attention``: the compiled kernel where it is loaded, else plain torch."""
-    # What the compiled kernel needs is the same for every layer of a step: decided once.
-    step = workspace.get("compiled_args") if workspace is not None else None
-    if step is None:
-        ops = _compiled_ops(query)
-        step = (ops, _int32(block_tables), _int32(seq_lens), _int32(query_start_loc)) if ops is not None else ()
-        if workspace is not None:
-            workspace["compiled_args"] = step
+    step = _compiled_step(workspace, "compiled_args", query, block_tables, seq_lens, query_start_loc)
     if not step:
         return plain_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                      query_start_loc, scale, workspace)
@@ -64,18 +80,57 @@ def torch_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
     return ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale)
 
 
+def torch_contiguous_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               seq_slots: torch.Tensor, seq_lens: torch.Tensor,
+                               query_start_loc: torch.Tensor, scale: float,
+                               workspace: dict | None = None) -> torch.Tensor:
+    """See ``paged_kernels.contiguous_attention``: the compiled kernel where it is loaded, else plain torch."""
+    step = _compiled_step(workspace, "compiled_contiguous_args", query, seq_slots, seq_lens, query_start_loc)
+    if not step:
+        return plain_contiguous_attention(query, key_cache, value_cache, seq_slots, seq_lens, query_start_loc,
+                                          scale, workspace)
+    ops, seq_slots, seq_lens, query_start_loc = step
+    return ops.contiguous_attention(query, key_cache, value_cache, seq_slots, seq_lens, query_start_loc, scale)
+
+
+def plain_contiguous_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               seq_slots: torch.Tensor, seq_lens: torch.Tensor,
+                               query_start_loc: torch.Tensor, scale: float,
+                               workspace: dict | None = None) -> torch.Tensor:
+    """``torch_contiguous_attention`` in torch ops: one SDPA call per sequence on a view of its
+    slot's first seq_len tokens (nothing gathered, nothing past seq_len read)."""
+    out = torch.empty_like(query)
+    workspace = {} if workspace is None else workspace
+    if "contiguous_rows" not in workspace:
+        starts = query_start_loc.tolist()
+        workspace["contiguous_rows"] = [(slot, kv_len, starts[i], starts[i + 1]) for i, (slot, kv_len)
+                                        in enumerate(zip(seq_slots.tolist(), seq_lens.tolist()))]
+    for slot, kv_len, start, end in workspace["contiguous_rows"]:
+        if end > start:
+            out[start:end] = _attend_dense(query[start:end], key_cache[slot, :kv_len], value_cache[slot, :kv_len],
+                                           scale)
+    return out
+
+
 def plain_write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """``torch_write_kv_cache`` in torch ops."""
+    """``torch_write_kv_cache`` in torch ops. Caches may be strided views (a contiguous-layout cache
+    whose slots are padded to whole pages is one)."""
     if key.shape[0] == 0:
         return
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
-    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     slots = slot_mapping.to(device=key.device, dtype=torch.long)
     if bool((slots < 0).any()):
         keep = slots >= 0
         slots, key, value = slots[keep], key[keep], value[keep]
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        block_size = key_cache.shape[1]
+        index = (slots // block_size, slots % block_size)
+        key_cache.index_put_(index, key.to(key_cache.dtype))
+        value_cache.index_put_(index, value.to(value_cache.dtype))
+        return
+    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     flat_keys.index_copy_(0, slots, key.to(key_cache.dtype))
     flat_values.index_copy_(0, slots, value.to(value_cache.dtype))
 
@@ -130,11 +185,17 @@ def _batched_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cache: t
 def _prefill_one(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                  block_table: torch.Tensor, kv_len: int, scale: float) -> torch.Tensor:
     """The q_len new tokens of one sequence (its last positions) over kv_len keys, causal."""
-    q_len, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    num_blocks = -(-kv_len // block_size)
-    keys = _gather_dense(key_cache, block_table, num_blocks)[:kv_len].transpose(0, 1)  # [KVH, L, D]
-    values = _gather_dense(value_cache, block_table, num_blocks)[:kv_len].transpose(0, 1)
+    num_blocks = -(-kv_len // key_cache.shape[1])
+    keys = _gather_dense(key_cache, block_table, num_blocks)[:kv_len]
+    values = _gather_dense(value_cache, block_table, num_blocks)[:kv_len]
+    return _attend_dense(query, keys, values, scale)
+
+
+def _attend_dense(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [q_len, H, D], the sequence's last positions, over keys/values [kv_len, KVH, D], causal."""
+    q_len, num_heads, _ = query.shape
+    kv_len, num_kv_heads = keys.shape[0], keys.shape[1]
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KVH, L, D]
     q = query.transpose(0, 1)  # [H, Q, D]
     if q_len == kv_len:
         mask, causal = None, True

@@ -17,6 +17,10 @@ Work decomposition
   (physical block = table[pos // block_size], offset = pos % block_size), so any block size
   1..256 works, blocks may sit anywhere in the pool, and tiles may span several blocks.
   Block ids are widened to int64 before they are multiplied by the block stride.
+* Contiguous layout (``triton_contiguous_attention``, constexpr ``CONTIGUOUS``): the caches are
+  [num_slots, max_model_len, num_kv_heads, head_dim] and the "block table" is one slot id per
+  sequence; K/V tiles are then read at ``slot * slot_stride + pos * token_stride``, no table load
+  per token. Everything else is the same kernel.
 * Online softmax (FlashAttention-style) in base 2: running max ``m``, sum ``l`` and an fp32
   accumulator; the scale is folded with log2(e). Fully masked rows are guarded (no NaN).
 * The new tokens of a sequence are its last ``q_len`` positions: row position
@@ -72,6 +76,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE_DOT: tl.constexpr,
+    CONTIGUOUS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -135,13 +140,21 @@ def _paged_attention_kernel(
     cols = tl.arange(0, BLOCK_N)
     k_head = kv_head.to(tl.int64) * stride_kh
     v_head = kv_head.to(tl.int64) * stride_vh
+    if CONTIGUOUS:  # one slot per sequence: its base address, once
+        slot = tl.load(table).to(tl.int64)
+        k_head += slot * stride_kb
+        v_head += slot * stride_vb
     for start in range(kv_lo, kv_hi, BLOCK_N):
         pos = start + cols
         pos_ok = pos < kv_hi
-        block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
-        offset = (pos % block_size).to(tl.int64)
-        k_offs = block * stride_kb + offset * stride_ks + k_head
-        v_offs = block * stride_vb + offset * stride_vs + v_head
+        if CONTIGUOUS:
+            k_offs = pos.to(tl.int64) * stride_ks + k_head
+            v_offs = pos.to(tl.int64) * stride_vs + v_head
+        else:
+            block = tl.load(table + pos // block_size, mask=pos_ok, other=0).to(tl.int64)
+            offset = (pos % block_size).to(tl.int64)
+            k_offs = block * stride_kb + offset * stride_ks + k_head
+            v_offs = block * stride_vb + offset * stride_vs + v_head
         k = tl.load(k_cache_ptr + k_offs[None, :] + dims[:, None] * stride_kd,
                     mask=pos_ok[None, :] & dim_ok[:, None], other=0.0)  # [DIM_PAD, BLOCK_N]
         v = tl.load(v_cache_ptr + v_offs[:, None] + dims[None, :] * stride_vd,
@@ -328,6 +341,27 @@ def triton_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     ``num_splits`` forces the split-K factor (1 = no split), ``block_q`` the query tokens per
     tile (power of two), ``block_n`` the keys per inner step (power of two, >= 16)."""
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+    return _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, False,
+                   num_splits=num_splits, block_q=block_q, block_n=block_n)
+
+
+def triton_contiguous_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                                seq_slots: torch.Tensor, seq_lens: torch.Tensor,
+                                query_start_loc: torch.Tensor, scale: float, *,
+                                num_splits: int | None = None, block_q: int | None = None,
+                                block_n: int | None = None) -> torch.Tensor:
+    """See ``paged_kernels.contiguous_attention``; the knobs are ``triton_paged_attention``'s."""
+    if seq_slots.dim() != 1 or seq_slots.shape != seq_lens.shape:
+        raise ValueError(f"seq_slots must be [num_seqs={seq_lens.shape[0]}], got {tuple(seq_slots.shape)}")
+    # The slot ids as a one-column table: grid and split-K planning see blocks of max_model_len.
+    table = seq_slots.view(-1, 1)
+    _check_inputs(query, key_cache, value_cache, table, seq_lens, query_start_loc)
+    return _launch(query, key_cache, value_cache, table, seq_lens, query_start_loc, scale, True,
+                   num_splits=num_splits, block_q=block_q, block_n=block_n)
+
+
+def _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale: float,
+            contiguous: bool, *, num_splits: int | None, block_q: int | None, block_n: int | None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -371,7 +405,7 @@ def triton_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         block_tables.stride(0),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, GROUP=group, GROUP_PAD=group_pad,
         BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        IS_SPLIT=is_split, DOT_FP32=dot_fp32, IEEE_DOT=ieee_dot,
+        IS_SPLIT=is_split, DOT_FP32=dot_fp32, IEEE_DOT=ieee_dot, CONTIGUOUS=contiguous,
         **launch,
     )
     if is_split:

@@ -150,9 +150,12 @@ class DenseOps:
     @staticmethod
     def attention(q, k, v, kv_cache, meta, scale: float) -> torch.Tensor:
         key_cache, value_cache = kv_cache
-        paged_kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend=meta.backend)
-        return paged_kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                       meta.query_start_loc, scale, backend=meta.backend, workspace=meta.workspace)
+        kernels = meta.backend  # resolved at load (paged/backends.py); None: paged_kernels picks by device
+        if kernels is None:
+            kernels = paged_kernels
+        kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        return kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, scale, workspace=meta.workspace)
 
 
 EAGER_OPS = DenseOps()

@@ -8,6 +8,9 @@ measuring it on this host, change only the order of additions: GEMMs through our
 oneDNN with prepacked weights (``paged_kernels.linear``) and torch.compile'd dense regions
 (``forward_ops``). So greedy outputs equal HF's except where its two best logits tie to within the
 last bits. ``quantization="int8"`` (weight-only) is the one option that changes the arithmetic.
+
+Past ~350 lines on purpose: the model, its config parsing and its checkpoint loading are one
+family's definition, read together against HF's.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -24,6 +28,9 @@ from torch import nn
 from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
 from paged_kernels.linear import Linear, LinearPlan, path_unavailable_reason, probe_linear_plan
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
+
+if TYPE_CHECKING:
+    from paged.backends import AttentionBackend
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # GEMM probe results by (shapes and calls, dtype, thread, threads): a process that loads a model
@@ -137,7 +144,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
-    backend: str | None = None
+    backend: "AttentionBackend | None" = None   # the engine's, resolved at load; None: by device
     workspace: dict = field(default_factory=dict)  # per-step scratch the kernels share across layers
 
 

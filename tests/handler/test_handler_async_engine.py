@@ -185,13 +185,14 @@ PROBE = textwrap.dedent("""
     import asyncio, sys, time
     sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
     import torch
-    from paged.async_engine import AsyncLLMEngine, _gemm_probe
+    from paged.async_engine import AsyncLLMEngine
+    from paged.thread_probe import gemm_probe
     from paged.config import EngineConfig
     from ts_fake_engine import FakeEngine
     if sys.argv[1] == "main_first":
         torch.randn(64, 64) @ torch.randn(64, 64)   # the asyncio thread touches torch first
     eng = AsyncLLMEngine(EngineConfig(model="fake"), engine_factory=lambda c: FakeEngine(c), warmup=False).start(30)
-    best = min(eng.call(lambda e: _gemm_probe()["gemm_8x512x1408_us"]).result(60) for _ in range(3))
+    best = min(eng.call(lambda e: gemm_probe()["gemm_8x512x1408_us"]).result(60) for _ in range(3))
     print(best)
     eng.shutdown()
 """)

@@ -173,7 +173,7 @@ def test_auto_picks_a_smaller_block_for_short_requests_and_a_larger_for_long(tin
     short = auto_engine(tiny_llama_dir, write_profile(tmp_path / "short.json", short_requests()))
     long = auto_engine(tiny_llama_dir, write_profile(tmp_path / "long.json", long_requests()))
     assert short.kv_stats()["block_size"] < DEFAULT_BLOCK_SIZE < long.kv_stats()["block_size"]
-    assert short.runner.kv_cache.device_cache.shape[3] == short.kv_stats()["block_size"]
+    assert short.executor.kv_cache.device_cache.shape[3] == short.kv_stats()["block_size"]
     assert short.block_size_report()["auto_choice"]["block_size"] == short.kv_stats()["block_size"]
 
 
@@ -199,8 +199,7 @@ def test_auto_with_an_invalid_profile_fails_to_start(tiny_llama_dir, tmp_path):
 def test_the_engine_recommends_a_block_size_from_its_finished_requests(tiny_llama_dir, tmp_path):
     engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), block_size=16, num_kv_blocks=256,
                                     swap_space_bytes=0, max_model_len=512))
-    # equal attention costs: the choice then follows utilization alone, not this machine's timings
-    engine._measure_attention_cost = lambda lengths, sizes: {size: 1e-3 for size in sizes}
+    engine.block_size_advisor.measure = lambda *_: pytest.fail("a stats read measured the attention")
     assert engine.kv_stats()["recommended_block_size"] is None, "too few requests yet"
     rng = random.Random(0)
     for i in range(MIN_REQUESTS):
@@ -208,6 +207,11 @@ def test_the_engine_recommends_a_block_size_from_its_finished_requests(tiny_llam
                            SamplingParams(max_tokens=rng.randint(2, 6), ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
+    assert engine.kv_stats()["recommended_block_size"] is None, "no attention costs yet, and kv_stats never measures"
+    assert "measure_attention_costs" in engine.block_size_report()["reason"]
+    # equal attention costs: the choice then follows utilization alone, not this machine's timings
+    engine.block_size_advisor.measure = lambda lengths, sizes: {size: 1e-3 for size in sizes}
+    engine.measure_attention_costs()
     recommended = engine.kv_stats()["recommended_block_size"]
     assert recommended in CANDIDATE_BLOCK_SIZES and recommended < 16, "a few tokens each: small blocks"
     report = engine.block_size_report()

@@ -14,8 +14,8 @@ def llm(tiny_llama_dir):
 
 
 def pool_is_whole(engine: LLMEngine) -> bool:
-    engine.block_manager.check_invariants()
-    return engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.scheduler.block_manager.check_invariants()
+    return engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
 def test_request_longer_than_max_model_len_is_refused_with_the_excess(llm):
@@ -134,7 +134,7 @@ def test_parallel_samples_differ_and_share_prompt_blocks(llm):
     engine.add_request("par", "def main():\n    " * 10, SamplingParams(max_tokens=10, n=4, temperature=1.0, seed=5,
                                                                       ignore_eos=True))
     engine.step()  # prefill, then fork into 4 samples sharing the prompt's blocks
-    tables = [engine.block_manager.block_table(s.seq_id) for s in engine.requests["par"].seqs]
+    tables = [engine.scheduler.block_manager.block_table(s.seq_id) for s in engine.requests["par"].seqs]
     assert len(tables) == 4 and all(t[:-1] == tables[0][:-1] for t in tables)
     outputs = None
     while engine.has_unfinished_requests():
@@ -216,10 +216,10 @@ def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm
     engine = llm.engine
     engine.add_request("victim", "def main():", SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0))
     engine.add_request("victim-2", "import os", SamplingParams(max_tokens=8, ignore_eos=True, n=2))
-    real_execute = engine.runner.execute
-    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(RuntimeError("boom")))
+    real_execute = engine.executor.execute
+    monkeypatch.setattr(engine.executor, "execute", lambda plan: (_ for _ in ()).throw(RuntimeError("boom")))
     outputs = {o.request_id: o for o in engine.step()}
-    monkeypatch.setattr(engine.runner, "execute", real_execute)
+    monkeypatch.setattr(engine.executor, "execute", real_execute)
     assert set(outputs) == {"victim", "victim-2"}
     for out in outputs.values():
         assert out.finished and out.error is not None and out.error.status == 500
@@ -231,10 +231,34 @@ def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm
     assert engine.kv_stats()["num_step_faults"] >= 1 and "boom" in engine.first_fault
 
 
+def test_an_executor_that_loses_its_kv_cache_fails_the_requests_holding_kv_and_restarts(tiny_llama_dir, monkeypatch):
+    """The engine's recovery talks to the Executor protocol only: no tensor-parallel branch."""
+    from paged.errors import ExecutorFailedError
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False))
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
+    engine.add_request("holds-kv", "def main():", greedy)
+    engine.add_request("waits", "def main():", greedy)
+    engine.step()
+    restarts = []
+    real_execute = engine.executor.execute
+    monkeypatch.setattr(engine.executor, "restart", lambda: restarts.append(True))
+    monkeypatch.setattr(engine.executor, "execute",
+                        lambda plan: (_ for _ in ()).throw(ExecutorFailedError("device lost")))
+    failed = {o.request_id: o for o in engine.step()}
+    assert set(failed) == {"holds-kv"} and failed["holds-kv"].error.status == 503
+    assert "the executor failed" in str(failed["holds-kv"].error) and "KV cache was lost" in str(failed["holds-kv"].error)
+    assert pool_is_whole(engine) and engine.kv_stats()["num_step_faults"] == 1
+    monkeypatch.setattr(engine.executor, "execute", real_execute)
+    outputs = run_to_completion(engine)
+    assert restarts == [True], "restarted once, before the next step"
+    assert outputs["waits"].error is None and len(outputs["waits"].outputs[0].token_ids) == 4
+    assert pool_is_whole(engine)
+
+
 def test_repeated_step_faults_make_the_engine_give_up(tiny_llama_dir, monkeypatch):
     from paged.errors import EngineDeadError
     engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, compile=False))
-    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(MemoryError("no memory")))
+    monkeypatch.setattr(engine.executor, "execute", lambda plan: (_ for _ in ()).throw(MemoryError("no memory")))
     with pytest.raises(EngineDeadError, match="no memory"):
         for index in range(10):
             engine.add_request(f"r{index}", "hello", SamplingParams(max_tokens=2))
@@ -246,7 +270,7 @@ def test_non_finite_logits_fail_that_request_alone(llm, monkeypatch):
     engine = llm.engine
     engine.add_request("poisoned", "def main():", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
     engine.add_request("healthy", "def main():", SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.0))
-    real_execute = engine.runner.execute
+    real_execute = engine.executor.execute
 
     def poison_first_row(plan):
         logits = real_execute(plan).clone()
@@ -255,7 +279,7 @@ def test_non_finite_logits_fail_that_request_alone(llm, monkeypatch):
                 logits[row, 5] = float("nan")
         return logits
 
-    monkeypatch.setattr(engine.runner, "execute", poison_first_row)
+    monkeypatch.setattr(engine.executor, "execute", poison_first_row)
     outputs = run_to_completion(engine)
     assert outputs["poisoned"].error is not None and outputs["poisoned"].error.status == 500
     assert outputs["healthy"].error is None and len(outputs["healthy"].outputs[0].token_ids) == 6

@@ -145,7 +145,7 @@ def assert_pool_whole(llm: LLM) -> None:
     stats = llm.kv_stats()
     assert stats["free_blocks"] == stats["num_blocks"], stats
     assert stats["free_cpu_blocks"] == stats["num_cpu_blocks"], stats
-    llm.engine.block_manager.check_invariants()
+    llm.engine.scheduler.block_manager.check_invariants()
 
 
 def assert_equal_to_reference(outputs, reference: list[Reference]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from paged import LLM, EngineConfig, SamplingParams
-from paged.shared_prefixes import load_prefix_entries, register_from_config
 
 BS = 16
 PREFIX = list(range(1000, 1000 + 4 * BS))          # four full blocks of token ids
@@ -40,7 +39,7 @@ def prompt_tokens(llm: LLM) -> int:
 
 
 def assert_pool_whole(llm: LLM) -> None:
-    bm = llm.engine.block_manager
+    bm = llm.engine.scheduler.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
 
@@ -67,7 +66,7 @@ def test_a_request_behind_a_pinned_prefix_computes_only_its_own_tokens_even_afte
     first = generate(llm, [PREFIX + TAILS[0]])
     assert prompt_tokens(llm) - before == len(TAILS[0])
     flood(llm)                                                     # evicts everything not pinned
-    assert llm.engine.block_manager.find_cached_prefix(flood_prompts()[0]) == [], "the flood itself was evicted"
+    assert llm.engine.scheduler.block_manager.find_cached_prefix(flood_prompts()[0]) == [], "the flood itself was evicted"
     before = prompt_tokens(llm)
     rest = generate(llm, [PREFIX + t for t in TAILS[1:]])
     assert prompt_tokens(llm) - before == sum(len(t) for t in TAILS[1:])
@@ -153,7 +152,7 @@ def test_a_prefix_evicted_from_the_device_is_served_from_the_cpu_tier(tiny_llama
     llm = tier_llm(tiny_llama_dir, cpu_prefix_blocks=64, max_num_batched_tokens=chunk)
     first = generate(llm, [PREFIX + TAILS[0]])
     flood(llm)
-    assert llm.engine.block_manager.find_cached_prefix(PREFIX + [0])[0] not in range(24), "evicted to the tier"
+    assert llm.engine.scheduler.block_manager.find_cached_prefix(PREFIX + [0])[0] not in range(24), "evicted to the tier"
     before = llm.kv_stats()
     second = generate(llm, [PREFIX + TAILS[1]])
     after = llm.kv_stats()
@@ -225,31 +224,3 @@ def test_parallel_samples_share_their_prompt_blocks(tiny_llama_dir):
     stats = llm.kv_stats()
     assert stats["sharing_unshared_blocks_sum"] > stats["sharing_held_blocks_sum"] > 0
     assert 0.5 < stats["blocks_saved_by_sharing"] < 0.75, "4 samples of a 5-block prompt hold ~6-8 blocks, not 20"
-
-
-# ---- configuration (the handler's shared_prefixes: list) -----------------------------------------
-def test_shared_prefixes_from_config_register_inline_text_and_archive_files(tiny_llama_dir, tmp_path):
-    (tmp_path / "prompts").mkdir()
-    few_shot = "def add(a, b):\n    return a + b\n\n\n" * 6
-    (tmp_path / "prompts" / "few_shot.txt").write_text(few_shot)
-    system = "You are a careful Python reviewer. Answer with code only.\n" * 3
-    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0)
-    listed = register_from_config(llm.engine, [system, {"file": "prompts/few_shot.txt"}], str(tmp_path))
-    tokenizer = llm.tokenizer
-    assert [p["num_tokens"] for p in listed] == [len(tokenizer(system).input_ids), len(tokenizer(few_shot).input_ids)]
-    assert all(p["pinned_tokens"] == p["num_tokens"] // BS * BS and p["hit_tokens"] == 0 for p in listed)
-    generate(llm, [few_shot + "def mul(a, b):"])
-    assert llm.engine.shared_prefixes()[1]["hit_tokens"] == listed[1]["pinned_tokens"]
-
-
-@pytest.mark.parametrize("entries, message", [
-    ("not a list", "must be a list"),
-    ([""], r"shared_prefixes\[0\]: the text is empty"),
-    ([{"file": "../outside.txt"}], "outside the model directory"),
-    ([{"file": "missing.txt"}], "cannot read 'missing.txt'"),
-    ([{"path": "x"}], r"expected text, \{text: ...\} or \{file: "),
-    (["fine", 3], r"shared_prefixes\[1\]"),
-])
-def test_bad_shared_prefix_entries_are_a_clear_error(tmp_path, entries, message):
-    with pytest.raises(ValueError, match=message):
-        load_prefix_entries(entries, str(tmp_path))

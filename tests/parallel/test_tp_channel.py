@@ -7,7 +7,8 @@ import torch
 
 from paged.config import EngineConfig
 from paged.parallel.channel import ChannelClosed, Listener, connect
-from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
+from paged.parallel.executor import TensorParallelExecutor
+from paged.parallel.launch_spec import WorkerGroupSpec
 from paged.parallel.shared_segment import SegmentInfo, SharedSegment
 
 KEY = b"k" * 32

@@ -49,7 +49,7 @@ def tokens(outputs) -> list[list[int]]:
 def assert_pool_whole(llm: LLM) -> None:
     stats = llm.kv_stats()
     assert stats["free_blocks"] == stats["num_blocks"] and stats["free_cpu_blocks"] == stats["num_cpu_blocks"]
-    llm.engine.block_manager.check_invariants()
+    llm.engine.scheduler.block_manager.check_invariants()
 
 
 def test_each_rank_holds_one_kv_head_and_reports_its_pid(tp_llm):

@@ -79,7 +79,7 @@ def test_lost_rank_fails_running_requests_clearly_and_a_new_group_serves_the_res
         assert isinstance(out.error, RequestFailedError)
         assert "tensor-parallel worker group failed" in str(out.error) and "KV cache was lost" in str(out.error)
         assert len(out.outputs[0].token_ids) < LONG.max_tokens
-    bm = engine.block_manager
+    bm = engine.scheduler.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks and bm.num_free_cpu_blocks == bm.num_cpu_blocks
 
@@ -97,7 +97,7 @@ def test_rank_lost_between_steps_is_replaced_before_the_next_request_runs(engine
     assert wait_gone(pids[:1], 20) == []
     # A killed process shows as a zombie before its last thread has closed its sockets: wait
     # until the engine's end of the channel can see the loss (what "between steps" means).
-    connections = [rank.conn.fileno() for rank in engine.runner.ranks]
+    connections = [rank.conn.fileno() for rank in engine.executor.ranks]
     deadline = time.monotonic() + 20
     while not select.select(connections, [], [], 0.05)[0] and time.monotonic() < deadline:
         pass
@@ -111,7 +111,7 @@ def test_group_that_cannot_restart_makes_the_engine_give_up(engine, monkeypatch)
 
     def refuse():
         raise RuntimeError("no devices left")
-    monkeypatch.setattr(engine.runner, "restart", refuse)
+    monkeypatch.setattr(engine.executor, "restart", refuse)
     with pytest.raises(EngineDeadError, match="could not be restarted.*no devices left"):
         engine.step()
     monkeypatch.undo()  # an offline caller may retry: the next step restarts the group

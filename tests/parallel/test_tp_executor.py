@@ -8,7 +8,8 @@ ranks, q/k/v bias, tied embeddings), and a vocabulary of 16001 rows (padded to 1
 import pytest
 import torch
 
-from paged.parallel.executor import TensorParallelExecutor, WorkerGroupSpec
+from paged.parallel.executor import TensorParallelExecutor
+from paged.parallel.launch_spec import WorkerGroupSpec
 from tp_helpers import engine_config, reference_runner
 from tp_plans import PlanBuilder
 

@@ -13,7 +13,9 @@ import pytest
 
 from paged import LLM
 from paged.errors import EngineDeadError
-from paged.parallel.executor import TensorParallelExecutor, WorkerGroupError, WorkerGroupSpec
+from paged.parallel.errors import WorkerGroupError
+from paged.parallel.executor import TensorParallelExecutor
+from paged.parallel.launch_spec import WorkerGroupSpec
 from tp_helpers import engine_config, pids_alive, subprocess_env, wait_gone
 from tp_plans import PlanBuilder
 

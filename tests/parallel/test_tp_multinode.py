@@ -5,7 +5,7 @@ import os
 import subprocess
 
 from paged import LLM, EngineConfig, SamplingParams
-from paged.parallel.executor import remote_node_command
+from paged.parallel.launch_spec import remote_node_command
 from tp_helpers import free_port, subprocess_env, wait_gone
 from tp_reference import HFReference, compare_greedy
 
