@@ -174,8 +174,8 @@ def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_byt
         record = {**shape, "dtype": dtype, "m": m, "weight_bytes": nbytes, "copies": copies,
                   "bound_us": round(nbytes / bandwidth * 1e6, 2),
                   "us": {p: round(s * 1e6, 2) for p, s in seconds.items()},
-                  "gflops": {p: round(flops / seconds[p] / 1e9, 1) for p in paths},
-                  "weight_gbps": {p: round(nbytes / seconds[p] / 1e9, 1) for p in paths},
+                  "gflops": {p: round(flops / seconds[p] / 1e9, 2) for p in paths},
+                  "weight_gbps": {p: round(nbytes / seconds[p] / 1e9, 2) for p in paths},
                   "rel_err_vs_fp64": {p: float((per_copy[0][p](x).double() - reference).abs().max()
                                                / reference.abs().max()) for p in paths}}
         record["best"] = min(plan_paths(paths), key=lambda p: seconds[p])

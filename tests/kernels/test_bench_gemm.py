@@ -32,7 +32,7 @@ def test_gemm_bench_times_every_shape_path_and_dtype_and_writes_json(tmp_path):
         records = model[dtype]["records"]
         assert {(r["name"], r["m"]) for r in records} == {(name, m) for name in names for m in (1, 3)}
         for r in records:
-            assert paths <= set(r["gflops"]) and all(v > 0 for v in r["weight_gbps"].values())
+            assert paths <= set(r["gflops"]) == set(r["weight_gbps"]) and all(t > 0 for t in r["us"].values())
             assert all(err < tolerance for err in r["rel_err_vs_fp64"].values()), r["rel_err_vs_fp64"]
         steps = model[dtype]["steps"]
         assert [s["m"] for s in steps] == [1, 3] and all(s["bound_us"] > 0 and s["plan"] for s in steps)
