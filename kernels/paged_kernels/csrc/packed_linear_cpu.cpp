@@ -164,8 +164,10 @@ void tile_pairs_fma(const float* x, int64_t x_stride, const W* w, int64_t pairs,
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
       const vfloat xe = splat(x[m * x_stride + 2 * j]), xo = splat(x[m * x_stride + 2 * j + 1]);
-      acc[m][0] += xe * e0 + xo * o0;
-      acc[m][1] += xe * e1 + xo * o1;
+      acc[m][0] += xe * e0;  // one FMA each
+      acc[m][1] += xe * e1;
+      acc[m][0] += xo * o0;
+      acc[m][1] += xo * o1;
     }
   }
 #pragma GCC unroll 16
