@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 
@@ -107,11 +108,16 @@ def interleaved_min(fns: dict, repeats: int) -> dict:
     returns how many calls it made."""
     for fn in fns.values():
         fn()
-    best = dict.fromkeys(fns, math.inf)
+    names = list(fns)
+    best = dict.fromkeys(names, math.inf)
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        # A new order each round: a call can be slowed by the one before it (caches, the core's
+        # AVX-512 / AMX power state), so no path always follows the same other path.
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
-            calls = fn()
+            calls = fns[name]()
             best[name] = min(best[name], (time.perf_counter() - start) / calls)
     return best
 
