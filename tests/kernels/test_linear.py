@@ -73,12 +73,6 @@ def test_fused_residual_add_equals_add_after_the_gemm(dtype):
     torch.testing.assert_close(fused, residual + kl.onednn_linear(x, packed, None), **TOLERANCE[dtype])
 
 
-def requires_packed(dtype: torch.dtype = torch.float32):
-    reason = kl.packed_unavailable_reason(dtype)
-    if reason is not None:
-        pytest.skip(f"no packed kernel for {dtype} here: {reason}")
-
-
 def test_plan_buckets_cover_every_row_count():
     limits = kl.bucket_limits((1, 8, 64, 256))
     assert limits == (2, 22, 128, math.inf)
@@ -103,9 +97,8 @@ def test_a_plan_refuses_paths_that_do_not_fit(kwargs):
         kl.LinearPlan(torch.float32, **kwargs)
 
 
-def test_linear_module_runs_each_row_count_on_its_planned_path():
+def test_linear_module_runs_each_row_count_on_its_planned_path(compiled_ops):
     requires_onednn(torch.float32)
-    requires_packed()
     layer = random_linear(64, 48, torch.float32, bias=True)
     layer.apply_plan(kl.LinearPlan(torch.float32, limits=(2, 4, math.inf), paths=("packed", "onednn", "torch")))
     with torch.inference_mode():
@@ -126,8 +119,7 @@ def test_linear_without_plan_or_with_torch_plan_is_f_linear():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int8_linear_runs_every_int8_path_close_to_the_float_layer(dtype):
-    requires_packed(dtype)
+def test_int8_linear_runs_every_int8_path_close_to_the_float_layer(compiled_ops, dtype):
     layer = random_linear(64, 48, dtype, bias=True)
     layer.apply_plan(kl.LinearPlan(dtype, limits=(2, 4, math.inf), paths=("packed", "torch_int8", "dequant"),
                                    quantization="int8"))
@@ -142,8 +134,7 @@ def test_int8_linear_runs_every_int8_path_close_to_the_float_layer(dtype):
             assert float((layer(x).double() - float_out).abs().max() / float_out.abs().max()) < 3e-2
 
 
-def test_fused_gate_up_runs_silu_and_mul_only_on_packed_rows():
-    requires_packed()
+def test_fused_gate_up_runs_silu_and_mul_only_on_packed_rows(compiled_ops):
     layer = random_linear(64, 2 * 40, torch.float32)
     layer.fuse_silu_and_mul = True
     layer.apply_plan(kl.LinearPlan(torch.float32, limits=(4, math.inf), paths=("packed", "torch")))
@@ -164,9 +155,8 @@ def fake_timings(table: dict):
     return lambda x, runners, repeats: {path: table[x.shape[0]][path] for path in runners}
 
 
-def test_probe_chooses_per_bucket_from_its_timings(monkeypatch):
+def test_probe_chooses_per_bucket_from_its_timings(compiled_ops, monkeypatch):
     requires_onednn(torch.float32)
-    requires_packed()
     # packed fastest at 1 and 4 rows, oneDNN at 16, within the 10% margin over torch at 64, slower at 256.
     fake = {1: dict(packed=1.0, onednn=2.0, torch=3.0), 4: dict(packed=1.0, onednn=2.0, torch=3.0),
             16: dict(packed=2.0, onednn=1.0, torch=3.0), 64: dict(packed=2.0, onednn=1.0, torch=1.05),
@@ -180,8 +170,7 @@ def test_probe_chooses_per_bucket_from_its_timings(monkeypatch):
     assert result.plan.source == "probe" and result.figures["probe_s"] >= 0
 
 
-def test_int8_probe_chooses_the_fastest_int8_path_without_a_torch_margin(monkeypatch):
-    requires_packed()
+def test_int8_probe_chooses_the_fastest_int8_path_without_a_torch_margin(compiled_ops, monkeypatch):
     fake = {rows: dict(packed=1.0, torch_int8=1.05, dequant=9.0) for rows in kl.PROBE_ROWS}
     fake[256] = dict(packed=2.0, torch_int8=3.0, dequant=1.0)
     monkeypatch.setattr(kl, "_time_paths", fake_timings(fake))
