@@ -130,7 +130,8 @@ class ModelRunner:
         self.backends = resolve_backends(config.attention_backend, self.device, args.head_dim, self.dtype)
         self.model = model if model is not None else \
             LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
-                                             linear_backend=config.linear_backend)
+                                             linear_backend=config.linear_backend,
+                                             quantization=config.quantization)
         self.model.step_timer = self.timer
         self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
                                 config.block_size, self.dtype, self.device)
