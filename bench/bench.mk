@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-tp bench-sharing bench-memory venv-vllm
+.PHONY: bench bench-quick bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -58,6 +58,12 @@ bench-sharing: $(STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/sharing.py --model $(MODEL_DIR) $(BENCH_ARGS)
+
+# GEMM paths on the SmolLM2-135M and Qwen2-0.5B shapes, fp32 / bf16 / int8, M = 1..256, weights read
+# from DRAM, against the measured DRAM bandwidth and peak; the probe's plan per model
+# (bench/gemm.py; bench/results/gemm.json). ~10-20 min on 2 quiet cores.
+bench-gemm: $(STAMP)
+	$(PY) bench/gemm.py $(BENCH_ARGS)
 
 # Both KV memory models on the same work (bench/memory.py): paged blocks vs virtual-contiguous slots
 # over OS pages, same model, workloads and KV budget. Throughput, resident KV over time, attention

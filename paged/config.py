@@ -11,7 +11,8 @@ from typing import Any, Literal
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 KV_MEMORY_MODELS = ("paged", "virtual")
-LINEAR_BACKENDS = (None, "onednn", "torch")
+LINEAR_BACKENDS = (None, "packed", "onednn", "torch")
+QUANTIZATIONS = (None, "int8")
 
 
 def torch_device_type(device: str) -> str:
@@ -70,9 +71,12 @@ class EngineConfig:
     # each layer at load and keep it where a probe finds it faster; a missing compiler falls back
     # to eager with a log line. Off by default: measured no faster on the 2-core CPU hosts here.
     compile: bool = False
-    # "onednn" (weights prepacked once), "torch" (F.linear) or None: chosen per host by a short
-    # measured probe at load.
+    # "packed" (our compiled kernel on weights packed once), "onednn" (weights prepacked once),
+    # "torch" (F.linear) or None: chosen per host and range of rows by a short measured probe at load.
     linear_backend: str | None = None
+    # "int8": weight-only int8 linear layers (per output channel, symmetric; activations stay in
+    # dtype), half the bytes of bf16 per step. None: off.
+    quantization: str | None = None
     cpu_prefix_cache_bytes: int = 0
     block_size_profile: str | None = None
     kv_memory: Literal["paged", "virtual"] = "paged"
@@ -153,6 +157,11 @@ class EngineConfig:
             raise ValueError("cpu_prefix_cache_bytes > 0 needs enable_prefix_caching=True")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization is not None and self.linear_backend not in (None, "packed"):
+            raise ValueError(f"quantization {self.quantization!r} runs on the packed kernel or the probe's choice: "
+                             f"linear_backend must be None or 'packed', got {self.linear_backend!r}")
 
     def _check_kv_memory(self) -> None:
         """What each KV memory model takes (see the class docstring); ValueError names the field."""

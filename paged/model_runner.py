@@ -140,7 +140,8 @@ class ModelRunner:
                                          contiguous=kv_memory is not None)
         self.model = model if model is not None else \
             LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
-                                             linear_backend=config.linear_backend)
+                                             linear_backend=config.linear_backend,
+                                             quantization=config.quantization)
         self.model.step_timer = self.timer
         self.contiguous = kv_memory is not None
         if self.contiguous:

@@ -2,10 +2,11 @@
 
 ``load()`` returns ``torch.ops.paged_cpu`` (attention: ``paged_attention``, ``contiguous_attention``,
 ``write_kv_cache``, from paged_attention_cpu.cpp; the dense layer work: ``rms_norm``,
-``add_rms_norm``, ``silu_and_mul``, ``rotary_qkv``, from dense_cpu.cpp) or None when the kernels
-cannot be had; callers then keep the plain-torch path. The first call in a process builds (tens of seconds, once per set of sources and
-headers, compiler flags, torch version and host CPU) or loads the cached library (milliseconds):
-an engine calls it while loading, never inside a request.
+``add_rms_norm``, ``silu_and_mul``, ``rotary_qkv``, from dense_cpu.cpp; the small-M GEMM
+``packed_linear``, from packed_linear_cpu.cpp) or None when the kernels cannot be had; callers
+then keep the plain-torch path. The first call in a process builds (tens of seconds, once per set
+of sources and headers, compiler flags, torch version and host CPU) or loads the cached library
+(milliseconds): an engine calls it while loading, never inside a request.
 
 The library is compiled for the host CPU (``-march=native``), so the host's CPU identity is part of
 the cache key: a cache directory shared by machines with different CPUs never hands one of them

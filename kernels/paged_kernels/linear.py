@@ -1,18 +1,27 @@
-"""Linear layers on CPU: oneDNN with the weight prepacked once, or ``F.linear``, chosen by measurement.
+"""Linear layers on CPU: three GEMM paths for each weight, chosen per range of rows by measurement.
 
-Why two paths: on some x86 hosts the GEMM behind ``F.linear`` (MKL) takes a slow generic path for
-the small-M, fp32 shapes of LLM serving, while oneDNN with the weight reordered once into its
-blocked layout runs the same products ~3x faster. On other hosts MKL is fast and the gap
-vanishes, and some dtypes (fp16 without AVX512-FP16) have no oneDNN path at all. So nothing is
-assumed: ``probe_linear_plan`` times both paths on the model's own weight shapes at a few row
-counts when the model loads, and the resulting ``LinearPlan`` says, per range of rows (tokens in
-the step), which path runs.
+- ``packed``: our compiled kernel (``torch.ops.paged_cpu.packed_linear``,
+  kernels/paged_kernels/csrc/packed_linear_cpu.cpp) on a copy of the weight packed once into panels
+  of 32 output columns that it streams linearly, with AMX tiles, AVX512_BF16 dot products or FMAs
+  (fp32 sums). It is built for the few rows of decode, where a step's time is the time to read
+  the weights from DRAM; it also runs int8 weights.
+- ``onednn``: oneDNN with the weight reordered once into its blocked layout; the fast path for
+  many rows (prefill), where the arithmetic, not the weight stream, is the limit.
+- ``torch``: ``F.linear`` (MKL or oneDNN as torch picks), on the dense weight.
 
-Both paths compute the same products; they differ in the order of the additions, so results
-differ in the last bits (~1e-6 relative), as MKL's own M=1 and batched results do.
+Nothing is assumed about the host: ``probe_linear_plan`` times the paths on the model's own weight
+shapes at a few row counts when the model loads, and the resulting ``LinearPlan`` says, per range
+of rows (tokens in the step), which path runs. All paths compute the same products and differ in
+the order of the additions, so results differ in the last bits (~1e-6 relative in fp32).
 
-The packed weight is a second copy of the weight in oneDNN's layout; the dense weight stays for
-the ``F.linear`` rows, ``state_dict`` and tied embeddings.
+Weight-only int8 (``quantization="int8"``): each output channel's weights are rounded to int8
+with a symmetric scale (absmax / 127), so a step streams half the bytes of bf16; activations and
+sums stay in the model's dtype / fp32. The int8 paths: ``packed`` (the same kernel, widening the
+int8 weights in registers), ``torch_int8`` (``torch.ops.aten._weight_int8pack_mm``) and
+``dequant`` (int8 widened to the model's dtype in slices, then ``F.linear``: for many rows).
+
+The packed copies are extra copies; the dense weight stays for ``state_dict``, tied embeddings
+and the ``torch`` path.
 """
 from __future__ import annotations
 
@@ -25,21 +34,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paged_kernels import cpu_extension
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("onednn", "torch")
+# Paths a float weight can take, and those of an int8 one.
+FLOAT_PATHS = ("packed", "onednn", "torch")
+INT8_PATHS = ("packed", "torch_int8", "dequant")
+# What linear_backend may force (None: the probe decides).
+BACKENDS = FLOAT_PATHS
+QUANTIZATIONS = (None, "int8")
 # Row counts the probe times. Each covers the rows up to the geometric mean with the next one.
-PROBE_ROWS = (1, 8, 64, 256)
-# oneDNN must beat F.linear by this factor to be chosen: on a tie F.linear is kept (it is the
-# op HF's reference runs, so ties keep results identical to the reference).
-ONEDNN_MIN_SPEEDUP = 1.1
+PROBE_ROWS = (1, 4, 16, 64, 256)
+# A path must beat F.linear by this factor to be chosen over it: on a tie F.linear is kept (it is
+# the op HF's reference runs, so ties keep results identical to the reference).
+MIN_SPEEDUP_OVER_TORCH = 1.1
 # The probe trims tall weights (LM heads) to this many multiply-adds per call at the largest
 # row count, so it stays well under a second on big checkpoints too.
 PROBE_MAX_MACS = 1 << 29
 # On a machine busy with other work every call can take milliseconds: past this budget the probe
 # stops, and the row counts it did not reach take the decision of the largest one it did.
-PROBE_BUDGET_S = 2.0
+PROBE_BUDGET_S = 3.0
+# The clock of that budget (a test gives the probe its own).
+probe_clock = time.perf_counter
+# The packed layout (csrc/packed_linear_cpu.cpp): panels of 32 output columns; in the pair layouts
+# (bf16, int8) K is padded to a multiple of 32.
+PANEL = 32
+K_CHUNK = 32
+# torch 2.13's bf16 _weight_int8pack_mm crashes (segfault) when in_features is not a multiple of 16
+# (33, 40 and 513 did, 32, 48 and 512 did not): the torch_int8 path takes only such weights.
+TORCH_INT8_K_MULTIPLE = 16
+# The dequant path widens this many output rows of an int8 weight at a time (bounded scratch).
+DEQUANT_ROWS = 4096
 
+
+# ---- availability -------------------------------------------------------------------------------
 
 def onednn_unavailable_reason(dtype: torch.dtype) -> str | None:
     """Why oneDNN's prepacked linear cannot run ``dtype`` on this host, or None if it can."""
@@ -58,6 +87,36 @@ def onednn_unavailable_reason(dtype: torch.dtype) -> str | None:
     return f"oneDNN linear does not take {dtype}"
 
 
+def packed_unavailable_reason(dtype: torch.dtype) -> str | None:
+    """Why the packed kernel cannot run ``dtype`` rows here, or None if it can."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"the packed kernel takes float32 or bfloat16 rows, not {dtype}"
+    if cpu_extension.load() is None:
+        return "the compiled CPU kernels are unavailable (see the log)"
+    return None
+
+
+def path_unavailable_reason(path: str, dtype: torch.dtype, quantization: str | None = None) -> str | None:
+    """Why ``path`` cannot run ``dtype`` rows (with ``quantization``) here, or None if it can."""
+    if path not in (INT8_PATHS if quantization == "int8" else FLOAT_PATHS):
+        return f"{path!r} is not a path for {'int8' if quantization else 'float'} weights"
+    if path == "packed":
+        return packed_unavailable_reason(dtype)
+    if path == "onednn":
+        return onednn_unavailable_reason(dtype)
+    if path == "torch_int8" and not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        return "torch.ops.aten._weight_int8pack_mm is missing from this torch build"
+    return None
+
+
+def packed_isa() -> str | None:
+    """The instruction paths of the packed kernel here ("amx,avx512_bf16,fma", ...), or None."""
+    ops = cpu_extension.load()
+    return None if ops is None else ops.packed_linear_isa()
+
+
+# ---- oneDNN -------------------------------------------------------------------------------------
+
 def pack_weight(weight: torch.Tensor, rows_hint: int | None = None) -> torch.Tensor:
     """``weight`` [out, in] reordered into oneDNN's blocked layout (an opaque mkldnn tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
@@ -74,6 +133,101 @@ def onednn_linear_add(x: torch.Tensor, residual: torch.Tensor, packed: torch.Ten
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
 
 
+# ---- int8 ---------------------------------------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scales fp32 [out]) with ``weight ~= q * scales[:, None]``: symmetric per
+    output channel, scale = max |w| / 127 (1 for an all-zero row), q = round(w / scale)."""
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def torch_int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's weight-only int8 GEMM; ``scales`` in x's dtype."""
+    if q.shape[1] % TORCH_INT8_K_MULTIPLE:
+        raise ValueError(f"torch's int8 GEMM needs in_features divisible by {TORCH_INT8_K_MULTIPLE}, got {q.shape[1]}")
+    out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scales)
+    return out if bias is None else out + bias
+
+
+def dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on the int8 weight widened to x's dtype (exact) DEQUANT_ROWS rows at a time,
+    each output column then scaled; ``scales`` fp32."""
+    rows = q.shape[0]
+    if rows <= DEQUANT_ROWS:
+        out = F.linear(x, q.to(x.dtype)).mul_(scales.to(x.dtype))
+    else:
+        out = torch.empty(x.shape[0], rows, dtype=x.dtype)
+        for start in range(0, rows, DEQUANT_ROWS):
+            part = slice(start, start + DEQUANT_ROWS)
+            out[:, part] = F.linear(x, q[part].to(x.dtype)).mul_(scales[part].to(x.dtype))
+    return out if bias is None else out.add_(bias)
+
+
+# ---- the packed kernel --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight in the packed kernel's layout (csrc/packed_linear_cpu.cpp) and what goes with it:
+    bias and int8 scales as fp32 in packed column order; ``out_features`` the output width
+    (half the weight's rows with ``silu_and_mul``)."""
+    data: torch.Tensor
+    out_features: int
+    bias: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    silu_and_mul: bool = False
+
+
+def packed_column_order(out_features: int, silu_and_mul: bool = False) -> torch.Tensor:
+    """For each packed column, the weight row it holds (-1: padding). With ``silu_and_mul`` the
+    weight is a fused [gate; up] one and panel p holds gate rows [16p, 16p + 16) and the same up rows."""
+    if not silu_and_mul:
+        order = torch.arange(math.ceil(out_features / PANEL) * PANEL)
+        return torch.where(order < out_features, order, -1)
+    if out_features % 2:
+        raise ValueError(f"silu_and_mul needs a fused [gate; up] weight of even height, got {out_features} rows")
+    half = out_features // 2
+    gate = torch.arange(math.ceil(half / 16) * 16).view(-1, 16)
+    order = torch.stack([gate, gate + half], dim=1).reshape(-1)
+    return torch.where(gate.repeat_interleave(2, dim=0).reshape(-1) < half, order, -1)
+
+
+def pack_for_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                    silu_and_mul: bool = False) -> PackedWeight:
+    """``weight`` [out, in] (fp32, bf16, or int8 with its ``scales``) in the packed layout."""
+    out_features, in_features = weight.shape
+    order = packed_column_order(out_features, silu_and_mul)
+    valid = order >= 0
+    rows = weight.detach()[order.clamp(min=0)] * valid[:, None].to(weight.dtype)
+    panels = rows.shape[0] // PANEL
+
+    def in_packed_order(vector: torch.Tensor | None) -> torch.Tensor | None:
+        if vector is None:
+            return None
+        return torch.where(valid, vector.detach().float()[order.clamp(min=0)], 0.0).contiguous()
+
+    if weight.dtype == torch.float32:
+        data = rows.view(panels, PANEL, in_features).permute(0, 2, 1).contiguous()
+    else:
+        padded = math.ceil(in_features / K_CHUNK) * K_CHUNK
+        rows = F.pad(rows, (0, padded - in_features))
+        data = rows.view(panels, PANEL, padded // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return PackedWeight(data, out_features // 2 if silu_and_mul else out_features, in_packed_order(bias),
+                        in_packed_order(scales), silu_and_mul)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, isa: str = "auto") -> torch.Tensor:
+    """``x @ W.T + bias`` (then SiLU(gate) * up for a ``silu_and_mul`` weight) by the packed kernel.
+    ``isa``: "auto" (the fastest here), or force "amx", "avx512_bf16" or "fma" (see ``packed_isa``)."""
+    return cpu_extension.load().packed_linear(x, packed.data, packed.out_features, packed.bias, packed.scales,
+                                              packed.silu_and_mul, isa)
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
 def bucket_limits(rows: tuple[int, ...]) -> tuple[int, ...]:
     """Upper row limit of each probed row count's bucket: the geometric mean with the next one."""
     return tuple(int(math.sqrt(a * b)) for a, b in zip(rows, rows[1:])) + (math.inf,)
@@ -81,61 +235,115 @@ def bucket_limits(rows: tuple[int, ...]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """Which path each number of rows takes; ``onednn[i]`` covers rows up to ``limits[i]``."""
+    """Which path each number of rows takes; ``paths[i]`` covers rows up to ``limits[i]``.
+    ``quantization``: None (the model's dtype) or "int8" (weight-only, see the module docstring)."""
     dtype: torch.dtype
     limits: tuple = (math.inf,)
-    onednn: tuple = (False,)
+    paths: tuple = ("torch",)
     source: str = "forced"  # "probe" or "forced"
+    quantization: str | None = None
+
+    def __post_init__(self):
+        allowed = INT8_PATHS if self.quantization == "int8" else FLOAT_PATHS
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if len(self.paths) != len(self.limits) or not set(self.paths) <= set(allowed):
+            raise ValueError(f"a plan needs one path of {allowed} per row limit, got {self.paths} for {self.limits}")
 
     @classmethod
-    def everywhere(cls, backend: str, dtype: torch.dtype) -> "LinearPlan":
-        return cls(dtype=dtype, onednn=(backend == "onednn",))
+    def everywhere(cls, path: str, dtype: torch.dtype, quantization: str | None = None) -> "LinearPlan":
+        return cls(dtype=dtype, paths=(path,), quantization=quantization)
 
-    def use_onednn(self, rows: int) -> bool:
-        for limit, onednn in zip(self.limits, self.onednn):
+    def path_for(self, rows: int) -> str:
+        for limit, path in zip(self.limits, self.paths):
             if rows <= limit:
-                return onednn
-        return self.onednn[-1]
+                return path
+        return self.paths[-1]
 
-    @property
-    def any_onednn(self) -> bool:
-        return any(self.onednn)
+    def uses(self, path: str) -> bool:
+        return path in self.paths
 
     def describe(self) -> str:
-        """'onednn', 'torch', or the row ranges of each when both are used."""
-        if all(self.onednn):
-            return "onednn"
-        if not self.any_onednn:
-            return "torch"
+        """'onednn', 'packed', ..., or the row ranges of each: 'packed for rows 1-32; onednn for
+        rows 33-'; int8 plans start with 'int8 '."""
+        prefix = "int8 " if self.quantization else ""
+        if len(set(self.paths)) == 1:
+            return prefix + self.paths[0]
         parts, low = [], 1
-        for i, (limit, onednn) in enumerate(zip(self.limits, self.onednn)):
-            if i + 1 < len(self.onednn) and self.onednn[i + 1] == onednn:
+        for i, (limit, path) in enumerate(zip(self.limits, self.paths)):
+            if i + 1 < len(self.paths) and self.paths[i + 1] == path:
                 continue  # the next bucket takes the same path: one range
             high = "" if limit == math.inf else str(limit)
-            parts.append(f"{'onednn' if onednn else 'torch'} for rows {low}-{high}")
+            parts.append(f"{path} for rows {low}-{high}")
             low = limit + 1
-        return "; ".join(parts)
+        return prefix + "; ".join(parts)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state_dict) that runs through a ``LinearPlan``.
 
     Until ``apply_plan`` is called, and for rows the plan gives to torch, it is plain ``F.linear``.
-    Input: [rows, in_features].
+    Input: [rows, in_features]. ``fuse_silu_and_mul`` (set before ``apply_plan``, for a fused
+    [gate; up] projection): the packed copy computes SiLU(gate) * up in its epilogue
+    (``silu_and_mul``), for the rows the plan gives it; other rows take the plain GEMM.
     """
 
     plan: LinearPlan | None = None
-    packed: torch.Tensor | None = None
+    onednn_weight: torch.Tensor | None = None
+    packed: PackedWeight | None = None
+    # (q [out, in], fp32 scales [out], scales in the model's dtype) for the torch_int8 / dequant paths
+    int8: tuple | None = None
+    fuse_silu_and_mul: bool = False
 
     def apply_plan(self, plan: LinearPlan) -> None:
+        """Prepare what the plan's paths read: the packed copies, the int8 weight."""
         self.plan = plan
-        self.packed = pack_weight(self.weight, PROBE_ROWS[-1]) if plan.any_onednn else None
+        weight, bias = self.weight.detach(), self.bias
+        self.int8 = self.packed = self.onednn_weight = None
+        if plan.quantization == "int8":
+            q, scales = quantize_int8(weight)
+            if plan.uses("torch_int8") or plan.uses("dequant"):
+                self.int8 = (q, scales, scales.to(plan.dtype))
+            if plan.uses("packed"):
+                self.packed = pack_for_kernel(q, bias, scales, silu_and_mul=self.fuse_silu_and_mul)
+            return
+        if plan.uses("onednn"):
+            self.onednn_weight = pack_weight(weight, PROBE_ROWS[-1])
+        if plan.uses("packed"):
+            self.packed = pack_for_kernel(weight, bias, silu_and_mul=self.fuse_silu_and_mul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and self.plan.use_onednn(x.shape[0]):
-            return onednn_linear(x, self.packed, self.bias)
+        if self.plan is None:
+            return F.linear(x, self.weight, self.bias)
+        return self._run(self.plan.path_for(x.shape[0]), x)
+
+    def fuses_silu_and_mul(self, rows: int) -> bool:
+        """Whether ``silu_and_mul`` runs for ``rows`` rows: the plan gives them to the packed
+        kernel and the layer was packed with ``fuse_silu_and_mul``."""
+        return self.packed is not None and self.packed.silu_and_mul and self.plan.path_for(rows) == "packed"
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of this fused [gate; up] projection in one packed-kernel call (where
+        ``fuses_silu_and_mul``; elsewhere the caller runs the GEMM, then its SiLU·up op)."""
+        if not self.fuses_silu_and_mul(x.shape[0]):
+            raise ValueError(f"this layer does not fuse SiLU(gate) * up for {x.shape[0]} rows")
+        return packed_linear(x, self.packed)
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        if path == "packed":
+            if self.packed.silu_and_mul:
+                raise ValueError("this layer is packed to compute SiLU(gate) * up: call silu_and_mul")
+            return packed_linear(x, self.packed)
+        if path == "onednn":
+            return onednn_linear(x, self.onednn_weight, self.bias)
+        if path == "torch_int8":
+            return torch_int8_linear(x, self.int8[0], self.int8[2], self.bias)
+        if path == "dequant":
+            return dequant_linear(x, self.int8[0], self.int8[1], self.bias)
         return F.linear(x, self.weight, self.bias)
 
+
+# ---- the probe ----------------------------------------------------------------------------------
 
 @dataclass
 class ProbeResult:
@@ -157,76 +365,142 @@ def best_of_interleaved(calls, repeats: int) -> list[float]:
     return best
 
 
-def _time_pair(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(F.linear, oneDNN) seconds for ``x``."""
-    torch_s, onednn_s = best_of_interleaved([lambda: F.linear(x, weight), lambda: onednn_linear(x, packed, None)],
-                                            repeats)
-    return torch_s, onednn_s
+def path_runners(weight: torch.Tensor, paths: tuple[str, ...], quantization: str | None = None,
+                 max_rows: int = PROBE_ROWS[-1], bias: torch.Tensor | None = None) -> dict:
+    """For each path, a function of x that runs ``weight`` (and ``bias``) on it the way Linear
+    would; the packing and quantizing happen here, once."""
+    runners = {}
+    if quantization == "int8":
+        q, scales = quantize_int8(weight)
+        low = scales.to(weight.dtype)
+        for path in paths:
+            if path == "packed":
+                packed = pack_for_kernel(q, bias, scales)
+                runners[path] = lambda x, p=packed: packed_linear(x, p)
+            elif path == "torch_int8":
+                runners[path] = lambda x: torch_int8_linear(x, q, low, bias)
+            else:
+                runners[path] = lambda x: dequant_linear(x, q, scales, bias)
+        return runners
+    for path in paths:
+        if path == "packed":
+            packed = pack_for_kernel(weight, bias)
+            runners[path] = lambda x, p=packed: packed_linear(x, p)
+        elif path == "onednn":
+            reordered = pack_weight(weight, max_rows)
+            runners[path] = lambda x, p=reordered: onednn_linear(x, p, bias)
+        else:
+            runners[path] = lambda x: F.linear(x, weight, bias)
+    return runners
+
+
+def _time_paths(x: torch.Tensor, runners: dict, repeats: int) -> dict:
+    """Seconds per call of each runner on ``x`` (best of interleaved rounds)."""
+    names = list(runners)
+    return dict(zip(names, best_of_interleaved([lambda f=runners[n]: f(x) for n in names], repeats)))
 
 
 def probe_linear_plan(weights: list[tuple[torch.Tensor, int]], dtype: torch.dtype,
-                      rows: tuple[int, ...] = PROBE_ROWS, repeats: int = 5) -> ProbeResult:
-    """Time F.linear against prepacked oneDNN on ``weights`` and decide per row bucket.
+                      rows: tuple[int, ...] = PROBE_ROWS, repeats: int = 5,
+                      quantization: str | None = None) -> ProbeResult:
+    """Time the available paths on ``weights`` and decide per row bucket.
 
     ``weights``: (weight [out, in], calls per step) for each distinct shape of the model; a
     bucket's cost is the calls-weighted sum over shapes. Tall weights are trimmed to
-    ``PROBE_MAX_MACS`` and their time scaled back up. Calls of the two paths are interleaved and
-    the minimum of ``repeats`` is kept, so a noisy neighbour rarely flips the decision; oneDNN
-    must win by ``ONEDNN_MIN_SPEEDUP``. Run it on the thread that will run the model (GEMM speed
-    depends on which thread owns the OpenMP pool). It never raises for a missing or failing
-    oneDNN: the plan is then torch everywhere and the reason is logged and recorded.
+    ``PROBE_MAX_MACS`` and their time scaled back up. Calls of the paths are interleaved and the
+    minimum of ``repeats`` is kept, so a noisy neighbour rarely flips the decision; for float
+    weights a path must beat F.linear by ``MIN_SPEEDUP_OVER_TORCH``. Run it on the thread that
+    will run the model (GEMM speed depends on which thread owns the OpenMP pool). It never raises
+    for a missing or failing path: the others are timed and the reason is recorded; with none
+    left, float weights run F.linear and int8 weights the dequant path.
     """
     start = time.perf_counter()
-    figures: dict = {"dtype": str(dtype).removeprefix("torch."), "rows": list(rows),
+    candidates = INT8_PATHS if quantization == "int8" else FLOAT_PATHS
+    fallback = "dequant" if quantization == "int8" else "torch"
+    figures: dict = {"dtype": str(dtype).removeprefix("torch."), "quantization": quantization, "rows": list(rows),
                      "threads": torch.get_num_threads(), "shapes": [list(w.shape) for w, _ in weights]}
-    reason = onednn_unavailable_reason(dtype)
-    if reason is None:
+    unavailable = {p: r for p in candidates if (r := path_unavailable_reason(p, dtype, quantization)) is not None}
+    if "torch_int8" in candidates and any(w.shape[1] % TORCH_INT8_K_MULTIPLE for w, _ in weights):
+        unavailable["torch_int8"] = f"in_features not all divisible by {TORCH_INT8_K_MULTIPLE}"
+    paths = tuple(p for p in candidates if p not in unavailable)
+    if "packed" in paths:
+        figures["packed_isa"] = packed_isa()
+    for _ in range(len(paths)):
+        if len(paths) <= 1:
+            break
         try:
-            plan = _timed_probe(weights, dtype, rows, repeats, figures)
+            plan = _timed_probe(weights, dtype, rows, repeats, paths, quantization, figures)
+            figures["unavailable"] = unavailable
             figures["probe_s"] = round(time.perf_counter() - start, 3)
             return ProbeResult(plan, figures)
-        except RuntimeError as exc:  # e.g. a oneDNN primitive this CPU cannot build
-            reason = f"oneDNN linear failed: {exc}"
-    logger.warning("linear layers use F.linear: %s", reason)
-    figures.update(reason=reason, chosen=["torch"] * len(rows), probe_s=round(time.perf_counter() - start, 3))
-    return ProbeResult(LinearPlan.everywhere("torch", dtype), figures)
+        except RuntimeError as exc:  # e.g. a oneDNN primitive this CPU cannot build: drop the failing path
+            failed = _failing_path(exc, paths, weights[0][0], quantization)
+            unavailable[failed] = f"{failed} failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+            paths = tuple(p for p in paths if p != failed)
+    chosen = paths[0] if paths else fallback
+    if unavailable:
+        logger.warning("linear layers use %s: %s", chosen, "; ".join(f"{p}: {r}" for p, r in unavailable.items()))
+    figures.update(unavailable=unavailable, chosen=[chosen] * len(rows), probe_s=round(time.perf_counter() - start, 3))
+    return ProbeResult(LinearPlan.everywhere(chosen, dtype, quantization), figures)
 
 
-def _timed_probe(weights, dtype, rows, repeats, figures) -> LinearPlan:
+def _failing_path(exc: RuntimeError, paths: tuple[str, ...], weight: torch.Tensor, quantization) -> str:
+    """Which of ``paths`` raises on a small call (the one ``exc`` came from)."""
+    small = weight.detach()[:PANEL].contiguous()
+    for path in paths:
+        try:
+            path_runners(small, (path,), quantization, 1)[path](torch.zeros(1, small.shape[1], dtype=small.dtype))
+        except RuntimeError:
+            return path
+    return paths[0]
+
+
+def _timed_probe(weights, dtype, rows, repeats, paths, quantization, figures) -> LinearPlan:
     max_rows = max(rows)
     cases = []
     for weight, calls in weights:
         out_features, in_features = weight.shape
         keep = min(out_features, max(64, PROBE_MAX_MACS // (max_rows * in_features) // 64 * 64))
         w = weight.detach()[:keep].contiguous()
-        cases.append((w, pack_weight(w, max_rows), calls * out_features / keep))
+        cases.append((path_runners(w, paths, quantization, max_rows), in_features, calls * out_features / keep))
     generator = torch.Generator().manual_seed(0)
-    torch_s, onednn_s = [], []
-    deadline = time.perf_counter() + PROBE_BUDGET_S
+    # The smallest and the largest row counts first: if the budget runs out, the ones between take
+    # the decision of the nearest measured one, and decode and prefill sizes are both measured.
+    order = sorted(range(len(rows)), key=lambda i: (i not in (0, len(rows) - 1), i))
+    measured: dict[int, dict[str, float]] = {}
+    deadline = probe_clock() + PROBE_BUDGET_S
     with torch.inference_mode():
-        for m in rows:
-            cost = _step_cost(cases, m, dtype, repeats, generator, deadline if torch_s else math.inf)
+        for i in order:
+            cost = _step_cost(cases, rows[i], dtype, repeats, generator, deadline if measured else math.inf)
             if cost is None:
-                figures["unmeasured_rows"] = list(rows[len(torch_s):])
+                figures["unmeasured_rows"] = [r for j, r in enumerate(rows) if j not in measured]
                 break
-            torch_s.append(cost[0])
-            onednn_s.append(cost[1])
-    onednn = [t > o * ONEDNN_MIN_SPEEDUP for t, o in zip(torch_s, onednn_s)]
-    onednn = tuple(onednn + onednn[-1:] * (len(rows) - len(onednn)))
-    figures.update(torch_us_per_step=[round(s * 1e6, 1) for s in torch_s],
-                   onednn_us_per_step=[round(s * 1e6, 1) for s in onednn_s],
-                   chosen=["onednn" if use else "torch" for use in onednn])
-    return LinearPlan(dtype=dtype, limits=bucket_limits(rows), onednn=onednn, source="probe")
+            measured[i] = cost
+
+    def nearest(i: int) -> int:
+        return min(measured, key=lambda j: (abs(math.log(rows[i] / rows[j])), j))
+
+    chosen = [_fastest(measured[nearest(i)], quantization) for i in range(len(rows))]
+    figures.update(us_per_step={p: [round(measured[i][p] * 1e6, 1) if i in measured else None
+                                    for i in range(len(rows))] for p in paths}, chosen=chosen)
+    return LinearPlan(dtype=dtype, limits=bucket_limits(rows), paths=tuple(chosen), source="probe",
+                      quantization=quantization)
 
 
-def _step_cost(cases, rows: int, dtype, repeats: int, generator, deadline: float) -> tuple[float, float] | None:
+def _fastest(seconds: dict[str, float], quantization) -> str:
+    best = min(seconds, key=seconds.get)
+    if quantization is None and "torch" in seconds and seconds["torch"] <= seconds[best] * MIN_SPEEDUP_OVER_TORCH:
+        return "torch"
+    return best
+
+
+def _step_cost(cases, rows: int, dtype, repeats: int, generator, deadline: float) -> dict | None:
     """Calls-weighted seconds per step of each path at ``rows`` rows; None once past ``deadline``."""
-    torch_total = onednn_total = 0.0
-    for weight, packed, scale in cases:
-        if time.perf_counter() > deadline:
+    total: dict[str, float] = {}
+    for runners, in_features, scale in cases:
+        if probe_clock() > deadline:
             return None
-        x = torch.randn(rows, weight.shape[1], generator=generator).to(dtype)
-        torch_s, onednn_s = _time_pair(x, weight, packed, repeats)
-        torch_total += torch_s * scale
-        onednn_total += onednn_s * scale
-    return torch_total, onednn_total
+        x = torch.randn(rows, in_features, generator=generator).to(dtype)
+        for path, seconds in _time_paths(x, runners, repeats).items():
+            total[path] = total.get(path, 0.0) + seconds * scale
+    return total

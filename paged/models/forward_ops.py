@@ -140,6 +140,13 @@ class DenseOps:
     def linear(layer, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
 
+    def linear_silu_mul(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of the fused gate_up projection ``layer``: one kernel where its GEMM path
+        fuses it (``paged_kernels.linear.Linear.silu_and_mul``), else the GEMM, then ``silu_mul``."""
+        if layer.fuses_silu_and_mul(x.shape[0]):
+            return self.linear(layer.silu_and_mul, x)
+        return self.silu_mul(self.linear(layer, x))
+
     @staticmethod
     def attention(q, k, v, kv_cache, meta, scale: float) -> torch.Tensor:
         key_cache, value_cache = kv_cache

@@ -4,9 +4,10 @@ Weights come from an HF checkpoint directory (config.json + *.safetensors; no pi
 code). The forward pass takes one flat batch: the scheduled tokens of every sequence back to back,
 with the attention metadata that the kernels contract needs. The arithmetic follows the HF
 reference op for op (RMSNorm in fp32, rotate-half RoPE). Two speed paths, each chosen at load by
-measuring it on this host, change only the order of additions: GEMMs through oneDNN with
-prepacked weights (``paged_kernels.linear``) and torch.compile'd dense regions (``forward_ops``). So
-greedy outputs equal HF's except where its two best logits tie to within the last bits.
+measuring it on this host, change only the order of additions: GEMMs through our packed kernel or
+oneDNN with prepacked weights (``paged_kernels.linear``) and torch.compile'd dense regions
+(``forward_ops``). So greedy outputs equal HF's except where its two best logits tie to within the
+last bits. ``quantization="int8"`` (weight-only) is the one option that changes the arithmetic.
 
 Past ~350 lines on purpose: the model, its config parsing and its checkpoint loading are one
 family's definition, read together against HF's.
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
-from paged_kernels.linear import Linear, LinearPlan, onednn_unavailable_reason, probe_linear_plan
+from paged_kernels.linear import Linear, LinearPlan, path_unavailable_reason, probe_linear_plan
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
 
 if TYPE_CHECKING:
@@ -172,10 +173,11 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_up_proj = Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.gate_up_proj.fuse_silu_and_mul = True  # the packed kernel writes SiLU(gate) * up
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, h, ops: DenseOps):
-        return ops.linear(self.down_proj, ops.silu_mul(ops.linear(self.gate_up_proj, h)))
+        return ops.linear(self.down_proj, ops.linear_silu_mul(self.gate_up_proj, h))
 
 
 class DecoderLayer(nn.Module):
@@ -250,9 +252,11 @@ class LlamaForCausalLM(nn.Module):
     # ---- loading ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype, device: str = "cpu", *,
-                        compile: bool = False, linear_backend: str | None = None) -> "LlamaForCausalLM":
-        """Load an HF checkpoint. ``linear_backend``: "onednn", "torch" or None (measure both on
-        this host, see ``paged_kernels.linear``). ``compile``: torch.compile the dense regions now and
+                        compile: bool = False, linear_backend: str | None = None,
+                        quantization: str | None = None) -> "LlamaForCausalLM":
+        """Load an HF checkpoint. ``linear_backend``: "packed", "onednn", "torch" or None (measure
+        them on this host, see ``paged_kernels.linear``); ``quantization``: None or "int8"
+        (weight-only int8 linear layers). ``compile``: torch.compile the dense regions now and
         keep them where a probe finds them faster (see ``forward_ops``; a broken compiler falls
         back to eager with a warning). Off by default: on the 2-core AMD EPYC host it was measured
         on (bench/model_step.py), compiled regions everywhere cost 1.5-1.7 ms more per decode
@@ -268,14 +272,16 @@ class LlamaForCausalLM(nn.Module):
             model.lm_head.weight = model.embed_tokens.weight
         model.inv_freq = rope_inverse_frequencies(args).to(device)  # RoPE angles stay fp32
         model.load_hf_weights(model_dir, dtype)
-        return model.prepare_for_inference(dtype, device, compile=compile, linear_backend=linear_backend)
+        return model.prepare_for_inference(dtype, device, compile=compile, linear_backend=linear_backend,
+                                           quantization=quantization)
 
     def prepare_for_inference(self, dtype: torch.dtype, device: str, *, compile: bool = False,
-                              linear_backend: str | None = None) -> "LlamaForCausalLM":
+                              linear_backend: str | None = None,
+                              quantization: str | None = None) -> "LlamaForCausalLM":
         """After the weights are in (whole or a tensor-parallel shard): eval mode, the GEMM path
         for this host, and the compiled dense regions when asked for."""
         self.eval().requires_grad_(False)  # inference only; compiled regions guard on it
-        self.choose_linear_backend(linear_backend, dtype, device)
+        self.choose_linear_backend(linear_backend, dtype, device, quantization)
         if compile:
             self.compile_dense()
         return self
@@ -290,10 +296,13 @@ class LlamaForCausalLM(nn.Module):
     def linears(self) -> list[Linear]:
         return [m for m in self.modules() if isinstance(m, Linear)]
 
-    def choose_linear_backend(self, backend: str | None, dtype: torch.dtype, device: str) -> None:
+    def choose_linear_backend(self, backend: str | None, dtype: torch.dtype, device: str,
+                              quantization: str | None = None) -> None:
         """Give every Linear its plan: forced by ``backend``, or measured by the probe (None)."""
         if backend not in (None, *LINEAR_BACKENDS):
             raise ValueError(f"linear_backend must be None or one of {LINEAR_BACKENDS}, got {backend!r}")
+        if quantization is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"quantization {quantization!r} runs on CPU only, not on {device}")
         if torch.device(device).type != "cpu":
             plan, self.linear_probe = LinearPlan.everywhere("torch", dtype), {"reason": f"device {device}"}
         elif backend is None:
@@ -303,15 +312,16 @@ class LlamaForCausalLM(nn.Module):
                 shape = tuple(linear.weight.shape)
                 calls[shape] = calls.get(shape, 0) + 1
                 weights[shape] = linear.weight
-            key = (tuple(calls.items()), dtype, threading.get_ident(), torch.get_num_threads())
+            key = (tuple(calls.items()), dtype, quantization, threading.get_ident(), torch.get_num_threads())
             if key not in _LINEAR_PROBES:
-                _LINEAR_PROBES[key] = probe_linear_plan([(weights[s], calls[s]) for s in weights], dtype)
+                _LINEAR_PROBES[key] = probe_linear_plan([(weights[s], calls[s]) for s in weights], dtype,
+                                                        quantization=quantization)
             plan, self.linear_probe = _LINEAR_PROBES[key].plan, dict(_LINEAR_PROBES[key].figures)
         else:
-            reason = onednn_unavailable_reason(dtype) if backend == "onednn" else None
+            reason = path_unavailable_reason(backend, dtype, quantization)
             if reason is not None:
-                raise ValueError(f"linear_backend 'onednn' cannot run {dtype} here: {reason}")
-            plan, self.linear_probe = LinearPlan.everywhere(backend, dtype), {"forced": backend}
+                raise ValueError(f"linear_backend {backend!r} cannot run {dtype} here: {reason}")
+            plan, self.linear_probe = LinearPlan.everywhere(backend, dtype, quantization), {"forced": backend}
         for linear in self.linears():
             linear.apply_plan(plan)
         self.linear_backend = plan.describe()

@@ -101,7 +101,7 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
     ctx = ParallelContext.from_default_group(local_all_reduce)
     model, layout = build_sharded_model(config.model, ctx, DTYPES[config.dtype], config.device)
     model.prepare_for_inference(DTYPES[config.dtype], config.device, compile=config.compile,
-                                linear_backend=config.linear_backend)
+                                linear_backend=config.linear_backend, quantization=config.quantization)
     # model.args holds this rank's head and MLP sizes: the runner's KV pools get only its KV heads.
     runner = ModelRunner(config, model.args, init.num_blocks, init.num_cpu_blocks, model=model)
     shared = None

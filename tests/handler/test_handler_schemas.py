@@ -187,6 +187,13 @@ def test_handler_config_parsing(tmp_path):
             parse_handler_config(section, str(tmp_path))
 
 
+def test_handler_config_passes_quantization_to_the_engine(tmp_path):
+    cfg, _ = parse_handler_config({"quantization": "int8", "dtype": "bfloat16"}, str(tmp_path))
+    assert cfg.quantization == "int8"
+    with pytest.raises(ValueError, match="quantization"):
+        parse_handler_config({"quantization": "int4"}, str(tmp_path))
+
+
 def test_invalid_settings_fail_initialize_clearly(tmp_path, caplog):
     from paged_handler.ts_adapter import TorchServeHandler
 

@@ -1,6 +1,7 @@
 """paged_kernels.linear: the oneDNN prepacked path computes what F.linear computes, in every dtype the host
-supports; the probe picks per row bucket from its measurements and degrades to F.linear, with a
-logged reason, when oneDNN is missing or fails."""
+supports; a Linear runs each row count on its plan's path (the packed kernel, oneDNN, F.linear,
+the int8 paths); the probe picks per row bucket from its measurements and drops, with a recorded
+reason, a path that is missing or fails. (The packed kernel's arithmetic: test_packed_linear.py.)"""
 from __future__ import annotations
 
 import logging
@@ -59,7 +60,7 @@ def test_dtype_without_onednn_support_reports_why(dtype):
     else:
         assert str(dtype).removeprefix("torch.") in reason or "oneDNN" in reason or "mkldnn" in reason
         result = kl.probe_linear_plan([(random_linear(32, 16, dtype).weight, 1)], dtype)
-        assert not result.plan.any_onednn and result.figures["reason"] == reason
+        assert not result.plan.uses("onednn") and result.figures["unavailable"]["onednn"] == reason
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -75,24 +76,38 @@ def test_fused_residual_add_equals_add_after_the_gemm(dtype):
 def test_plan_buckets_cover_every_row_count():
     limits = kl.bucket_limits((1, 8, 64, 256))
     assert limits == (2, 22, 128, math.inf)
-    plan = kl.LinearPlan(torch.float32, limits=limits, onednn=(True, True, False, False), source="probe")
-    assert [plan.use_onednn(r) for r in (1, 2, 3, 22, 23, 128, 129, 10_000)] == \
-        [True, True, True, True, False, False, False, False]
-    assert plan.describe() == "onednn for rows 1-22; torch for rows 23-"
-    plan = kl.LinearPlan(torch.float32, limits=limits, onednn=(False, True, True, False))
+    plan = kl.LinearPlan(torch.float32, limits=limits, paths=("packed", "onednn", "torch", "torch"), source="probe")
+    assert [plan.path_for(r) for r in (1, 2, 3, 22, 23, 128, 129, 10_000)] == \
+        ["packed", "packed", "onednn", "onednn", "torch", "torch", "torch", "torch"]
+    assert plan.describe() == "packed for rows 1-2; onednn for rows 3-22; torch for rows 23-"
+    plan = kl.LinearPlan(torch.float32, limits=limits, paths=("torch", "onednn", "onednn", "torch"))
     assert plan.describe() == "torch for rows 1-2; onednn for rows 3-128; torch for rows 129-"
     assert kl.LinearPlan.everywhere("onednn", torch.float32).describe() == "onednn"
-    assert kl.LinearPlan.everywhere("torch", torch.float32).describe() == "torch"
+    assert kl.LinearPlan.everywhere("packed", torch.bfloat16, "int8").describe() == "int8 packed"
 
 
-def test_linear_module_runs_each_row_count_on_its_planned_path():
+@pytest.mark.parametrize("kwargs", [
+    dict(paths=("torch_int8",)),                                        # an int8 path for a float plan
+    dict(paths=("onednn",), quantization="int8"),                       # a float path for an int8 plan
+    dict(paths=("torch",), quantization="int4"),                        # no such quantization
+    dict(limits=(4, math.inf), paths=("torch",)),                       # one path per limit
+])
+def test_a_plan_refuses_paths_that_do_not_fit(kwargs):
+    with pytest.raises(ValueError):
+        kl.LinearPlan(torch.float32, **kwargs)
+
+
+def test_linear_module_runs_each_row_count_on_its_planned_path(compiled_ops):
     requires_onednn(torch.float32)
     layer = random_linear(64, 48, torch.float32, bias=True)
-    layer.apply_plan(kl.LinearPlan(torch.float32, limits=(4, math.inf), onednn=(True, False)))
-    small, large = random_rows(4, 64, torch.float32), random_rows(5, 64, torch.float32)
+    layer.apply_plan(kl.LinearPlan(torch.float32, limits=(2, 4, math.inf), paths=("packed", "onednn", "torch")))
     with torch.inference_mode():
-        assert torch.equal(layer(small), kl.onednn_linear(small, layer.packed, layer.bias))
-        assert torch.equal(layer(large), F.linear(large, layer.weight, layer.bias))
+        for rows, expected in [(2, lambda x: kl.packed_linear(x, layer.packed)),
+                               (4, lambda x: kl.onednn_linear(x, layer.onednn_weight, layer.bias)),
+                               (5, lambda x: F.linear(x, layer.weight, layer.bias))]:
+            x = random_rows(rows, 64, torch.float32)
+            assert torch.equal(layer(x), expected(x))
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **TOLERANCE[torch.float32])
 
 
 def test_linear_without_plan_or_with_torch_plan_is_f_linear():
@@ -100,21 +115,68 @@ def test_linear_without_plan_or_with_torch_plan_is_f_linear():
     x = random_rows(5, 32, torch.float32)
     assert torch.equal(layer(x), F.linear(x, layer.weight))
     layer.apply_plan(kl.LinearPlan.everywhere("torch", torch.float32))
-    assert layer.packed is None and torch.equal(layer(x), F.linear(x, layer.weight))
+    assert layer.packed is None and layer.onednn_weight is None and torch.equal(layer(x), F.linear(x, layer.weight))
 
 
-def test_probe_chooses_per_bucket_from_its_timings(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_linear_runs_every_int8_path_close_to_the_float_layer(compiled_ops, dtype):
+    layer = random_linear(64, 48, dtype, bias=True)
+    layer.apply_plan(kl.LinearPlan(dtype, limits=(2, 4, math.inf), paths=("packed", "torch_int8", "dequant"),
+                                   quantization="int8"))
+    q, scales = kl.quantize_int8(layer.weight)
+    assert torch.equal(layer.int8[0], q) and layer.packed.scales is not None
+    with torch.inference_mode():
+        for rows in (2, 4, 5):
+            x = random_rows(rows, 64, dtype)
+            reference = F.linear(x.double(), q.double() * scales.double()[:, None], layer.bias.double())
+            assert float((layer(x).double() - reference).abs().max() / reference.abs().max()) < 2e-2
+            float_out = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+            assert float((layer(x).double() - float_out).abs().max() / float_out.abs().max()) < 3e-2
+
+
+def test_fused_gate_up_runs_silu_and_mul_only_on_packed_rows(compiled_ops):
+    layer = random_linear(64, 2 * 40, torch.float32)
+    layer.fuse_silu_and_mul = True
+    layer.apply_plan(kl.LinearPlan(torch.float32, limits=(4, math.inf), paths=("packed", "torch")))
+    small, large = random_rows(4, 64, torch.float32), random_rows(5, 64, torch.float32)
+    assert layer.fuses_silu_and_mul(4) and not layer.fuses_silu_and_mul(5)
+    with torch.inference_mode():
+        gate, up = F.linear(small, layer.weight).chunk(2, dim=-1)
+        torch.testing.assert_close(layer.silu_and_mul(small), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="silu_and_mul"):
+            layer(small)  # the packed copy holds SiLU·up, not the plain output
+        with pytest.raises(ValueError, match="does not fuse"):
+            layer.silu_and_mul(large)
+        assert torch.equal(layer(large), F.linear(large, layer.weight))
+
+
+def fake_timings(table: dict):
+    """A _time_paths stand-in: seconds per path from ``table[rows]``."""
+    return lambda x, runners, repeats: {path: table[x.shape[0]][path] for path in runners}
+
+
+def test_probe_chooses_per_bucket_from_its_timings(compiled_ops, monkeypatch):
     requires_onednn(torch.float32)
-    # Fake timings (F.linear, oneDNN): oneDNN 3x faster at 1 and 8 rows, inside the 10% margin
-    # at 64, slower at 256.
-    fake = {1: (3.0, 1.0), 8: (3.0, 1.0), 64: (1.05, 1.0), 256: (1.0, 2.0)}
-    monkeypatch.setattr(kl, "_time_pair", lambda x, weight, packed, repeats: fake[x.shape[0]])
+    # packed fastest at 1 and 4 rows, oneDNN at 16, within the 10% margin over torch at 64, slower at 256.
+    fake = {1: dict(packed=1.0, onednn=2.0, torch=3.0), 4: dict(packed=1.0, onednn=2.0, torch=3.0),
+            16: dict(packed=2.0, onednn=1.0, torch=3.0), 64: dict(packed=2.0, onednn=1.0, torch=1.05),
+            256: dict(packed=3.0, onednn=2.0, torch=1.0)}
+    monkeypatch.setattr(kl, "_time_paths", fake_timings(fake))
     weights = [(random_linear(64, 32, torch.float32).weight, 2), (random_linear(32, 64, torch.float32).weight, 1)]
     result = kl.probe_linear_plan(weights, torch.float32)
-    assert result.plan.onednn == (True, True, False, False)
-    assert result.figures["chosen"] == ["onednn", "onednn", "torch", "torch"]
-    assert result.figures["torch_us_per_step"][0] == pytest.approx(3.0 * 3 * 1e6)  # calls-weighted sum
+    assert result.plan.paths == ("packed", "packed", "onednn", "torch", "torch")
+    assert result.figures["chosen"] == list(result.plan.paths)
+    assert result.figures["us_per_step"]["torch"][0] == pytest.approx(3.0 * 3 * 1e6)  # calls-weighted sum
     assert result.plan.source == "probe" and result.figures["probe_s"] >= 0
+
+
+def test_int8_probe_chooses_the_fastest_int8_path_without_a_torch_margin(compiled_ops, monkeypatch):
+    fake = {rows: dict(packed=1.0, torch_int8=1.05, dequant=9.0) for rows in kl.PROBE_ROWS}
+    fake[256] = dict(packed=2.0, torch_int8=3.0, dequant=1.0)
+    monkeypatch.setattr(kl, "_time_paths", fake_timings(fake))
+    result = kl.probe_linear_plan([(random_linear(64, 32, torch.float32).weight, 1)], torch.float32,
+                                  quantization="int8")
+    assert result.plan.paths == ("packed",) * 4 + ("dequant",) and result.plan.quantization == "int8"
 
 
 def test_probe_on_this_host_returns_figures_for_every_bucket():
@@ -122,32 +184,39 @@ def test_probe_on_this_host_returns_figures_for_every_bucket():
     result = kl.probe_linear_plan(weights, torch.float32, repeats=2)
     figures = result.figures
     assert figures["rows"] == list(kl.PROBE_ROWS) and len(figures["chosen"]) == len(kl.PROBE_ROWS)
-    if kl.onednn_unavailable_reason(torch.float32) is None:
-        for t, o, chosen in zip(figures["torch_us_per_step"], figures["onednn_us_per_step"], figures["chosen"]):
-            assert (chosen == "onednn") == (t > o * kl.ONEDNN_MIN_SPEEDUP)
-    assert figures["probe_s"] < 5
+    measured = figures.get("us_per_step", {})
+    for i, chosen in enumerate(figures["chosen"]):
+        if measured and measured["torch"][i] is not None:
+            fastest = min(measured, key=lambda p: measured[p][i])
+            assert chosen in (fastest, "torch")
+    assert figures["probe_s"] < 3 * kl.PROBE_BUDGET_S
 
 
-def test_probe_falls_back_to_torch_when_onednn_is_missing(monkeypatch, caplog):
+def test_probe_skips_onednn_when_it_is_missing(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    result = kl.probe_linear_plan([(random_linear(32, 16, torch.float32).weight, 1)], torch.float32, repeats=1)
+    assert not result.plan.uses("onednn") and "no oneDNN" in result.figures["unavailable"]["onednn"]
+
+
+def test_probe_falls_back_to_torch_with_a_logged_reason_when_no_other_path_runs(monkeypatch, caplog):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    monkeypatch.setattr(kl, "packed_unavailable_reason", lambda dtype: "no compiler")
     with caplog.at_level(logging.WARNING, logger="paged_kernels.linear"):
         result = kl.probe_linear_plan([(random_linear(32, 16, torch.float32).weight, 1)], torch.float32)
-    assert not result.plan.any_onednn and result.plan.describe() == "torch"
-    assert "no oneDNN" in result.figures["reason"]
-    assert any("F.linear" in record.getMessage() for record in caplog.records)
+    assert result.plan.describe() == "torch" and result.figures["unavailable"]["packed"] == "no compiler"
+    assert any("torch" in record.getMessage() and "no compiler" in record.getMessage() for record in caplog.records)
 
 
-def test_probe_falls_back_to_torch_when_onednn_fails(monkeypatch, caplog):
+def test_probe_drops_a_path_that_fails(monkeypatch):
     requires_onednn(torch.float32)
 
     def broken_pack(weight, rows_hint=None):
         raise RuntimeError("could not create a primitive")
 
     monkeypatch.setattr(kl, "pack_weight", broken_pack)
-    with caplog.at_level(logging.WARNING, logger="paged_kernels.linear"):
-        result = kl.probe_linear_plan([(random_linear(32, 16, torch.float32).weight, 1)], torch.float32)
-    assert result.plan.describe() == "torch" and "could not create a primitive" in result.figures["reason"]
-    assert len(caplog.records) == 1
+    result = kl.probe_linear_plan([(random_linear(32, 16, torch.float32).weight, 1)], torch.float32, repeats=1)
+    assert not result.plan.uses("onednn")
+    assert "could not create a primitive" in result.figures["unavailable"]["onednn"]
 
 
 def test_probe_trims_tall_weights_and_scales_their_time_back(monkeypatch):
@@ -163,8 +232,28 @@ def test_probe_trims_tall_weights_and_scales_their_time_back(monkeypatch):
 def test_probe_past_its_budget_extends_the_last_measured_decision(monkeypatch):
     requires_onednn(torch.float32)
     monkeypatch.setattr(kl, "PROBE_BUDGET_S", 0.0)
-    monkeypatch.setattr(kl, "_time_pair", lambda x, weight, packed, repeats: (3.0, 1.0))
+    monkeypatch.setattr(kl, "_time_paths", fake_timings(
+        {rows: dict(packed=2.0, onednn=1.0, torch=3.0) for rows in kl.PROBE_ROWS}))
     result = kl.probe_linear_plan([(random_linear(64, 32, torch.float32).weight, 1)], torch.float32)
     assert result.figures["unmeasured_rows"] == list(kl.PROBE_ROWS[1:])
-    assert len(result.figures["torch_us_per_step"]) == 1
+    assert [t is not None for t in result.figures["us_per_step"]["torch"]] == [True] + [False] * 4
     assert result.plan.describe() == "onednn"
+
+
+def test_probe_measures_the_smallest_and_largest_rows_first_and_fills_between_from_the_nearest(monkeypatch):
+    requires_onednn(torch.float32)
+    timed = []
+    # One time unit per timed row count, a budget of 1.5: two row counts fit.
+    monkeypatch.setattr(kl, "probe_clock", lambda: float(len(timed)))
+    monkeypatch.setattr(kl, "PROBE_BUDGET_S", 1.5)
+
+    def fake(x, runners, repeats):
+        timed.append(x.shape[0])
+        return {"packed": 1.0, "onednn": 2.0, "torch": 3.0} if x.shape[0] < 16 else \
+            {"packed": 3.0, "onednn": 1.0, "torch": 2.0}
+
+    monkeypatch.setattr(kl, "_time_paths", fake)
+    result = kl.probe_linear_plan([(random_linear(64, 32, torch.float32).weight, 1)], torch.float32)
+    assert timed[:2] == [1, 256] and result.figures["unmeasured_rows"] == [4, 16, 64]
+    # 4 is nearer 1 than 256, 16 is nearer 1 (log distance 2.8 vs 2.8: the smaller wins), 64 nearer 256
+    assert result.plan.paths == ("packed", "packed", "packed", "onednn", "onednn")

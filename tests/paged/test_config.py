@@ -53,6 +53,10 @@ INVALID = [
     ("seed", dict(seed="0")),
     ("enable_prefix_caching", dict(enable_prefix_caching=1)),
     ("enable_prefix_caching", dict(enable_prefix_caching="yes")),
+    ("linear_backend", dict(linear_backend="mkl")),
+    ("quantization", dict(quantization="int4")),
+    ("quantization", dict(quantization=True)),
+    ("linear_backend", dict(quantization="int8", linear_backend="onednn")),
 ]
 
 
@@ -73,12 +77,14 @@ def test_defaults_are_valid():
     assert cfg.block_size == 16 and cfg.num_kv_blocks is None and cfg.kv_cache_memory_bytes is None
     assert cfg.preemption_mode == "auto" and cfg.dtype == "float32" and cfg.enable_prefix_caching is True
     assert cfg.tensor_parallel_size == 1 and cfg.attention_backend is None and cfg.request_timeout_s is None
+    assert cfg.quantization is None and cfg.linear_backend is None
 
 
 @pytest.mark.parametrize("kwargs", [
     dict(block_size=1), dict(block_size=256), dict(num_kv_blocks=1), dict(kv_cache_memory_bytes=1),
     dict(swap_space_bytes=0), dict(max_model_len=1), dict(request_timeout_s=0.5), dict(request_timeout_s=30),
     dict(seed=-3), dict(attention_backend="torch"), dict(attention_backend="triton"),
+    dict(linear_backend="packed"), dict(quantization="int8"), dict(quantization="int8", linear_backend="packed"),
     *[dict(preemption_mode=m) for m in PREEMPTION_MODES], *[dict(dtype=d) for d in SUPPORTED_DTYPES],
 ])
 def test_boundary_and_enumerated_values_are_accepted(kwargs):

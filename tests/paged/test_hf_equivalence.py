@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from paged_kernels.linear import onednn_unavailable_reason
+from paged_kernels.linear import path_unavailable_reason
 from paged import LLM, SamplingParams
 from paged.models.llama import LlamaForCausalLM
 
@@ -160,13 +160,15 @@ def test_greedy_equals_hf_for_block_size(tiny_llama_dir, llama_reference, block_
     assert_pool_whole(llm)
 
 
-@pytest.mark.parametrize("linear_backend, compile_dense", [("onednn", False), ("onednn", True), ("torch", False)])
+@pytest.mark.parametrize("linear_backend, compile_dense",
+                         [("packed", False), ("onednn", False), ("onednn", True), ("torch", False)])
 def test_greedy_equals_hf_on_each_gemm_path_and_with_compiled_regions(tiny_llama_dir, llama_reference, monkeypatch,
                                                                        linear_backend, compile_dense):
     """Whatever this host's probes pick, each GEMM path and the compiled dense regions (kept for
     every token count) must give HF's tokens."""
-    if linear_backend == "onednn" and onednn_unavailable_reason(torch.float32):
-        pytest.skip(f"no oneDNN fp32 linear here: {onednn_unavailable_reason(torch.float32)}")
+    reason = path_unavailable_reason(linear_backend, torch.float32)
+    if reason is not None:
+        pytest.skip(f"no {linear_backend} fp32 linear here: {reason}")
     load = LlamaForCausalLM.from_pretrained.__func__
 
     def forced(cls, *args, **kwargs):
