@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-tp bench-sharing bench-gemm venv-vllm
+.PHONY: bench bench-quick bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -64,3 +64,14 @@ bench-sharing: $(STAMP)
 # (bench/gemm.py; bench/results/gemm.json). ~10-20 min on 2 quiet cores.
 bench-gemm: $(STAMP)
 	$(PY) bench/gemm.py $(BENCH_ARGS)
+
+# Both KV memory models on the same work (bench/memory.py): paged blocks vs virtual-contiguous slots
+# over OS pages, same model, workloads and KV budget. Throughput, resident KV over time, attention
+# per decoded token (kernel alone and in the step), long-prompt prefill, and sharing on for paged.
+# A few minutes on 2 cores; bench/results/memory.{md,json} and docs/images/memory.png. Always on the
+# 39 M test model (its sizes are what the defaults are chosen for), whatever the default model is.
+MEMORY_MODEL_DIR ?= model-store/tiny-llama
+bench-memory: $(STAMP)
+	test -f $(MEMORY_MODEL_DIR)/config.json || $(PY) scripts/make_model.py --out $(MEMORY_MODEL_DIR)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/memory.py --model $(MEMORY_MODEL_DIR) $(BENCH_ARGS)

@@ -1,5 +1,6 @@
 """The KV block pool: per-sequence block tables, reference counts, copy-on-write, swap, prefix cache,
-pinned prefixes and (through ``CpuBlockPool``) the CPU tier of the prefix cache.
+pinned prefixes and (through ``CpuBlockPool``) the CPU tier of the prefix cache. The KV manager of
+``kv_memory: paged`` (the protocol: paged/kv_manager.py).
 
 Invariants (``check_invariants`` asserts them; the property tests call it after every operation):
 - every device block is in exactly one of: held (ref_count > 0: named by block tables and/or
@@ -19,7 +20,7 @@ CPU-tier offloads (device -> CPU), then swap-ins and CPU-tier loads (CPU -> devi
 copy-on-write copies, then the model writes. So a device block's old content leaves before its
 new content arrives; on the CPU side the pool never reuses a block within the plan that reads it.
 
-One class of ~450 lines on purpose: every operation below moves reference counts that the
+One class of ~500 lines on purpose: every operation below moves reference counts that the
 invariants above relate across the device pool, the prefix cache, pins and the swap tables, and
 ``check_invariants`` must see all of them at once.
 """
@@ -29,9 +30,16 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from paged.cpu_block_pool import CpuBlockPool
+from paged.errors import InvalidRequestError
 from paged.prefix_cache import PrefixCache, hash_block_tokens
 from paged.stats import KVCacheStats, PinnedPrefixStats
+
+if TYPE_CHECKING:
+    from paged.sampling_params import SamplingParams
+    from paged.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -42,10 +50,13 @@ class CpuHit:
 
 
 class BlockManager:
+    shared_memory = None  # the executor allocates the pools (paged/kv_manager.py)
+
     def __init__(self, num_blocks: int, num_cpu_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = True, num_cpu_prefix_blocks: int = 0):
+                 enable_prefix_caching: bool = True, num_cpu_prefix_blocks: int = 0, *, block_bytes: int = 0):
         """``num_cpu_blocks``: the whole CPU pool; ``num_cpu_prefix_blocks`` of it at most may hold
-        the CPU tier of the prefix cache (0: no tier)."""
+        the CPU tier of the prefix cache (0: no tier). ``block_bytes``: one block's K and V over
+        all layers (what the stats and the swap cost count in bytes)."""
         if num_blocks <= 0 or block_size <= 0 or num_cpu_blocks < 0:
             raise ValueError("num_blocks and block_size must be positive, num_cpu_blocks >= 0")
         if num_cpu_prefix_blocks and not enable_prefix_caching:
@@ -53,6 +64,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
+        self.block_bytes = block_bytes
+        self.peak_blocks_off_free_list = 0   # since start: the most blocks holding KV at once
         self._empty(enable_prefix_caching, num_cpu_prefix_blocks)
 
     def _empty(self, enable_prefix_caching: bool, num_cpu_prefix_blocks: int) -> None:
@@ -89,7 +102,15 @@ class BlockManager:
             cpu_prefix_blocks=self.cpu_pool.num_prefix_blocks, cpu_prefix_cached_blocks=self.cpu_pool.num_cached,
             pinned_blocks=self.num_pinned_blocks,
             pinned={key: PinnedPrefixStats(len(blocks) * self.block_size, self.pin_hit_tokens[key])
-                    for key, blocks in self.pins.items()})
+                    for key, blocks in self.pins.items()},
+            block_bytes=self.block_bytes, blocks_off_free_list=self.num_blocks - len(self.free_block_ids),
+            peak_blocks_off_free_list=self.peak_blocks_off_free_list)
+
+    def describe(self) -> dict:
+        """The memory model and its granularity (see ``paged.kv_manager.KVManager.describe``)."""
+        return {"kv_memory": "paged", "block_size": self.block_size, "block_bytes": self.block_bytes,
+                "num_blocks": self.num_blocks, "budget_bytes": self.num_blocks * self.block_bytes,
+                "prefix_caching": self.prefix_caching_enabled, "refuses": []}
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -123,6 +144,8 @@ class BlockManager:
     def _take_block(self) -> int:
         if self.free_block_ids:
             block_id = self.free_block_ids.popleft()
+            self.peak_blocks_off_free_list = max(self.peak_blocks_off_free_list,
+                                                 self.num_blocks - len(self.free_block_ids))
         else:
             evicted = self.prefix_cache.pop_lru()
             if evicted is None:
@@ -193,6 +216,30 @@ class BlockManager:
             table.append(self._take_block())
         return copies
 
+    def check_request_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise InvalidRequestError when the request could need more blocks at once than the pool
+        has outside pinned prefixes (it could never run)."""
+        needed = self.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
+        pinned = self.num_pinned_blocks
+        if needed > self.num_blocks - pinned:
+            held = f", {pinned} of them pinned by shared prefixes" if pinned else ""
+            raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
+                                                    f"has {self.num_blocks}{held} (short by "
+                                                    f"{needed - self.num_blocks + pinned})")
+
+    def check_pin_fits(self, token_ids: list[int], max_model_len: int) -> None:
+        """Raise InvalidRequestError unless pinning the full blocks of ``token_ids`` leaves room
+        for one request of ``max_model_len`` tokens (or prefix caching is off)."""
+        if not self.prefix_caching_enabled:
+            raise InvalidRequestError("prompt", "shared prefixes need enable_prefix_caching=True")
+        pinned_after = self.num_pinned_blocks_with(token_ids)
+        room = self.max_blocks_for_one_sequence(max_model_len)
+        if pinned_after + room > self.num_blocks:
+            raise InvalidRequestError(
+                "prompt", f"pinning this prefix ({len(token_ids)} tokens) would make {pinned_after} of the "
+                          f"pool's {self.num_blocks} blocks pinned, leaving {self.num_blocks - pinned_after}; one "
+                          f"request of max_model_len={max_model_len} tokens needs up to {room}")
+
     def blocks_for_request(self, num_prompt_tokens: int, max_tokens: int, num_seqs: int) -> int:
         """The most blocks one request can hold at once: the prompt's blocks are shared; every
         sequence may own its generated blocks plus one copy of the shared partial block."""
@@ -206,6 +253,16 @@ class BlockManager:
         """Bounds ``blocks_for_request(p, m, 1)`` for every ``p + m <= max_model_len``: the room a
         single-sequence request of the longest allowed length may need."""
         return self.blocks_for(max_model_len) + 2
+
+    def usage_sample(self, running: list[Sequence]) -> tuple[float, int, int] | None:
+        """(live token slots / allocated slots of the blocks in use, distinct blocks held, blocks
+        held if nothing were shared) after a step; None while no block is in use."""
+        used_blocks = self.num_blocks - self.num_free_blocks
+        if used_blocks == 0:
+            return None
+        allocated = used_blocks * self.block_size
+        waste = sum(self.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in running)
+        return (max(0, allocated - waste) / allocated, *self.sharing_counts())
 
     def sharing_counts(self) -> tuple[int, int]:
         """(distinct blocks the block tables name, block-table entries): what the sequences hold,
@@ -374,6 +431,10 @@ class BlockManager:
 
     def can_swap_out(self, seq_ids: list[int]) -> bool:
         return len(self._distinct(self.block_tables[s] for s in seq_ids)) <= self.num_free_cpu_blocks
+
+    def swap_out_bytes(self, seq_ids: list[int]) -> int:
+        """Bytes a swap-out of the sequences copies: each distinct block once."""
+        return len(self._distinct(self.block_table(s) for s in seq_ids)) * self.block_bytes
 
     def swap_out(self, seq_ids: list[int]) -> list[tuple[int, int]]:
         """Move the sequences' blocks to the CPU pool; a block shared among them moves once.

@@ -10,8 +10,14 @@ from typing import Any, Literal
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
+KV_MEMORY_MODELS = ("paged", "virtual")
 LINEAR_BACKENDS = (None, "packed", "onednn", "torch")
 QUANTIZATIONS = (None, "int8")
+
+
+def torch_device_type(device: str) -> str:
+    """"cpu" for "cpu", "cuda" for "cuda:1" (torch.device's type, without importing torch here)."""
+    return str(device).split(":", 1)[0]
 
 
 @dataclass
@@ -26,6 +32,16 @@ class EngineConfig:
     ``block_size="auto"`` picks the block size at start-up from the length profile at
     ``block_size_profile`` (saved by ``LLMEngine.save_length_profile``, or a bench workload file);
     without one it is 16.
+
+    ``kv_memory``: "paged" (blocks in one preallocated pool, read through block tables) or
+    "virtual" (each sequence slot contiguous in reserved address space, pages committed by the OS
+    as tokens are written; docs/virtual_kv.md). "virtual" has no block table, so nothing that
+    shares blocks: prefix caching (off by default with it), the CPU prefix tier, pinned prefixes,
+    n/best_of > 1 and beam search; nor ``block_size: auto``, ``num_kv_blocks`` (give
+    ``kv_cache_memory_bytes``), tensor parallel, or CUDA devices (they would need CUDA's virtual
+    memory API, cuMemMap). ``kv_deferred_reclaim`` (default on) keeps a finished sequence's pages
+    for the next one; ``kv_huge_pages`` (default off) backs the cache with 2 MiB transparent huge
+    pages. Both apply to "virtual" only.
     """
 
     model: str
@@ -36,7 +52,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool | None = None  # None: on for kv_memory "paged", off for "virtual"
     preemption_mode: Literal["recompute", "swap", "auto"] = "auto"
     tensor_parallel_size: int = 1
     # Tensor parallel across nodes (torchrun's c10d rendezvous; see docs/tensor_parallel.md). The
@@ -63,6 +79,9 @@ class EngineConfig:
     quantization: str | None = None
     cpu_prefix_cache_bytes: int = 0
     block_size_profile: str | None = None
+    kv_memory: Literal["paged", "virtual"] = "paged"
+    kv_deferred_reclaim: bool | None = None  # None: on (kv_memory "virtual" only)
+    kv_huge_pages: bool | None = None        # None: off (kv_memory "virtual" only)
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -126,9 +145,14 @@ class EngineConfig:
             raise ValueError(f"request_timeout_s must be a positive number or None, got {self.request_timeout_s!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.kv_memory not in KV_MEMORY_MODELS:
+            raise ValueError(f"kv_memory must be one of {KV_MEMORY_MODELS}, got {self.kv_memory!r}")
+        if self.enable_prefix_caching is None:
+            self.enable_prefix_caching = self.kv_memory == "paged"
         for name in ("enable_prefix_caching", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_kv_memory()
         if self.cpu_prefix_cache_bytes and not self.enable_prefix_caching:
             raise ValueError("cpu_prefix_cache_bytes > 0 needs enable_prefix_caching=True")
         if self.linear_backend not in LINEAR_BACKENDS:
@@ -138,6 +162,38 @@ class EngineConfig:
         if self.quantization is not None and self.linear_backend not in (None, "packed"):
             raise ValueError(f"quantization {self.quantization!r} runs on the packed kernel or the probe's choice: "
                              f"linear_backend must be None or 'packed', got {self.linear_backend!r}")
+
+    def _check_kv_memory(self) -> None:
+        """What each KV memory model takes (see the class docstring); ValueError names the field."""
+        virtual_only = ("kv_deferred_reclaim", "kv_huge_pages")
+        for name in virtual_only:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+        if self.kv_memory == "paged":
+            for name in virtual_only:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies only to kv_memory 'virtual' (kv_memory is 'paged')")
+            return
+        no_sharing = "kv_memory 'virtual' has no block table to share blocks through"
+        refused = (
+            (self.enable_prefix_caching, "enable_prefix_caching",
+             f"{no_sharing}: set enable_prefix_caching to false (its default with kv_memory 'virtual')"),
+            (self.cpu_prefix_cache_bytes, "cpu_prefix_cache_bytes",
+             f"{no_sharing}: the CPU prefix tier needs kv_memory 'paged' (set cpu_prefix_cache_bytes to 0)"),
+            (self.block_size == "auto", "block_size",
+             "block_size 'auto' chooses a paged block size; kv_memory 'virtual' has no blocks"),
+            (self.num_kv_blocks is not None, "num_kv_blocks",
+             "num_kv_blocks counts paged blocks; give kv_cache_memory_bytes with kv_memory 'virtual'"),
+            (self.tensor_parallel_size > 1, "tensor_parallel_size",
+             "kv_memory 'virtual' runs in one process: tensor_parallel_size must be 1"),
+            (torch_device_type(self.device) != "cpu", "device",
+             f"kv_memory 'virtual' commits pages through the operating system (CPU memory); device "
+             f"{self.device!r} would need CUDA's virtual memory API (cuMemMap), which is not implemented"),
+        )
+        for bad, name, message in refused:
+            if bad:
+                raise ValueError(f"{name}: {message}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EngineConfig":

@@ -33,6 +33,7 @@ from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailed
                           RequestFailedError)
 from paged.executor import make_executor
 from paged.input_processor import InputProcessor
+from paged.kv_manager import make_kv_manager
 from paged.kv_sizing import PreemptionCostModel, plan_kv_cache
 from paged.models.llama import ModelArgs
 from paged.output_processor import OutputProcessor
@@ -78,13 +79,14 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         limits = RequestLimits.for_model(config, args)
         self.vocab_size, self.max_model_len = limits.vocab_size, limits.max_model_len
-        layout = plan_kv_cache(config, args)
+        layout = plan_kv_cache(config, args, self.max_model_len)
         self.eos_token_ids = _eos_token_ids(config.model, args, self.tokenizer)
-        self.scheduler = Scheduler(config, layout, PreemptionCostModel.for_model(args, layout.block_bytes),
-                                   self.eos_token_ids, self.max_model_len)
+        kv_manager = make_kv_manager(config, layout, args)
+        self.scheduler = Scheduler(config, kv_manager, PreemptionCostModel.for_model(args), self.eos_token_ids,
+                                   self.max_model_len)
         torch.manual_seed(config.seed)
         self.timer = StepTimer()
-        self.executor = make_executor(config, args, layout, self.timer)
+        self.executor = make_executor(config, args, layout, self.timer, kv_manager.shared_memory)
         self.decoder = Decoder(Sampler(self.eos_token_ids), self.eos_token_ids, self._new_seq_id)
         self.input_processor = InputProcessor(config, self.tokenizer, RequestValidator(limits), self.scheduler,
                                               self._new_seq_id)
@@ -296,8 +298,9 @@ class LLMEngine:
 
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
-        tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids."""
-        return self.executor.performance_info()
+        tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids;
+        ``kv_memory``: the memory model, its granularity and what it refuses."""
+        return {**self.executor.performance_info(), "kv_memory": self.scheduler.kv_manager.describe()}
 
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""

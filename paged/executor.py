@@ -19,10 +19,11 @@ if TYPE_CHECKING:
     import torch
 
     from paged.config import EngineConfig
-    from paged.kv_sizing import KVCacheLayout
+    from paged.kv_sizing import KVCacheLayout, VirtualKVLayout
     from paged.models.llama import ModelArgs
     from paged.scheduler_output import SchedulerOutput
     from paged.step_timer import StepTimer
+    from paged.virtual_kv import VirtualKVCache
 
 
 class Executor(Protocol):
@@ -45,12 +46,16 @@ class Executor(Protocol):
         """The kernels and paths it chose at load and runs (describe, benchmarks)."""
 
 
-def make_executor(config: "EngineConfig", args: "ModelArgs", layout: "KVCacheLayout",
-                  timer: "StepTimer") -> Executor:
-    """The model in this process, or the tensor-parallel ranks behind the same contract."""
+def make_executor(config: "EngineConfig", args: "ModelArgs", layout: "KVCacheLayout | VirtualKVLayout",
+                  timer: "StepTimer", kv_memory: "VirtualKVCache | None" = None) -> Executor:
+    """The model in this process, or the tensor-parallel ranks behind the same contract.
+    ``kv_memory``: KV memory the scheduler's KV manager owns (kv_memory virtual, in process only);
+    None: the executor allocates its KV pools from the layout."""
     if config.tensor_parallel_size == 1:
         from paged.model_runner import ModelRunner
 
+        if kv_memory is not None:
+            return ModelRunner(config, args, 0, 0, timer, kv_memory=kv_memory)
         return ModelRunner(config, args, layout.num_blocks, layout.num_cpu_blocks, timer)
     from paged.parallel.executor import TensorParallelExecutor
     from paged.parallel.launch_spec import WorkerGroupSpec

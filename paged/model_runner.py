@@ -7,6 +7,12 @@ The step's scheduled tokens (each sequence's next ``num_new_tokens`` uncomputed 
 one flat batch: input ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc. Only
 sequences whose last token runs this step produce logits. ``ModelInput`` is that batch as plain
 lists, so the same input can be shipped to other processes (tensor-parallel ranks).
+
+With ``kv_memory: virtual`` the runner writes and reads the KV manager's ``VirtualKVCache`` through
+its per-layer views (the manager commits and returns its pages between steps). A sequence's table
+is then its one slot, a block of ``max_model_len`` tokens, so the same flat batch holds the
+contiguous layout's slot mapping (``slot * max_model_len + position``) and the attention reads
+each slot in place (``AttentionMetadata.seq_slots``).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from paged.config import EngineConfig
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
 from paged.scheduler_output import SchedulerOutput
 from paged.step_timer import StepTimer
+from paged.virtual_kv import VirtualKVCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,12 +121,14 @@ class ModelRunner:
     ``model``: a model built elsewhere (a tensor-parallel rank passes its shard, with ``args``
     holding the rank's head and MLP sizes, so the KV pools hold only its KV heads); None loads
     ``config.model`` whole. The logits then cover the model's vocabulary (a rank's: its shard).
+    ``kv_memory``: the virtual KV memory to run on (kv_memory virtual) instead of pools of its own.
     """
 
     can_restart = True  # nothing here outlives a failure: the model and pools live in this process
 
     def __init__(self, config: EngineConfig, args: ModelArgs, num_blocks: int, num_cpu_blocks: int,
-                 timer: StepTimer | None = None, model: LlamaForCausalLM | None = None):
+                 timer: StepTimer | None = None, model: LlamaForCausalLM | None = None, *,
+                 kv_memory: VirtualKVCache | None = None):
         self.config = config
         self.args = args
         self.block_size = config.block_size
@@ -127,15 +136,22 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.timer = timer or StepTimer(enabled=False)
         # Every kernel choice is made now (the compiled CPU kernels built or loaded), not in a request.
-        self.backends = resolve_backends(config.attention_backend, self.device, args.head_dim, self.dtype)
+        self.backends = resolve_backends(config.attention_backend, self.device, args.head_dim, self.dtype,
+                                         contiguous=kv_memory is not None)
         self.model = model if model is not None else \
             LlamaForCausalLM.from_pretrained(config.model, self.dtype, self.device, compile=config.compile,
                                              linear_backend=config.linear_backend,
                                              quantization=config.quantization)
         self.model.step_timer = self.timer
-        self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
-                                config.block_size, self.dtype, self.device)
-        self.layer_caches = self.kv_cache.layer_caches()
+        self.contiguous = kv_memory is not None
+        if self.contiguous:
+            self.kv_cache = None   # the KV manager's: no pools here, no block moves to apply
+            self.block_size = kv_memory.max_model_len
+            self.layer_caches = list(zip(kv_memory.key_caches, kv_memory.value_caches))
+        else:
+            self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, num_cpu_blocks,
+                                    config.block_size, self.dtype, self.device)
+            self.layer_caches = self.kv_cache.layer_caches()
 
     def performance_info(self) -> dict:
         """The fast paths this runner chose at load and runs (reported by describe and the benchmarks)."""
@@ -162,16 +178,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model_input(self, inp: ModelInput) -> torch.Tensor:
         with self.timer.phase("prepare"):
-            self.kv_cache.apply(inp.swap_out, inp.swap_in, inp.copies, inp.prefix_offload, inp.prefix_load)
+            if self.kv_cache is not None:
+                self.kv_cache.apply(inp.swap_out, inp.swap_in, inp.copies, inp.prefix_offload, inp.prefix_load)
             dev = self.device
             input_ids = torch.tensor(inp.input_ids, dtype=torch.long, device=dev)
             positions = torch.tensor(inp.positions, dtype=torch.long, device=dev)
+            block_tables = torch.from_numpy(inp.block_tables).to(dev)
             meta = AttentionMetadata(
                 slot_mapping=torch.tensor(inp.slot_mapping, dtype=torch.long, device=dev),
-                block_tables=torch.from_numpy(inp.block_tables).to(dev),
+                block_tables=block_tables,
                 seq_lens=torch.tensor(inp.seq_lens, dtype=torch.int32, device=dev),
                 query_start_loc=torch.tensor(inp.query_start_loc, dtype=torch.int32, device=dev),
                 backend=self.backends.attention,
+                seq_slots=block_tables[:, 0].contiguous() if self.contiguous else None,
             )
             logits_indices = torch.tensor(inp.logits_indices, dtype=torch.long, device=dev)
         with self.timer.phase("forward_other"):

@@ -2,7 +2,8 @@
 
 A request's own fields are bounded by ``SamplingParams`` (its ``LIMITS``, checked when it is
 built). What depends on the engine is checked here, against ``RequestLimits``: the context
-(``max_model_len``), the vocabulary, and the sequences one request may run (``max_num_seqs``).
+(``max_model_len``), the vocabulary, and the sequences one request may run (``max_num_seqs``;
+with ``kv_memory: virtual`` only one, since its sequences cannot share the prompt's KV).
 ``LLMEngine.add_request`` runs these checks, and the handler runs the same ones before a request
 reaches the engine's thread, so both refuse with the same ``InvalidRequestError(param, ...)``.
 (Whether the KV pool can ever hold the request is the scheduler's answer, ``Scheduler.check_fits``.)
@@ -25,11 +26,13 @@ class RequestLimits:
     max_model_len: int   # prompt + generated tokens
     vocab_size: int
     max_num_seqs: int    # sequences that run at once, over all requests
+    kv_memory: str = "paged"   # "virtual": no block sharing, so one sequence per request
 
     @classmethod
     def for_engine(cls, config: EngineConfig, vocab_size: int, max_model_len: int) -> "RequestLimits":
         """The limits of an engine: its config's, the model's vocabulary and resolved context."""
-        return cls(max_model_len=max_model_len, vocab_size=vocab_size, max_num_seqs=config.max_num_seqs)
+        return cls(max_model_len=max_model_len, vocab_size=vocab_size, max_num_seqs=config.max_num_seqs,
+                   kv_memory=config.kv_memory)
 
     @classmethod
     def for_model(cls, config: EngineConfig, args: "ModelArgs") -> "RequestLimits":
@@ -91,6 +94,11 @@ class RequestValidator:
         if params.num_seqs > limits.max_num_seqs:
             raise InvalidRequestError(seqs_param(params), f"the request runs {params.num_seqs} sequences at once but "
                                                           f"the engine runs at most max_num_seqs={limits.max_num_seqs}")
+        if params.num_seqs > 1 and limits.kv_memory == "virtual":
+            raise InvalidRequestError(seqs_param(params), f"the request runs {params.num_seqs} sequences, which share "
+                                                          f"its prompt's KV blocks; this engine's kv_memory 'virtual' "
+                                                          f"has no blocks to share (one sequence per request: use "
+                                                          f"kv_memory 'paged' for n, best_of or beam_width > 1)")
         bad = next((t for t in params.stop_token_ids if t >= limits.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError("stop_token_ids", f"stop token id {bad} is outside the vocabulary "

@@ -16,9 +16,11 @@ Invariants between steps:
   every sequence it will fork into (``params.num_seqs``) fits;
 - ``num_computed_tokens`` only grows in ``update_from_output``, after the model ran.
 
-The scheduler owns the KV block manager: it is the only caller of its allocation, and the engine
-reads the pool through ``make_stats`` and acts on it through the few methods below (admission
-check, pins, ``reset_kv_cache``), never through the pool's own structures.
+The scheduler owns the KV manager (paged/kv_manager.py: the block manager for ``kv_memory:
+paged``, the virtual KV manager for ``virtual``; one protocol, so nothing here branches on the
+memory model): it is the only caller of its allocation, and the engine reads it through
+``make_stats`` and acts on it through the few methods below (admission check, pins,
+``reset_kv_cache``), never through its own structures.
 """
 from __future__ import annotations
 
@@ -27,10 +29,8 @@ from collections import deque
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
-from paged.block_manager import BlockManager
 from paged.config import EngineConfig
 from paged.decoding import StepDecisions
-from paged.errors import InvalidRequestError
 from paged.outputs import FinishReason
 from paged.sampling_params import SamplingParams
 from paged.scheduler_output import SchedulerOutput
@@ -38,15 +38,15 @@ from paged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 from paged.stats import SchedulerStats
 
 if TYPE_CHECKING:
-    from paged.kv_sizing import KVCacheLayout, PreemptionCostModel
+    from paged.kv_manager import KVManager
+    from paged.kv_sizing import PreemptionCostModel
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, layout: "KVCacheLayout", cost_model: "PreemptionCostModel",
+    def __init__(self, config: EngineConfig, kv_manager: "KVManager", cost_model: "PreemptionCostModel",
                  eos_token_ids: list[int], max_model_len: int):
         self.config = config
-        self.block_manager = BlockManager(layout.num_blocks, layout.num_cpu_blocks, layout.block_size,
-                                          config.enable_prefix_caching, layout.num_cpu_prefix_blocks)
+        self.kv_manager = kv_manager
         self.cost_model = cost_model
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
@@ -61,69 +61,55 @@ class Scheduler:
         self._held_blocks_sum = 0       # blocks the sequences hold, summed over steps
         self._unshared_blocks_sum = 0   # ... and what they would hold without sharing
 
-    # ---- the KV pool, as the engine sees it -----------------------------------------------------
+    # ---- the KV memory, as the engine sees it --------------------------------------------------
+    @property
+    def block_manager(self) -> "KVManager":
+        """The KV manager under its paged name (callers from before kv_memory existed)."""
+        return self.kv_manager
+
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
-        """Raise InvalidRequestError when the request could need more blocks at once than the pool
-        has outside pinned prefixes (it could never run)."""
-        bm = self.block_manager
-        needed = bm.blocks_for_request(num_prompt_tokens, params.max_tokens, params.num_seqs)
-        pinned = bm.num_pinned_blocks
-        if needed > bm.num_blocks - pinned:
-            held = f", {pinned} of them pinned by shared prefixes" if pinned else ""
-            raise InvalidRequestError("max_tokens", f"request needs up to {needed} KV blocks but the whole pool "
-                                                    f"has {bm.num_blocks}{held} (short by {needed - bm.num_blocks + pinned})")
+        """Raise InvalidRequestError when the KV memory could never hold the request."""
+        self.kv_manager.check_request_fits(num_prompt_tokens, params)
 
     def check_pin_fits(self, token_ids: list[int]) -> None:
-        """Raise InvalidRequestError unless pinning the full blocks of ``token_ids`` leaves room
-        for one request of ``max_model_len`` tokens (or prefix caching is off)."""
-        bm = self.block_manager
-        if not bm.prefix_caching_enabled:
-            raise InvalidRequestError("prompt", "shared prefixes need enable_prefix_caching=True")
-        pinned_after = bm.num_pinned_blocks_with(token_ids)
-        room = bm.max_blocks_for_one_sequence(self.max_model_len)
-        if pinned_after + room > bm.num_blocks:
-            raise InvalidRequestError(
-                "prompt", f"pinning this prefix ({len(token_ids)} tokens) would make {pinned_after} of the "
-                          f"pool's {bm.num_blocks} blocks pinned, leaving {bm.num_blocks - pinned_after}; one "
-                          f"request of max_model_len={self.max_model_len} tokens needs up to {room}")
+        """Raise InvalidRequestError unless ``token_ids`` can be pinned with room left for one
+        request of ``max_model_len`` tokens."""
+        self.kv_manager.check_pin_fits(token_ids, self.max_model_len)
 
     def pin_prefix(self, key: Hashable, token_ids: list[int]) -> int:
         """Pin the cached full blocks of ``token_ids`` (see ``BlockManager.pin_prefix``)."""
-        return self.block_manager.pin_prefix(key, token_ids)
+        return self.kv_manager.pin_prefix(key, token_ids)
 
     def unpin_prefix(self, key: Hashable) -> int:
-        return self.block_manager.unpin_prefix(key)
+        return self.kv_manager.unpin_prefix(key)
 
     def reset_kv_cache(self) -> None:
         """The KV cache was lost (a failed executor): the pool becomes whole and empty. Only once
         no sequence holds blocks (the caller failed the running and swapped ones)."""
         assert not self.running and not self.swapped, "reset while sequences hold KV"
-        self.block_manager.reset()
+        self.kv_manager.reset()
 
     def abandon_plan(self, plan: SchedulerOutput) -> None:
         """Running ``plan`` failed, so its block moves may not have happened: forget what they
         were to fill. The caller then ends the plan's requests."""
-        self.block_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)
+        self.kv_manager.drop_prefix_moves(plan.prefix_offload, plan.prefix_load)
 
     def record_kv_usage(self) -> None:
-        """After a step: add live token slots / allocated slots of the blocks sequences hold, and
-        the blocks held vs unshared, to the sums ``make_stats`` reports."""
-        bm = self.block_manager
-        used_blocks = bm.num_blocks - bm.num_free_blocks
-        if used_blocks == 0:
+        """After a step: add live tokens / the capacity the sequences hold (block slots or page
+        bytes), and the units held vs unshared, to the sums ``make_stats`` reports."""
+        sample = self.kv_manager.usage_sample(self.running)
+        if sample is None:
             return
-        allocated = used_blocks * bm.block_size
-        waste = sum(bm.num_unfilled_slots(seq.seq_id, seq.num_computed_tokens) for seq in self.running)
-        self._utilization_sum += max(0, allocated - waste) / allocated
+        utilization, held, unshared = sample
+        self._utilization_sum += utilization
         self._utilization_steps += 1
-        held, unshared = bm.sharing_counts()
         self._held_blocks_sum += held
         self._unshared_blocks_sum += unshared
 
     def make_stats(self) -> SchedulerStats:
         """The queues, preemptions, KV use and the pool's counters now."""
         return SchedulerStats(
-            kv=self.block_manager.make_stats(), num_running=len(self.running), num_waiting=len(self.waiting),
+            kv=self.kv_manager.make_stats(), num_running=len(self.running), num_waiting=len(self.waiting),
             num_swapped=sum(len(g.seqs_with_status(SequenceStatus.SWAPPED)) for g in self.swapped),
             live_tokens=sum(seq.num_computed_tokens for seq in self.running),
             num_recompute_preemptions=self.num_recompute_preemptions, num_swap_preemptions=self.num_swap_preemptions,
@@ -147,31 +133,31 @@ class Scheduler:
         self.running = [s for s in self.running if s.seq_id not in ids]
         self.swapped = [g for g in self.swapped if g is not group]
         for seq in group.seqs:
-            self.block_manager.free(seq.seq_id)
+            self.kv_manager.free(seq.seq_id)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """A child forked from a running parent shares its blocks and runs right after it."""
-        self.block_manager.fork(parent.seq_id, child.seq_id)
+        self.kv_manager.fork(parent.seq_id, child.seq_id)
         self.running.insert(self.running.index(parent) + 1, child)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """The running sequence is done: it leaves ``running`` and gives its blocks back."""
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.running.remove(seq)
-        self.block_manager.free(seq.seq_id)
+        self.kv_manager.free(seq.seq_id)
 
     # ---- preemption ---------------------------------------------------------------------------
     def _preempt(self, group: SequenceGroup, out: SchedulerOutput) -> None:
         seqs = [s for s in self.running if s.group is group]
-        bm = self.block_manager
+        bm = self.kv_manager
         mode = self.config.preemption_mode
-        use_swap = mode != "recompute" and bm.can_swap_out([s.seq_id for s in seqs])
+        ids = [s.seq_id for s in seqs]
+        use_swap = mode != "recompute" and bm.can_swap_out(ids)
         if use_swap and mode == "auto":
-            blocks = len({b for s in seqs for b in bm.block_table(s.seq_id)})
-            use_swap = self.cost_model.prefers_swap(sum(s.num_computed_tokens for s in seqs), blocks)
+            use_swap = self.cost_model.prefers_swap(sum(s.num_computed_tokens for s in seqs), bm.swap_out_bytes(ids))
         self.running = [s for s in self.running if s.group is not group]
         if use_swap:
-            out.swap_out.extend(bm.swap_out([s.seq_id for s in seqs]))
+            out.swap_out.extend(bm.swap_out(ids))
             out.swapped_out.append(group)
             for seq in seqs:
                 seq.status = SequenceStatus.SWAPPED
@@ -189,7 +175,7 @@ class Scheduler:
     # ---- the plan -----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        bm = self.block_manager
+        bm = self.kv_manager
         bm.end_plan()  # normally done in update_from_output; here too after a failed step
         budget = self.config.max_num_batched_tokens
         preempted = False
@@ -274,7 +260,7 @@ class Scheduler:
         register full blocks in the prefix cache, fork, append the new tokens and finish what
         ends by token (end token, max_tokens, max_model_len). Returns the sequences that got a
         token, in decision order. Failed requests (``decisions.failed``) are left to the caller."""
-        bm = self.block_manager
+        bm = self.kv_manager
         bm.end_plan()
         for item in plan.scheduled:
             seq = item.seq
@@ -316,5 +302,5 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        self.block_manager.free(seq.seq_id)
+        self.kv_manager.free(seq.seq_id)
         seq.group.seqs.remove(seq)

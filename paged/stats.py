@@ -1,7 +1,10 @@
 """What the engine's parts report about themselves: plain dataclasses, read between steps.
 
-Each part makes its own stats (``BlockManager.make_stats``, ``Scheduler.make_stats``), so the
-engine reads counters and never reaches into the pools. ``kv_stats_dict`` flattens them into the
+Each part makes its own stats (the KV manager's ``make_stats``: ``KVCacheStats`` for paged KV,
+``VirtualKVStats`` for virtual; ``Scheduler.make_stats``), so the engine reads counters and never
+reaches into the pools. Both memory models report ``resident_kv_bytes`` and
+``peak_resident_kv_bytes`` on one scale: memory holding KV (paged: blocks off the free list x block
+bytes; virtual: committed pages x page bytes, live or kept warm), so the two compare directly. ``kv_stats_dict`` flattens them into the
 dict that ``LLMEngine.kv_stats()`` returns (the keys the handler's describe call, its metrics and
 the benchmarks read). Making stats does no work beyond counting: nothing here measures.
 """
@@ -37,6 +40,9 @@ class KVCacheStats:
     cpu_prefix_cached_blocks: int
     pinned_blocks: int
     pinned: dict[Hashable, PinnedPrefixStats] = field(default_factory=dict)
+    block_bytes: int = 0              # one block's K and V over all layers
+    blocks_off_free_list: int = 0     # blocks holding KV: held, pinned or cached for reuse
+    peak_blocks_off_free_list: int = 0  # ... the most at once since start
 
     @property
     def used_blocks(self) -> int:
@@ -46,12 +52,85 @@ class KVCacheStats:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
+    def memory_dict(self) -> dict:
+        """The keys of ``kv_stats()`` that are this memory model's own, with the resident KV bytes
+        every model reports: blocks holding KV (held, pinned or cached for reuse) x block bytes."""
+        return {
+            "kv_memory": "paged",
+            "resident_kv_bytes": self.blocks_off_free_list * self.block_bytes,
+            "peak_resident_kv_bytes": self.peak_blocks_off_free_list * self.block_bytes,
+            "kv_budget_bytes": self.num_blocks * self.block_bytes,
+            "kv_usage": self.used_blocks / self.num_blocks,
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "block_bytes": self.block_bytes,
+            "free_blocks": self.free_blocks,
+            "cached_free_blocks": self.cached_free_blocks,
+            "used_blocks": self.used_blocks,
+            "used_token_slots": self.used_blocks * self.block_size,
+            "num_cpu_blocks": self.num_cpu_blocks,
+            "free_cpu_blocks": self.free_cpu_blocks,
+            "prefix_queries": self.prefix_queries,
+            "prefix_hits": self.prefix_hits,
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "cpu_prefix_hits": self.cpu_prefix_hits,
+            "cpu_prefix_blocks": self.cpu_prefix_blocks,
+            "cpu_prefix_cached_blocks": self.cpu_prefix_cached_blocks,
+            "pinned_blocks": self.pinned_blocks,
+            "num_shared_prefixes": len(self.pinned),
+        }
+
+
+@dataclass(frozen=True)
+class VirtualKVStats:
+    """The slots and committed pages of ``kv_memory: virtual`` (``VirtualKVManager.make_stats``).
+    The page counts are the manager's counter, which the OS's own figure (mincore) never exceeds
+    and equals once every reserved token is written (tests check it); reading them costs nothing."""
+
+    page_bytes: int
+    num_pages: int               # the budget (kv_cache_memory_bytes // page_bytes)
+    committed_pages: int         # live slots' pages plus warm ones (deferred reclaim)
+    warm_pages: int              # of those, kept by released slots for the next sequence
+    peak_committed_pages: int    # the most at once since start
+    num_slots: int
+    free_slots: int              # slots a new sequence can take (free or warm)
+    warm_slots: int
+    max_model_len: int
+    token_bytes: int             # one token's K and V over all layers
+    swap_space_bytes: int
+    swap_bytes_used: int         # CPU memory holding swapped-out sequences' tokens
+    huge_pages: bool
+    deferred_reclaim: bool
+
+    def memory_dict(self) -> dict:
+        """The keys of ``kv_stats()`` that are this memory model's own (see ``KVCacheStats.memory_dict``)."""
+        return {
+            "kv_memory": "virtual",
+            "resident_kv_bytes": self.committed_pages * self.page_bytes,
+            "peak_resident_kv_bytes": self.peak_committed_pages * self.page_bytes,
+            "kv_budget_bytes": self.num_pages * self.page_bytes,
+            "kv_usage": (self.committed_pages - self.warm_pages) / self.num_pages,
+            "page_bytes": self.page_bytes,
+            "num_pages": self.num_pages,
+            "committed_pages": self.committed_pages,
+            "warm_pages": self.warm_pages,
+            "num_slots": self.num_slots,
+            "free_slots": self.free_slots,
+            "warm_slots": self.warm_slots,
+            "max_model_len": self.max_model_len,
+            "token_bytes": self.token_bytes,
+            "swap_space_bytes": self.swap_space_bytes,
+            "swap_bytes_used": self.swap_bytes_used,
+            "huge_pages": self.huge_pages,
+            "deferred_reclaim": self.deferred_reclaim,
+        }
+
 
 @dataclass(frozen=True)
 class SchedulerStats:
     """The queues, preemptions and KV use over steps (``Scheduler.make_stats``)."""
 
-    kv: KVCacheStats
+    kv: KVCacheStats | VirtualKVStats
     num_running: int
     num_waiting: int
     num_swapped: int
@@ -71,26 +150,9 @@ class SchedulerStats:
 def kv_stats_dict(stats: SchedulerStats, num_steps: int, num_step_faults: int, generated_tokens_total: int,
                   recommended_block_size: int | None) -> dict:
     """The flat dict of ``LLMEngine.kv_stats()``."""
-    kv = stats.kv
     return {
-        "num_blocks": kv.num_blocks,
-        "block_size": kv.block_size,
-        "free_blocks": kv.free_blocks,
-        "cached_free_blocks": kv.cached_free_blocks,
-        "used_blocks": kv.used_blocks,
-        "used_token_slots": kv.used_blocks * kv.block_size,
+        **stats.kv.memory_dict(),
         "live_tokens": stats.live_tokens,
-        "kv_usage": kv.used_blocks / kv.num_blocks,
-        "num_cpu_blocks": kv.num_cpu_blocks,
-        "free_cpu_blocks": kv.free_cpu_blocks,
-        "prefix_queries": kv.prefix_queries,
-        "prefix_hits": kv.prefix_hits,
-        "prefix_hit_rate": kv.prefix_hit_rate,
-        "cpu_prefix_hits": kv.cpu_prefix_hits,
-        "cpu_prefix_blocks": kv.cpu_prefix_blocks,
-        "cpu_prefix_cached_blocks": kv.cpu_prefix_cached_blocks,
-        "pinned_blocks": kv.pinned_blocks,
-        "num_shared_prefixes": len(kv.pinned),
         "num_running": stats.num_running,
         "num_waiting": stats.num_waiting,
         "num_swapped": stats.num_swapped,

@@ -8,7 +8,8 @@ regions. ``key_caches[l]`` / ``value_caches[l]`` are views [max_num_seqs, max_mo
 num_kv_heads, head_dim] over it, the layout of ``paged_kernels.contiguous_attention``. Writing
 token t of a slot commits the page holding it in each region; ``release`` returns a slot's pages
 with MADV_DONTNEED, or, with ``deferred_reclaim``, keeps them mapped as a warm slot that the next
-``allocate`` reuses without page faults, until ``trim`` reclaims them.
+``allocate`` reuses without page faults, until ``trim`` reclaims them (and ``return_slack`` the pages
+a shorter sequence in a reused slot does not reach).
 
 Words: a slot's ``reserved`` tokens are those its sequence may have written (the scheduler reserves
 before a step writes, as ``allocate_slots`` does for blocks); its ``touched`` tokens are the most
@@ -113,6 +114,12 @@ class VirtualKVCache:
         self.peak_committed_pages = max(self.peak_committed_pages, self.committed_pages)
 
     # ---- slots ------------------------------------------------------------------------------
+    def next_slot(self) -> int | None:
+        """The slot ``allocate`` would hand out now (nothing changes), None when all are live."""
+        if self.warm_slots:
+            return next(reversed(self.warm_slots))
+        return self.free_slots[0] if self.free_slots else None
+
     def allocate(self) -> int | None:
         """A slot for a new sequence, None when all are live. A warm slot first (most recently
         released: its pages are the likeliest to be in the CPU caches), else a free one."""
@@ -156,6 +163,23 @@ class VirtualKVCache:
             slot, _ = self.warm_slots.popitem(last=False)
             self._return_pages(slot)
             self.free_slots.append(slot)
+        return before - self.committed_pages
+
+    def slack_pages(self, slot: int) -> int:
+        """Pages a live slot holds past its reserved tokens (a longer sequence's, before it took
+        the slot warm): ``return_slack`` can give them back."""
+        return self.pages_for(self.touched[slot]) - self.pages_for(self.reserved[slot])
+
+    def return_slack(self, slot: int) -> int:
+        """Give a live slot's pages past its reserved tokens back to the OS; returns the pages freed."""
+        keep = self._region_pages(self.reserved[slot]) * self.page_bytes
+        length = self._region_pages(self.touched[slot]) * self.page_bytes - keep
+        if length <= 0:
+            return 0
+        for region in range(self.regions_per_slot):
+            self.mapping.release(slot * self.slot_bytes + region * self.region_bytes + keep, length)
+        before = self.committed_pages
+        self._set_touched(slot, self.reserved[slot])
         return before - self.committed_pages
 
     def _return_pages(self, slot: int) -> None:

@@ -23,6 +23,10 @@ GAUGES = {  # name -> (unit, kv_stats key, scale)
     "PagedPrefixCacheHitRatePercent": ("Percent", "prefix_hit_rate", 100.0),
     "PagedPrefixCacheHitTokens": ("Count", "prefix_hits", 1.0),          # cached prompt tokens, any tier
     "PagedCpuPrefixCacheHitTokens": ("Count", "cpu_prefix_hits", 1.0),   # ... brought back from the CPU tier
+    # Memory holding KV now and at most since start, on one scale for both kv_memory models
+    # (paged: blocks off the free list x block bytes; virtual: committed pages x page bytes).
+    "PagedResidentKVBytes": ("Bytes", "resident_kv_bytes", 1.0),
+    "PagedPeakResidentKVBytes": ("Bytes", "peak_resident_kv_bytes", 1.0),
 }
 
 

@@ -61,4 +61,8 @@ def parse_handler_config(section: dict | None, model_dir: str) -> tuple[EngineCo
         load_prefix_entries(settings["shared_prefixes"], model_dir)  # a bad entry fails the load now
     if section.get("request_timeout_s") is None:
         section.pop("request_timeout_s", None)
-    return EngineConfig.from_dict(section), settings
+    config = EngineConfig.from_dict(section)
+    if settings["shared_prefixes"] and config.kv_memory == "virtual":
+        raise ValueError("shared_prefixes: pinned prefixes are KV blocks, and kv_memory 'virtual' has no blocks "
+                         "to pin (use kv_memory 'paged', or drop shared_prefixes)")
+    return config, settings

@@ -154,6 +154,9 @@ class DenseOps:
         if kernels is None:
             kernels = paged_kernels
         kernels.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        if meta.seq_slots is not None:  # contiguous KV (kv_memory virtual): each slot read in place
+            return kernels.contiguous_attention(q, key_cache, value_cache, meta.seq_slots, meta.seq_lens,
+                                                meta.query_start_loc, scale, workspace=meta.workspace)
         return kernels.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, scale, workspace=meta.workspace)
 

@@ -139,13 +139,16 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class AttentionMetadata:
-    """The flat batch's view of the paged cache (see paged_kernels.paged_attention)."""
+    """The flat batch's view of the paged cache (see paged_kernels.paged_attention), or, with
+    ``seq_slots`` set, of a contiguous one (paged_kernels.contiguous_attention: sequence i in slot
+    ``seq_slots[i]``; ``block_tables`` then holds the same slots as one-entry tables)."""
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     backend: "AttentionBackend | None" = None   # the engine's, resolved at load; None: by device
     workspace: dict = field(default_factory=dict)  # per-step scratch the kernels share across layers
+    seq_slots: torch.Tensor | None = None       # int32 [num_seqs]: kv_memory virtual
 
 
 class Attention(nn.Module):

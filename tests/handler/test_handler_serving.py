@@ -307,7 +307,8 @@ def test_metrics_endpoint_shows_engine_metrics(torchserve):
         assert post(torchserve, dict(GREEDY, prompt=p * 6)).status_code == 200
     wanted = ["PagedKVCacheUsagePercent", "PagedNumRequestsRunning", "PagedNumRequestsWaiting",
               "PagedNumRequestsSwapped", "PagedPrefixCacheHitRatePercent", "PagedPromptTokensTotal",
-              "PagedGenerationTokensTotal", "PagedTimeToFirstTokenMs", "PagedTimePerOutputTokenMs"]
+              "PagedGenerationTokensTotal", "PagedTimeToFirstTokenMs", "PagedTimePerOutputTokenMs",
+              "PagedResidentKVBytes", "PagedPeakResidentKVBytes"]
     text = ""
     t0 = time.time()
     while time.time() - t0 < 30:
