@@ -71,9 +71,13 @@ def dram_read_bandwidth(threads: int, size_bytes: int = 2 << 30, repeats: int = 
     return size_bytes / best
 
 
-def decode_weight_bytes(model_dir: str) -> int:
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def decode_weight_bytes(model_dir: str, dtype: str = "float32", quantization: str | None = None) -> int:
     """Bytes of weights one decode step reads: everything but the embedding table (one row of it
-    is read) unless the LM head is tied to it (then it is read whole, as the LM head)."""
+    is read) unless the LM head is tied to it (then it is read whole, as the LM head). Elements
+    are `dtype`'s size; with weight-only int8, every Linear's weight (the LM head too) is one byte."""
     from safetensors import safe_open
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -88,7 +92,10 @@ def decode_weight_bytes(model_dir: str) -> int:
                 count = 1
                 for dim in tensor.get_shape():
                     count *= dim
-                total += count * 4  # fp32 is what every engine here runs
+                # every Linear (projections and the LM head, tied or not) holds int8 weights
+                int8 = quantization == "int8" and name.endswith(("proj.weight", "lm_head.weight",
+                                                                 "embed_tokens.weight"))
+                total += count * (1 if int8 else DTYPE_BYTES[dtype])
     return total
 
 

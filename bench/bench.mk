@@ -8,7 +8,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-tp bench-sharing bench-gemm bench-memory venv-vllm
+.PHONY: bench bench-quick bench-matrix bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -35,6 +35,16 @@ bench: $(BENCH_STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	-$(MAKE) --no-print-directory venv-vllm
 	$(PY) bench/throughput.py --model $(MODEL_DIR) $(BENCH_ARGS)
+
+# Ours vs vLLM CPU at the sizes users serve: the test model (fp32), the default real model and a
+# Qwen2-0.5B-shaped checkpoint (built here, random weights), each in bf16 and fp32; ratios per
+# workload and batch-1 decode against its weight-streaming bound (bench/throughput_matrix.py;
+# bench/results/throughput-matrix.{md,json}). ~30-40 min on 2 quiet cores.
+bench-matrix: $(BENCH_STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	test -f model-store/tiny-llama/config.json || $(PY) scripts/make_model.py --out model-store/tiny-llama
+	-$(MAKE) --no-print-directory venv-vllm
+	$(PY) bench/throughput_matrix.py $(BENCH_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
 bench-quick: $(BENCH_STAMP)

@@ -139,8 +139,19 @@ def special_token_ids(model_dir: str | None) -> set[int]:
 
 
 def vocab_size_of(model_dir: str) -> int:
+    """Ids a prompt may hold: the model's vocabulary, cut to its tokenizer's where that is smaller
+    (a checkpoint may pad its embedding past the tokenizer; vLLM refuses ids the tokenizer lacks)."""
     with open(os.path.join(model_dir, "config.json")) as f:
-        return int(json.load(f)["vocab_size"])
+        size = int(json.load(f)["vocab_size"])
+    tokenizer_path = os.path.join(model_dir, "tokenizer.json")
+    if os.path.exists(tokenizer_path):
+        with open(tokenizer_path) as f:
+            tokenizer = json.load(f)
+        ids = list(tokenizer.get("model", {}).get("vocab", {}).values())
+        ids += [t["id"] for t in tokenizer.get("added_tokens", [])]
+        if ids:
+            size = min(size, max(ids) + 1)
+    return size
 
 
 def make_workload(profile: str, num_requests: int, scale: float = 1.0, seed: int = 0,

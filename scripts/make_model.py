@@ -34,7 +34,10 @@ Presets (see ``PRESETS``)
 * ``tiny-odd-vocab`` the tiny-llama3 shapes with 16001 vocabulary rows (one beyond the
   tokenizer, its LM-head row zero): a vocabulary two tensor-parallel ranks cannot split evenly.
 
-All but tiny-odd-vocab share vocab 16000, max_position_embeddings 2048, rms_norm_eps 1e-5 and the tokenizer.
+* ``qwen2-0.5b`` the shapes of Qwen2-0.5B (hidden 896, intermediate 4864, 24 layers, 14 heads,
+  2 KV heads, vocab 151936, tied), random weights: the benchmark's 0.5 B-class checkpoint.
+
+All but tiny-odd-vocab and qwen2-0.5b share vocab 16000, max_position_embeddings 2048, rms_norm_eps 1e-5 and the tokenizer.
 
 Tokenizer
 ---------
@@ -143,6 +146,15 @@ PRESETS: dict[str, dict] = {
         tie_word_embeddings=False,
     ),
 }
+# The shapes of Qwen2-0.5B (494 M parameters) with random weights: the 0.5 B-class checkpoint of the
+# throughput benchmark (bench/throughput_matrix.py), not a test model. Rows past the tokenizer's
+# 16000 are zero, as for tiny-odd-vocab: the GEMMs keep the real shape, greedy ids stay decodable.
+PRESETS["qwen2-0.5b"] = dict(
+    architecture="Qwen2ForCausalLM", model_type="qwen2", seed=5678,
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+    rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=True, vocab_size=151936,
+)
 # The tiny-llama3 shapes with a vocabulary of 16001 rows (two tensor-parallel ranks cannot split
 # it evenly). The extra row is not in the tokenizer; its LM-head row is zero, so its logit (0)
 # never wins a greedy step and every generated id decodes.

@@ -31,7 +31,8 @@ if BENCH_DIR not in sys.path:
 
 from workload import Workload  # noqa: E402
 
-KV_BYTES_PER_TOKEN_DOC = "2 (K,V) * layers * kv_heads * head_dim * dtype bytes"
+DTYPES = ("float32", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -45,6 +46,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--warmup-requests", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="weights, activations and KV cache of every engine")
     return ap
 
 
@@ -55,13 +58,14 @@ def set_threads(n: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def kv_bytes_per_token(model_dir: str, dtype_bytes: int = 4) -> int:
+def kv_bytes_per_token(model_dir: str, dtype: str = "float32") -> int:
+    """KV cache bytes of one token over all layers: 2 (K, V) * layers * KV heads * head_dim * dtype bytes."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES[dtype]
 
 
 def load_workloads(paths: list[str]) -> list[Workload]:

@@ -38,11 +38,11 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     workloads = common.load_workloads(args.workloads)
-    per_tok = common.kv_bytes_per_token(args.model)
+    per_tok = common.kv_bytes_per_token(args.model, args.dtype)
     num_blocks = args.kv_bytes // (args.block_size * per_tok)
 
     def load():
-        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  attn_implementation=args.attn)
         return m.eval()
 

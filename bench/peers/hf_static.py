@@ -67,10 +67,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     workloads = common.load_workloads(args.workloads)
-    kv_tok = args.kv_bytes // common.kv_bytes_per_token(args.model)
+    kv_tok = args.kv_bytes // common.kv_bytes_per_token(args.model, args.dtype)
 
     def load():
-        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+        m = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
                                                  attn_implementation=args.attn)
         m.eval()
         m.generation_config.eos_token_id = None  # ignore EOS: every request runs to its length

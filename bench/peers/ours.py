@@ -1,6 +1,6 @@
 """Our engine (`paged.LLM`) on the benchmark workloads.
 
-Same set-up as the peers: fp32, greedy, ignore_eos, prefix caching off, the KV budget as
+Same set-up as the peers: --dtype (fp32 by default), greedy, ignore_eos, prefix caching off, the KV budget as
 kv_cache_memory_bytes, block_size / max_num_seqs / max_num_batched_tokens from the command line
 (defaults 16 / 256 / 2048), 2 threads. Everything runs on the main thread (docs/performance.md: the
 thread that steps the model must be the first to run torch ops). Mean KV utilization is the
@@ -27,6 +27,8 @@ def _util_counters(llm):
 def main() -> None:
     ap = common.base_parser(__doc__)
     ap.add_argument("--prefix-caching", action="store_true", help="(off for the throughput run)")
+    ap.add_argument("--quantization", default=None, choices=("int8",),
+                    help="weight-only int8 GEMMs (EngineConfig.quantization); no peer runs the same")
     args = ap.parse_args()
     common.set_threads(args.threads)
     import torch
@@ -37,7 +39,8 @@ def main() -> None:
     llm, load_s = common.timed(lambda: LLM(
         args.model, block_size=args.block_size, kv_cache_memory_bytes=args.kv_bytes,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.prefix_caching, dtype="float32", seed=0))
+        enable_prefix_caching=args.prefix_caching, dtype=args.dtype, quantization=args.quantization,
+        seed=0))
 
     def run(prompts, olens):
         params = [SamplingParams(max_tokens=L, temperature=0.0, ignore_eos=True) for L in olens]
@@ -71,6 +74,7 @@ def main() -> None:
                          "max_num_seqs": args.max_num_seqs,
                          "max_num_batched_tokens": args.max_num_batched_tokens,
                          "prefix_caching": args.prefix_caching, "threads": args.threads,
+                         "dtype": args.dtype, "quantization": args.quantization,
                          "torch": torch.__version__, **llm.engine.performance_info()})
 
 

@@ -7,7 +7,7 @@ starts it as a subprocess with that interpreter. Set-up, as docs/performance.md 
   vLLM gets exactly the same KV memory as the others (the env variable only takes whole GiB).
 - --threads N: with N below the machine's cores, VLLM_CPU_OMP_THREADS_BIND=0-(N-1) (vLLM sizes
   its OpenMP pool from the cores it binds); with N = all cores (2 here), its default binding.
-- enable_prefix_caching=False, fp32, greedy, ignore_eos=True, max_num_seqs / max_num_batched_tokens
+- enable_prefix_caching=False, --dtype (fp32 by default), greedy, ignore_eos=True, max_num_seqs / max_num_batched_tokens
   as for our engine. Block size: vLLM's CPU default (128) unless --block-size is given; the
   CPU backend prefers multiples of 32.
 - The model is compiled by vLLM at start-up (torch.compile); that is load_s, not throughput.
@@ -39,7 +39,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     import vllm
 
-    kw = dict(model=args.model, dtype="float32", seed=0, max_num_seqs=args.max_num_seqs,
+    kw = dict(model=args.model, dtype=args.dtype, seed=0, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
               kv_cache_memory_bytes=args.kv_bytes, enforce_eager=args.enforce_eager)
     if args.block_size is not None:
@@ -68,7 +68,7 @@ def main() -> None:
                         {"vllm": vllm.__version__, "threads": args.threads, "kv_bytes": args.kv_bytes,
                          "block_size": cache_cfg.block_size,
                          "num_gpu_blocks": getattr(cache_cfg, "num_gpu_blocks", None),
-                         "enforce_eager": args.enforce_eager, "reserved_cpus": 0,
+                         "enforce_eager": args.enforce_eager, "reserved_cpus": 0, "dtype": args.dtype,
                          "torch": __import__("torch").__version__})
 
 
