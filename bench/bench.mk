@@ -1,5 +1,6 @@
-# Engine throughput benchmark (included by the top-level Makefile; PY, STAMP, MODEL_DIR and the
-# `model` target come from there). See bench/throughput.py for what is measured and how.
+# Engine throughput benchmark (included by the top-level Makefile; PY, STAMP, MODEL_DIR, TINY_MODEL_DIR
+# and the `model` / `tiny-model` targets come from there). The speed benchmarks run on the 39 M test
+# model (TINY_MODEL_DIR); the quality benchmark on the real default model (MODEL_DIR). See bench/throughput.py for what is measured and how.
 
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
@@ -32,14 +33,14 @@ venv-vllm: $(VLLM_STAMP)
 # 3 interleaved repeats (~20-25 min on 2 cores). A failed vLLM install does not stop the run:
 # the table then says "vLLM CPU: unavailable (<reason>)".
 bench: $(BENCH_STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	-$(MAKE) --no-print-directory venv-vllm
-	$(PY) bench/throughput.py --model $(MODEL_DIR) $(BENCH_ARGS)
+	$(PY) bench/throughput.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
 bench-quick: $(BENCH_STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
-	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
+	$(PY) bench/throughput.py --model $(TINY_MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
 
@@ -47,17 +48,17 @@ bench-quick: $(BENCH_STAMP)
 # into plan broadcast, channel, all-reduce and logits gather, and a paper estimate for 7B/70B on
 # 2/4/8 GPUs (~3-4 min).
 bench-tp: $(STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
-	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
+	$(PY) bench/tp.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
 
 # The vLLM paper's sharing results on this engine (bench/sharing.py): KV blocks saved by parallel
 # sampling and beam search, shared-prefix throughput (cache off / on / pinned, the CPU tier) and KV
 # utilization per block size with what block_size "auto" picks. A few minutes on 2 cores; tables,
 # JSON and plots (matplotlib, from the bench extra) in bench/results/. Not part of make test.
 bench-sharing: $(STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/sharing.py --model $(MODEL_DIR) $(BENCH_ARGS)
+	$(PY) bench/sharing.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
 
 # GEMM paths on the SmolLM2-135M and Qwen2-0.5B shapes, fp32 / bf16 / int8, M = 1..256, weights read
 # from DRAM, against the measured DRAM bandwidth and peak; the probe's plan per model
@@ -70,7 +71,7 @@ bench-gemm: $(STAMP)
 # per decoded token (kernel alone and in the step), long-prompt prefill, and sharing on for paged.
 # A few minutes on 2 cores; bench/results/memory.{md,json} and docs/images/memory.png. Always on the
 # 39 M test model (its sizes are what the defaults are chosen for), whatever the default model is.
-MEMORY_MODEL_DIR ?= model-store/tiny-llama
+MEMORY_MODEL_DIR ?= $(TINY_MODEL_DIR)
 bench-memory: $(STAMP)
 	test -f $(MEMORY_MODEL_DIR)/config.json || $(PY) scripts/make_model.py --out $(MEMORY_MODEL_DIR)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
