@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 from paged.block_size_advisor import BlockSizeAdvisor, attention_cost_fn
 from paged.config import EngineConfig
 from paged.decoding import Decoder
+from paged.dtype_choice import choose_dtype
 from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailedError, InvalidRequestError,
                           RequestFailedError)
 from paged.executor import make_executor
@@ -68,6 +69,10 @@ def _eos_token_ids(model_dir: str, args: ModelArgs, tokenizer) -> list[int]:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        # dtype "auto" becomes a dtype here, before anything sizes or loads by it
+        self.dtype_choice = choose_dtype(config.dtype, config.device)
+        config = dataclasses.replace(config, dtype=self.dtype_choice.dtype)
+        logger.info("dtype: %s (%s)", self.dtype_choice.dtype, self.dtype_choice.reason)
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
         self.block_size_advisor = BlockSizeAdvisor.at_start(config.block_size, config.block_size_profile,
                                                             attention_cost_fn(config, args))
@@ -299,8 +304,10 @@ class LLMEngine:
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
         tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids;
-        ``kv_memory``: the memory model, its granularity and what it refuses."""
-        return {**self.executor.performance_info(), "kv_memory": self.scheduler.kv_manager.describe()}
+        ``kv_memory``: the memory model, its granularity and what it refuses; ``dtype``: the compute
+        dtype, what was asked for and why (see ``paged.dtype_choice``)."""
+        return {**self.executor.performance_info(), "kv_memory": self.scheduler.kv_manager.describe(),
+                "dtype": self.dtype_choice.describe()}
 
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""
