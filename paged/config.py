@@ -45,7 +45,7 @@ class EngineConfig:
     pages. Both apply to "virtual" only.
     """
 
-    model: str
+    model: str  # an HF checkpoint directory, or a .gguf file (dequantized at load: paged/models/gguf_checkpoint.py)
     block_size: int | Literal["auto"] = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -94,8 +94,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
-            raise ValueError(f"model must be a checkpoint directory path, got {self.model!r}")
+            raise ValueError(f"model must be a checkpoint directory or .gguf file path, got {self.model!r}")
         self.model = str(self.model)
+        if self.model.lower().endswith(".gguf") and self.tensor_parallel_nnodes > 1:
+            raise ValueError("model: a .gguf file is dequantized on this node only; with tensor_parallel_nnodes > 1 "
+                             "give a checkpoint directory every node has (paged.models.gguf_checkpoint.convert_gguf)")
         if self.block_size != "auto":
             if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
                     or not 0 < self.block_size <= 256:

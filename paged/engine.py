@@ -36,6 +36,7 @@ from paged.executor import make_executor
 from paged.input_processor import InputProcessor
 from paged.kv_manager import make_kv_manager
 from paged.kv_sizing import PreemptionCostModel, plan_kv_cache
+from paged.models.gguf_checkpoint import DequantizedCheckpoint
 from paged.models.llama import ModelArgs
 from paged.output_processor import OutputProcessor
 from paged.outputs import FinishReason, RequestOutput
@@ -73,6 +74,12 @@ class LLMEngine:
         self.dtype_choice = choose_dtype(config.dtype, config.device)
         config = dataclasses.replace(config, dtype=self.dtype_choice.dtype)
         logger.info("dtype: %s (%s)", self.dtype_choice.dtype, self.dtype_choice.reason)
+        # a .gguf file is dequantized into a temporary checkpoint directory that lives as long as
+        # this engine (removed by close()); everything below reads that directory
+        self.checkpoint = DequantizedCheckpoint(config.model)
+        if self.checkpoint.path != config.model:
+            logger.info("GGUF %s dequantized into %s", config.model, self.checkpoint.path)
+            config = dataclasses.replace(config, model=self.checkpoint.path)
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
         self.block_size_advisor = BlockSizeAdvisor.at_start(config.block_size, config.block_size_profile,
                                                             attention_cost_fn(config, args))
@@ -112,6 +119,7 @@ class LLMEngine:
         Idempotent; ``step`` raises EngineDeadError afterwards."""
         self.closed = True
         self.executor.shutdown()
+        self.checkpoint.cleanup()
 
     # ---- requests -----------------------------------------------------------------------------
     def validate_request(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
