@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-tp bench-sharing bench-gemm bench-memory venv-vllm
+.PHONY: bench bench-quick bench-quality bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -29,13 +29,23 @@ $(VLLM_STAMP):
 
 venv-vllm: $(VLLM_STAMP)
 
-# Both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
+# The quality benchmark first (bench-quality), then the throughput one on the 39 M test model:
+# both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
 # 3 interleaved repeats (~20-25 min on 2 cores). A failed vLLM install does not stop the run:
 # the table then says "vLLM CPU: unavailable (<reason>)".
 bench: $(BENCH_STAMP)
+	$(MAKE) --no-print-directory bench-quality
 	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	-$(MAKE) --no-print-directory venv-vllm
 	$(PY) bench/throughput.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
+
+# Quality beside speed (bench/quality.py, ~2 min, part of make bench): the real default model's mean
+# log-likelihood per token on a held-out text (stdlib docstrings), HF fp32 and bf16 vs our engine in
+# fp32, bf16 and weight-only int8; a table and bench/results/quality.json.
+QUALITY_ARGS ?=
+bench-quality: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) bench/quality.py --model $(MODEL_DIR) $(QUALITY_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
 bench-quick: $(BENCH_STAMP)
