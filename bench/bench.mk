@@ -1,6 +1,7 @@
 # Engine throughput benchmark (included by the top-level Makefile; PY, STAMP, MODEL_DIR, TINY_MODEL_DIR
 # and the `model` / `tiny-model` targets come from there). The speed benchmarks run on the 39 M test
-# model (TINY_MODEL_DIR); the quality benchmark on the real default model (MODEL_DIR). See bench/throughput.py for what is measured and how.
+# model (TINY_MODEL_DIR); the quality benchmark on the real default model (MODEL_DIR). See
+# bench/throughput.py for what is measured and how.
 
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python

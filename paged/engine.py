@@ -76,7 +76,7 @@ class LLMEngine:
         logger.info("dtype: %s (%s)", self.dtype_choice.dtype, self.dtype_choice.reason)
         # a .gguf file is dequantized into a temporary checkpoint directory that lives as long as
         # this engine (removed by close()); everything below reads that directory
-        self.checkpoint = DequantizedCheckpoint(config.model)
+        self.checkpoint = DequantizedCheckpoint(config.model, config.dtype)
         if self.checkpoint.path != config.model:
             logger.info("GGUF %s dequantized into %s", config.model, self.checkpoint.path)
             config = dataclasses.replace(config, model=self.checkpoint.path)

@@ -37,13 +37,16 @@ class SequenceScorer:
     (``dtype``, ``quantization``, ``linear_backend``, ...); the KV pool holds one window."""
 
     def __init__(self, model: str, max_len: int = 512, **engine_kwargs):
-        block_size = engine_kwargs.get("block_size", 16)
         self.config = EngineConfig(model=model, **engine_kwargs)
+        config = self.config
+        if config.block_size == "auto" or config.kv_memory != "paged" or config.tensor_parallel_size != 1:
+            raise ValueError("the scorer runs one process on paged blocks of a fixed size: give an integer "
+                             "block_size, kv_memory 'paged' and tensor_parallel_size 1")
         self.args = ModelArgs.from_checkpoint(model)
         if max_len > self.args.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds the model's {self.args.max_position_embeddings} positions")
         self.max_len = max_len
-        self.runner = ModelRunner(self.config, self.args, math.ceil(max_len / block_size), 0)
+        self.runner = ModelRunner(self.config, self.args, math.ceil(max_len / self.config.block_size), 0)
         self.block_size = self.runner.block_size
 
     @property

@@ -9,8 +9,9 @@ or quant type fails with a ValueError that names it instead of deep inside trans
 writes the result as the directory our loader reads (config.json with ``architectures``,
 model.safetensors, tokenizer files with the chat template, generation_config.json).
 
-``scripts/build_smollm2.py`` uses ``convert_gguf`` to build the default model once; the engine
-uses ``DequantizedCheckpoint`` to convert into a temporary directory that lives as long as it.
+``scripts/build_smollm2.py`` uses ``convert_gguf`` to build the default model once (float32); the
+engine uses ``DequantizedCheckpoint`` to convert into a temporary directory (in its own dtype) that
+lives as long as it.
 """
 from __future__ import annotations
 
@@ -66,9 +67,11 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, provenance: dict | None = None) -> Path:
-    """Dequantize the GGUF file into an HF checkpoint directory ``out_dir`` (float32 safetensors).
-    ``provenance``: written to ``source.json`` beside the weights (where the file came from).
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, provenance: dict | None = None,
+                 dtype: str = "float32") -> Path:
+    """Dequantize the GGUF file into an HF checkpoint directory ``out_dir`` (safetensors in ``dtype``,
+    a torch dtype name). ``provenance``: written to ``source.json`` beside the weights (where the
+    file came from). The whole model passes through memory in ``dtype`` once (transformers' loader).
 
     The result is the same for the same file and library versions. Files are written into a
     sibling staging directory that is renamed into place at the end, config.json last within it,
@@ -86,7 +89,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, prove
     where, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
     tokenizer.save_pretrained(staging)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=getattr(torch, dtype))
     config = model.config.to_dict()
     tied = bool(config.get("tie_word_embeddings"))
     # save_pretrained refuses a model loaded from GGUF ("not serializable"): write the tensors
@@ -105,7 +108,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, prove
     config.pop("_name_or_path", None)  # where this conversion read from: not part of the checkpoint
     config["architectures"] = [info["architecture"]]
     config.pop("torch_dtype", None)
-    config["dtype"] = "float32"
+    config["dtype"] = dtype
     if provenance is not None:
         _write_json(staging / "source.json", {**provenance, "gguf_quant_types": info["quant_types"]})
     _write_json(staging / "config.json", config)
@@ -127,16 +130,17 @@ def load_tokenizer(model: str | os.PathLike):
 
 
 class DequantizedCheckpoint:
-    """A GGUF file converted into a temporary checkpoint directory (``.path``), removed by
-    ``cleanup()`` or when this object is collected. A directory is passed through unchanged."""
+    """A GGUF file converted into a temporary checkpoint directory (``.path``; weights in ``dtype``,
+    the dtype the engine runs, so no precision is kept that it would drop), removed by ``cleanup()``
+    or when this object is collected. A directory is passed through unchanged."""
 
-    def __init__(self, model: str | os.PathLike):
+    def __init__(self, model: str | os.PathLike, dtype: str = "float32"):
         self._tmp: tempfile.TemporaryDirectory | None = None
         if not is_gguf(model):
             self.path = str(model)
             return
         self._tmp = tempfile.TemporaryDirectory(prefix="paged-gguf-")
-        self.path = str(convert_gguf(model, Path(self._tmp.name) / "checkpoint"))
+        self.path = str(convert_gguf(model, Path(self._tmp.name) / "checkpoint", dtype=dtype))
 
     def cleanup(self) -> None:
         if self._tmp is not None:

@@ -27,7 +27,7 @@ def make(max_pending_adds=None, on_dead=None, restart_budget=(0, 3600.0), **kw):
         holder["engine"] = FakeEngine(cfg, **kw)
         return holder["engine"]
 
-    eng = AsyncLLMEngine(EngineConfig(model="fake", max_waiting_requests=max_waiting, dtype="float32"), engine_factory=factory,
+    eng = AsyncLLMEngine(EngineConfig(model="fake", max_waiting_requests=max_waiting), engine_factory=factory,
                          warmup=False, idle_wait_s=0.05, max_pending_adds=max_pending_adds,
                          on_dead=on_dead, restart_budget=restart_budget).start(timeout=120)
     return eng, holder
@@ -178,7 +178,7 @@ def test_load_error_raised_by_start():
     def factory(cfg):
         raise ValueError("no such checkpoint")
     with pytest.raises(ValueError, match="no such checkpoint"):
-        AsyncLLMEngine(EngineConfig(model="x", dtype="float32"), engine_factory=factory).start(timeout=10)
+        AsyncLLMEngine(EngineConfig(model="x"), engine_factory=factory).start(timeout=10)
 
 
 PROBE = textwrap.dedent("""

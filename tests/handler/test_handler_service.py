@@ -39,7 +39,7 @@ def stack(tokenizers):
     def factory(cfg):
         holder["engine"] = BigVocabEngine(cfg)
         return holder["engine"]
-    engine = AsyncLLMEngine(EngineConfig(model="fake", max_num_seqs=8, dtype="float32"), engine_factory=factory, warmup=False,
+    engine = AsyncLLMEngine(EngineConfig(model="fake", max_num_seqs=8), engine_factory=factory, warmup=False,
                             idle_wait_s=0.05).start(timeout=120)
     settings = dict(HANDLER_DEFAULTS, max_response_bytes=96 * 1024)
     yield LLMService(engine, tokenizers, settings, "llm"), holder["engine"]

@@ -3,6 +3,7 @@ load into what ``make model`` builds from the same file; an architecture or a qu
 support is refused by name before any conversion."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,16 @@ def write_gguf(path: Path, architecture: str, tensors: dict) -> Path:
 
 
 def test_a_gguf_file_loads_and_gives_the_built_checkpoints_tokens(smollm2_gguf, smollm2_dir):
+    """In the default dtype (auto): the temporary checkpoint is written in the dtype the engine runs."""
     params = SamplingParams(max_tokens=12, temperature=0.0)
-    direct = LLM(str(smollm2_gguf), dtype="float32", num_kv_blocks=64)
+    direct = LLM(str(smollm2_gguf), num_kv_blocks=64)
     got = [o.outputs[0].token_ids for o in direct.generate(PROMPTS, params, use_tqdm=False)]
     temporary = Path(direct.engine.checkpoint.path)
-    assert temporary.is_dir() and direct.engine.model_args.architecture == "LlamaForCausalLM"
+    assert direct.engine.model_args.architecture == "LlamaForCausalLM"
+    assert json.loads((temporary / "config.json").read_text())["dtype"] == direct.engine.config.dtype
     direct.close()
     assert not temporary.exists()  # the dequantized copy goes with the engine
-    built = LLM(str(smollm2_dir), dtype="float32", num_kv_blocks=64)
+    built = LLM(str(smollm2_dir), num_kv_blocks=64)
     assert got == [o.outputs[0].token_ids for o in built.generate(PROMPTS, params, use_tqdm=False)]
 
 
