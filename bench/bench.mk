@@ -1,5 +1,7 @@
-# Engine throughput benchmark (included by the top-level Makefile; PY, STAMP, MODEL_DIR and the
-# `model` target come from there). See bench/throughput.py for what is measured and how.
+# Engine throughput benchmark (included by the top-level Makefile; PY, STAMP, MODEL_DIR, TINY_MODEL_DIR
+# and the `model` / `tiny-model` targets come from there). The speed benchmarks run on the 39 M test
+# model (TINY_MODEL_DIR); the quality benchmark on the real default model (MODEL_DIR). See
+# bench/throughput.py for what is measured and how.
 
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
@@ -8,7 +10,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-matrix bench-tp bench-sharing bench-gemm bench-memory venv-vllm
+.PHONY: bench bench-quick bench-quality bench-matrix bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -28,13 +30,23 @@ $(VLLM_STAMP):
 
 venv-vllm: $(VLLM_STAMP)
 
-# Both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
+# The quality benchmark first (bench-quality), then the throughput one on the 39 M test model:
+# both workloads (ShareGPT-like x0.5, 64 requests; Alpaca-like, 200 requests), all engines,
 # 3 interleaved repeats (~20-25 min on 2 cores). A failed vLLM install does not stop the run:
 # the table then says "vLLM CPU: unavailable (<reason>)".
 bench: $(BENCH_STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(MAKE) --no-print-directory bench-quality
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	-$(MAKE) --no-print-directory venv-vllm
-	$(PY) bench/throughput.py --model $(MODEL_DIR) $(BENCH_ARGS)
+	$(PY) bench/throughput.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
+
+# Quality beside speed (bench/quality.py, ~2 min, part of make bench): the real default model's mean
+# log-likelihood per token on a held-out text (stdlib docstrings), HF fp32 and bf16 vs our engine in
+# fp32, bf16 and weight-only int8; a table and bench/results/quality.json.
+QUALITY_ARGS ?=
+bench-quality: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) bench/quality.py --model $(MODEL_DIR) $(QUALITY_ARGS)
 
 # Ours vs vLLM CPU at the sizes users serve: the test model (fp32), the default real model and a
 # Qwen2-0.5B-shaped checkpoint (built here, random weights), each in bf16 and fp32; ratios per
@@ -42,14 +54,14 @@ bench: $(BENCH_STAMP)
 # bench/results/throughput-matrix.{md,json}). ~30-40 min on 2 quiet cores.
 bench-matrix: $(BENCH_STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
-	test -f model-store/tiny-llama/config.json || $(PY) scripts/make_model.py --out model-store/tiny-llama
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	-$(MAKE) --no-print-directory venv-vllm
 	$(PY) bench/throughput_matrix.py $(BENCH_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
 bench-quick: $(BENCH_STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
-	$(PY) bench/throughput.py --model $(MODEL_DIR) --engines ours,hf_static,hf_cb \
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
+	$(PY) bench/throughput.py --model $(TINY_MODEL_DIR) --engines ours,hf_static,hf_cb \
 		--workloads sharegpt:0.25:16,alpaca:1:48 --repeats 1 --hf-static-batch-sizes 16 \
 		--name throughput-quick $(BENCH_ARGS)
 
@@ -57,17 +69,17 @@ bench-quick: $(BENCH_STAMP)
 # into plan broadcast, channel, all-reduce and logits gather, and a paper estimate for 7B/70B on
 # 2/4/8 GPUs (~3-4 min).
 bench-tp: $(STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
-	$(PY) bench/tp.py --model $(MODEL_DIR) $(BENCH_ARGS)
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
+	$(PY) bench/tp.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
 
 # The vLLM paper's sharing results on this engine (bench/sharing.py): KV blocks saved by parallel
 # sampling and beam search, shared-prefix throughput (cache off / on / pinned, the CPU tier) and KV
 # utilization per block size with what block_size "auto" picks. A few minutes on 2 cores; tables,
 # JSON and plots (matplotlib, from the bench extra) in bench/results/. Not part of make test.
 bench-sharing: $(STAMP)
-	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/sharing.py --model $(MODEL_DIR) $(BENCH_ARGS)
+	$(PY) bench/sharing.py --model $(TINY_MODEL_DIR) $(BENCH_ARGS)
 
 # GEMM paths on the SmolLM2-135M and Qwen2-0.5B shapes, fp32 / bf16 / int8, M = 1..256, weights read
 # from DRAM, against the measured DRAM bandwidth and peak; the probe's plan per model
@@ -80,7 +92,7 @@ bench-gemm: $(STAMP)
 # per decoded token (kernel alone and in the step), long-prompt prefill, and sharing on for paged.
 # A few minutes on 2 cores; bench/results/memory.{md,json} and docs/images/memory.png. Always on the
 # 39 M test model (its sizes are what the defaults are chosen for), whatever the default model is.
-MEMORY_MODEL_DIR ?= model-store/tiny-llama
+MEMORY_MODEL_DIR ?= $(TINY_MODEL_DIR)
 bench-memory: $(STAMP)
 	test -f $(MEMORY_MODEL_DIR)/config.json || $(PY) scripts/make_model.py --out $(MEMORY_MODEL_DIR)
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'

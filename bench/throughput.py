@@ -387,7 +387,7 @@ def main() -> None:
         if e not in ENGINES:
             raise SystemExit(f"unknown engine {e!r}; choose from {ENGINES}")
     if not os.path.isdir(args.model):
-        raise SystemExit(f"model dir {args.model} not found (make model)")
+        raise SystemExit(f"model dir {args.model} not found (make tiny-model builds the test model, make model the default one)")
     wl_dir = os.path.join(args.results_dir, "workloads")
     run_dir = os.path.join(args.results_dir, "runs", args.name)
     os.makedirs(wl_dir, exist_ok=True)

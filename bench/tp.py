@@ -131,7 +131,7 @@ def engine_throughput(args) -> tuple[list[str], dict]:
     (profile, scale, num_requests), = parse_workloads(args.engine_workload)
     workload = workload_for_model(args.model, profile, num_requests, scale)
     settings = dict(block_size=BLOCK_SIZE, num_kv_blocks=args.engine_kv_blocks, max_num_seqs=256,
-                    max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0)
+                    max_num_batched_tokens=2048, enable_prefix_caching=False, seed=0, dtype="float32")
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in workload.output_lens]
     tp_label = f"TP={args.tp}"
     engines = {"TP=1": LLM(args.model, **settings)}
@@ -265,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     start_load = load_avg()
     torch.set_num_threads(args.threads)
     engine_lines, engine_figures = engine_throughput(args)
-    config = EngineConfig(model=args.model, block_size=BLOCK_SIZE)
+    config = EngineConfig(model=args.model, block_size=BLOCK_SIZE, dtype="float32")  # the table says fp32
     runners = {"TP=1": ModelRunner(config, ModelArgs.from_checkpoint(args.model), num_blocks, 0)}
-    tp_config = EngineConfig(model=args.model, block_size=BLOCK_SIZE, tensor_parallel_size=args.tp)
+    tp_config = EngineConfig(model=args.model, block_size=BLOCK_SIZE, tensor_parallel_size=args.tp, dtype="float32")
     for label, shm in ((f"TP={args.tp} shm all-reduce", True), (f"TP={args.tp} gloo all-reduce", False)):
         runners[label] = TensorParallelExecutor(WorkerGroupSpec(tp_config, num_blocks=num_blocks, num_cpu_blocks=0,
                                                                 max_logits_rows=max_batch,

@@ -1,4 +1,5 @@
 # Serving targets (included by the top-level Makefile, which defines PY, STAMP, MODEL_DIR, model).
+# They serve the default model, SmolLM2-135M-Instruct (make model), as `llm`.
 VENV_BIN := $(dir $(PY))
 MAR := model-store/llm.mar
 TS_LOG_DIR := logs
@@ -20,8 +21,8 @@ serve: $(MAR)
 	@echo "TorchServe: inference http://127.0.0.1:8080  management :8081  metrics :8082  gRPC :7070/:7071"
 	@echo "Token authorization is on: keys are written to ./key_file.json once the server starts. Try:"
 	@echo '  KEY=$$($(PY) -c "import json;print(json.load(open(\"key_file.json\"))[\"inference\"][\"key\"])")'
-	@echo '  curl -s -H "Authorization: Bearer $$KEY" -H "Content-Type: application/json" http://127.0.0.1:8080/predictions/llm -d '"'"'{"prompt": "def fibonacci(n):", "max_tokens": 32, "temperature": 0}'"'"
-	@echo '  curl -sN -H "Authorization: Bearer $$KEY" -H "Content-Type: application/json" http://127.0.0.1:8080/predictions/llm/1.0/v1/chat/completions -d '"'"'{"model": "llm", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 32, "stream": true}'"'"
+	@echo '  curl -s -H "Authorization: Bearer $$KEY" -H "Content-Type: application/json" http://127.0.0.1:8080/predictions/llm -d '"'"'{"prompt": "Photosynthesis is the process by which", "max_tokens": 24, "temperature": 0}'"'"
+	@echo '  curl -sN -H "Authorization: Bearer $$KEY" -H "Content-Type: application/json" http://127.0.0.1:8080/predictions/llm/1.0/v1/chat/completions -d '"'"'{"model": "llm", "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 32, "temperature": 0, "stream": true}'"'"
 	PATH="$(abspath $(VENV_BIN)):$$PATH" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" LOG_LOCATION=$(TS_LOG_DIR) METRICS_LOCATION=$(TS_LOG_DIR) \
 	    $(VENV_BIN)torchserve --start --foreground --ncs --model-store model-store --models llm=llm.mar \
 	    --ts-config config.properties

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_SETTINGS = ("auto", *SUPPORTED_DTYPES)
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 KV_MEMORY_MODELS = ("paged", "virtual")
 LINEAR_BACKENDS = (None, "packed", "onednn", "torch")
@@ -44,7 +45,7 @@ class EngineConfig:
     pages. Both apply to "virtual" only.
     """
 
-    model: str
+    model: str  # an HF checkpoint directory, or a .gguf file (dequantized at load: paged/models/gguf_checkpoint.py)
     block_size: int | Literal["auto"] = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -61,7 +62,9 @@ class EngineConfig:
     tensor_parallel_rdzv_endpoint: str | None = None   # host:port every node reaches
     tensor_parallel_engine_address: str | None = None  # tcp:<host>:<port> of this engine, for the ranks
     tensor_parallel_heartbeat_timeout_s: float = 5.0   # a rank silent this long during a step is dead
-    dtype: str = "float32"
+    # "auto": bfloat16 on a CPU with native bf16 dot products (AVX512_BF16, AMX), else float32
+    # (paged/dtype_choice.py; the engine resolves it at start and reports why).
+    dtype: str = "auto"
     seed: int = 0
     attention_backend: str | None = None  # None: by device; "torch" or "triton" to force
     device: str = "cpu"
@@ -91,8 +94,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
-            raise ValueError(f"model must be a checkpoint directory path, got {self.model!r}")
+            raise ValueError(f"model must be a checkpoint directory or .gguf file path, got {self.model!r}")
         self.model = str(self.model)
+        if self.model.lower().endswith(".gguf") and self.tensor_parallel_nnodes > 1:
+            raise ValueError("model: a .gguf file is dequantized on this node only; with tensor_parallel_nnodes > 1 "
+                             "give a checkpoint directory every node has (paged.models.gguf_checkpoint.convert_gguf)")
         if self.block_size != "auto":
             if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
                     or not 0 < self.block_size <= 256:
@@ -135,8 +141,8 @@ class EngineConfig:
                              f"{self.tensor_parallel_heartbeat_timeout_s!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_SETTINGS:
+            raise ValueError(f"dtype must be one of {DTYPE_SETTINGS}, got {self.dtype!r}")
         if self.attention_backend not in (None, "torch", "triton"):
             raise ValueError(f"attention_backend must be None, 'torch' or 'triton', got {self.attention_backend!r}")
         if self.request_timeout_s is not None and (

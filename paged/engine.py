@@ -29,12 +29,14 @@ from transformers import AutoTokenizer
 from paged.block_size_advisor import BlockSizeAdvisor, attention_cost_fn
 from paged.config import EngineConfig
 from paged.decoding import Decoder
+from paged.dtype_choice import choose_dtype
 from paged.errors import (EngineDeadError, EngineOverloadedError, ExecutorFailedError, InvalidRequestError,
                           RequestFailedError)
 from paged.executor import make_executor
 from paged.input_processor import InputProcessor
 from paged.kv_manager import make_kv_manager
 from paged.kv_sizing import PreemptionCostModel, plan_kv_cache
+from paged.models.gguf_checkpoint import DequantizedCheckpoint
 from paged.models.llama import ModelArgs
 from paged.output_processor import OutputProcessor
 from paged.outputs import FinishReason, RequestOutput
@@ -68,6 +70,16 @@ def _eos_token_ids(model_dir: str, args: ModelArgs, tokenizer) -> list[int]:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        # dtype "auto" becomes a dtype here, before anything sizes or loads by it
+        self.dtype_choice = choose_dtype(config.dtype, config.device)
+        config = dataclasses.replace(config, dtype=self.dtype_choice.dtype)
+        logger.info("dtype: %s (%s)", self.dtype_choice.dtype, self.dtype_choice.reason)
+        # a .gguf file is dequantized into a temporary checkpoint directory that lives as long as
+        # this engine (removed by close()); everything below reads that directory
+        self.checkpoint = DequantizedCheckpoint(config.model, config.dtype)
+        if self.checkpoint.path != config.model:
+            logger.info("GGUF %s dequantized into %s", config.model, self.checkpoint.path)
+            config = dataclasses.replace(config, model=self.checkpoint.path)
         self.model_args = args = ModelArgs.from_checkpoint(config.model)
         self.block_size_advisor = BlockSizeAdvisor.at_start(config.block_size, config.block_size_profile,
                                                             attention_cost_fn(config, args))
@@ -107,6 +119,7 @@ class LLMEngine:
         Idempotent; ``step`` raises EngineDeadError afterwards."""
         self.closed = True
         self.executor.shutdown()
+        self.checkpoint.cleanup()
 
     # ---- requests -----------------------------------------------------------------------------
     def validate_request(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
@@ -299,8 +312,10 @@ class LLMEngine:
     def performance_info(self) -> dict:
         """The fast paths this engine chose at load (reported by describe and the benchmarks); with
         tensor parallel, the ranks' and a ``tensor_parallel`` entry listing the ranks and their pids;
-        ``kv_memory``: the memory model, its granularity and what it refuses."""
-        return {**self.executor.performance_info(), "kv_memory": self.scheduler.kv_manager.describe()}
+        ``kv_memory``: the memory model, its granularity and what it refuses; ``dtype``: the compute
+        dtype, what was asked for and why (see ``paged.dtype_choice``)."""
+        return {**self.executor.performance_info(), "kv_memory": self.scheduler.kv_manager.describe(),
+                "dtype": self.dtype_choice.describe()}
 
     def step_timings(self) -> dict:
         """Mean ms per step in each phase (all zero unless PAGED_STEP_TIMER=1)."""

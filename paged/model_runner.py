@@ -23,6 +23,7 @@ import torch
 
 from paged.backends import resolve_backends
 from paged.config import EngineConfig
+from paged.dtype_choice import choose_dtype
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
 from paged.scheduler_output import SchedulerOutput
 from paged.step_timer import StepTimer
@@ -133,7 +134,8 @@ class ModelRunner:
         self.args = args
         self.block_size = config.block_size
         self.device = config.device
-        self.dtype = DTYPES[config.dtype]
+        # the engine passes a resolved dtype; a runner built alone resolves "auto" the same way
+        self.dtype = DTYPES[choose_dtype(config.dtype, config.device).dtype]
         self.timer = timer or StepTimer(enabled=False)
         # Every kernel choice is made now (the compiled CPU kernels built or loaded), not in a request.
         self.backends = resolve_backends(config.attention_backend, self.device, args.head_dim, self.dtype,

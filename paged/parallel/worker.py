@@ -83,6 +83,7 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
     import torch
     import torch.distributed as dist
 
+    from paged.dtype_choice import choose_dtype
     from paged.model_runner import DTYPES, ModelRunner
     from paged.parallel.context import CollectiveClock, ParallelContext, default_backend, default_threads_per_rank
     from paged.parallel.logits_buffer import LogitsBuffer
@@ -90,7 +91,8 @@ def serve(conn: Connection, init: WorkerInit, rank: int, local_rank: int, world_
 
     started = time.perf_counter()
     torch.set_num_threads(init.threads_per_rank or default_threads_per_rank(local_world_size))
-    config = init.config
+    # the engine sends a resolved dtype; a group started without one (bench/tp.py) resolves "auto" here
+    config = dataclasses.replace(init.config, dtype=choose_dtype(init.config.dtype, init.config.device).dtype)
     torch.manual_seed(config.seed)
     if config.device.startswith("cuda"):
         config = dataclasses.replace(config, device=f"cuda:{local_rank}")

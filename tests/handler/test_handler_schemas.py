@@ -205,3 +205,8 @@ def test_invalid_settings_fail_initialize_clearly(tmp_path, caplog):
     with pytest.raises(ValueError, match="max_num_seqz"):
         TorchServeHandler().initialize(Ctx())
     assert "model-config.yaml" in caplog.text
+
+
+def test_a_gguf_model_in_the_handler_config_is_found_in_the_archive(tmp_path):
+    cfg, _ = parse_handler_config({"model": "weights.gguf"}, str(tmp_path))
+    assert cfg.model == str(tmp_path / "weights.gguf")

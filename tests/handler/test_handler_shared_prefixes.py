@@ -35,7 +35,7 @@ def test_prefix_entries_and_a_relative_profile_resolve_inside_the_model_dir(tmp_
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir):
-    config = EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=96, max_model_len=512)
+    config = EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=96, max_model_len=512, dtype="float32")
     engine = AsyncLLMEngine(config, engine_factory=engine_factory_with_prefixes([SYSTEM_PROMPT],
                                                                                 str(tiny_llama_dir))).start(600)
     tokenizers = TokenizerPool(str(tiny_llama_dir), threads=1, max_pending=4)
@@ -70,7 +70,7 @@ def test_shared_prefixes_from_config_register_inline_text_and_archive_files(tiny
     few_shot = "def add(a, b):\n    return a + b\n\n\n" * 6
     (tmp_path / "prompts" / "few_shot.txt").write_text(few_shot)
     system = "You are a careful Python reviewer. Answer with code only.\n" * 3
-    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0)
+    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0, dtype="float32")
     listed = register_from_config(llm.engine, [system, {"file": "prompts/few_shot.txt"}], str(tmp_path))
     tokenizer = llm.tokenizer
     assert [p["num_tokens"] for p in listed] == [len(tokenizer(system).input_ids), len(tokenizer(few_shot).input_ids)]

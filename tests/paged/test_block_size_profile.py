@@ -156,17 +156,17 @@ def test_a_profile_without_costs_is_measured(tmp_path):
 
 # ---- the engine ----------------------------------------------------------------------------------
 def test_block_size_auto_and_profile_settings_are_validated():
-    assert EngineConfig(model="m", block_size="auto").block_size == "auto"
+    assert EngineConfig(model="m", block_size="auto", dtype="float32").block_size == "auto"
     for bad in ("16", "Auto", 0, 300, 2.0):
         with pytest.raises(ValueError, match="block_size"):
-            EngineConfig(model="m", block_size=bad)
+            EngineConfig(model="m", block_size=bad, dtype="float32")
     with pytest.raises(ValueError, match="block_size_profile"):
-        EngineConfig(model="m", block_size_profile=3)
+        EngineConfig(model="m", block_size_profile=3, dtype="float32")
 
 
 def auto_engine(model_dir, profile_path) -> LLMEngine:
     return LLMEngine(EngineConfig(model=str(model_dir), block_size="auto", block_size_profile=profile_path,
-                                  kv_cache_memory_bytes=16 << 20, swap_space_bytes=0, max_model_len=2048))
+                                  kv_cache_memory_bytes=16 << 20, swap_space_bytes=0, max_model_len=2048, dtype="float32"))
 
 
 def test_auto_picks_a_smaller_block_for_short_requests_and_a_larger_for_long(tiny_llama_dir, tmp_path):
@@ -198,7 +198,7 @@ def test_auto_with_an_invalid_profile_fails_to_start(tiny_llama_dir, tmp_path):
 
 def test_the_engine_recommends_a_block_size_from_its_finished_requests(tiny_llama_dir, tmp_path):
     engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), block_size=16, num_kv_blocks=256,
-                                    swap_space_bytes=0, max_model_len=512))
+                                    swap_space_bytes=0, max_model_len=512, dtype="float32"))
     engine.block_size_advisor.measure = lambda *_: pytest.fail("a stats read measured the attention")
     assert engine.kv_stats()["recommended_block_size"] is None, "too few requests yet"
     rng = random.Random(0)

@@ -69,13 +69,13 @@ def test_an_invalid_value_is_a_value_error_naming_the_field(field, kwargs):
 
 def test_a_nan_request_timeout_is_rejected():
     with pytest.raises(ValueError, match="request_timeout_s"):
-        EngineConfig(model=MODEL, request_timeout_s=float("nan"))
+        EngineConfig(model=MODEL, request_timeout_s=float("nan"), dtype="float32")
 
 
 def test_defaults_are_valid():
     cfg = EngineConfig(model=MODEL)
     assert cfg.block_size == 16 and cfg.num_kv_blocks is None and cfg.kv_cache_memory_bytes is None
-    assert cfg.preemption_mode == "auto" and cfg.dtype == "float32" and cfg.enable_prefix_caching is True
+    assert cfg.preemption_mode == "auto" and cfg.dtype == "auto" and cfg.enable_prefix_caching is True
     assert cfg.tensor_parallel_size == 1 and cfg.attention_backend is None and cfg.request_timeout_s is None
     assert cfg.quantization is None and cfg.linear_backend is None
 
@@ -92,7 +92,7 @@ def test_boundary_and_enumerated_values_are_accepted(kwargs):
 
 
 def test_a_path_like_model_becomes_a_string():
-    assert EngineConfig(model=Path("some") / "dir").model == str(Path("some") / "dir")
+    assert EngineConfig(model=Path("some") / "dir", dtype="float32").model == str(Path("some") / "dir")
 
 
 def test_from_dict_builds_the_same_config_as_the_constructor():
@@ -117,19 +117,19 @@ def test_from_dict_still_validates_values():
 
 
 def test_to_dict_round_trips_through_from_dict():
-    cfg = EngineConfig(model=MODEL, num_kv_blocks=32, request_timeout_s=5.0, compile=False)
+    cfg = EngineConfig(model=MODEL, num_kv_blocks=32, request_timeout_s=5.0, compile=False, dtype="float32")
     assert EngineConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_tensor_parallel_over_nodes_needs_a_rendezvous_and_an_engine_address():
     with pytest.raises(ValueError, match="tensor_parallel_rdzv_endpoint"):
-        EngineConfig(model=MODEL, tensor_parallel_size=2, tensor_parallel_nnodes=2)
+        EngineConfig(model=MODEL, tensor_parallel_size=2, tensor_parallel_nnodes=2, dtype="float32")
     cfg = EngineConfig(model=MODEL, tensor_parallel_size=2, tensor_parallel_nnodes=2,
                        tensor_parallel_rdzv_endpoint="127.0.0.1:29500",
-                       tensor_parallel_engine_address="tcp:127.0.0.1:29501")
+                       tensor_parallel_engine_address="tcp:127.0.0.1:29501", dtype="float32")
     assert cfg.tensor_parallel_nnodes == 2
 
 
 def test_tensor_parallel_size_must_divide_over_the_nodes():
     with pytest.raises(ValueError, match="does not divide"):
-        EngineConfig(model=MODEL, tensor_parallel_size=3, tensor_parallel_nnodes=2)
+        EngineConfig(model=MODEL, tensor_parallel_size=3, tensor_parallel_nnodes=2, dtype="float32")

@@ -10,7 +10,7 @@ from paged import LLM, EngineConfig, EngineOverloadedError, LLMEngine, SamplingP
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256, max_model_len=512)
+    return LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256, max_model_len=512, dtype="float32")
 
 
 def pool_is_whole(engine: LLMEngine) -> bool:
@@ -25,7 +25,7 @@ def test_request_longer_than_max_model_len_is_refused_with_the_excess(llm):
 
 
 def test_request_larger_than_the_pool_is_refused(tiny_llama_dir):
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=8, block_size=16))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=8, block_size=16, dtype="float32"))
     with pytest.raises(ValueError, match=r"whole pool has 8"):
         engine.add_request("big", [5] * 100, SamplingParams(max_tokens=60))
 
@@ -49,7 +49,7 @@ def test_duplicate_request_id_is_refused(llm):
 
 
 def test_full_waiting_queue_raises_overloaded(tiny_llama_dir):
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_waiting_requests=2))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_waiting_requests=2, dtype="float32"))
     engine.add_request("a", "one", SamplingParams(max_tokens=2))
     engine.add_request("b", "two", SamplingParams(max_tokens=2))
     with pytest.raises(EngineOverloadedError):
@@ -72,7 +72,7 @@ def test_abort_mid_generation_frees_every_block(llm):
 
 
 def test_request_past_its_deadline_finishes_with_timeout(tiny_llama_dir):
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, request_timeout_s=0.05))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, request_timeout_s=0.05, dtype="float32"))
     engine.add_request("slow", "hello", SamplingParams(max_tokens=500, ignore_eos=True))
     engine.step()
     time.sleep(0.1)
@@ -174,13 +174,13 @@ def test_beam_search_is_at_least_as_likely_as_greedy(llm):
 
 def test_tensor_parallel_size_that_does_not_split_the_model_is_refused_before_any_process_starts(tiny_llama_dir):
     with pytest.raises(ValueError, match="8 attention heads do not divide by tensor_parallel_size 3"):
-        LLMEngine(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=3))
+        LLMEngine(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=3, dtype="float32"))
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(ValueError, match="unsupported architecture"):
-        LLMEngine(EngineConfig(model=str(tmp_path)))
+        LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32"))
 
 
 def test_stop_strings_do_not_count_before_min_tokens(llm):
@@ -234,7 +234,7 @@ def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(llm
 def test_an_executor_that_loses_its_kv_cache_fails_the_requests_holding_kv_and_restarts(tiny_llama_dir, monkeypatch):
     """The engine's recovery talks to the Executor protocol only: no tensor-parallel branch."""
     from paged.errors import ExecutorFailedError
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False, dtype="float32"))
     greedy = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0.0)
     engine.add_request("holds-kv", "def main():", greedy)
     engine.add_request("waits", "def main():", greedy)
@@ -257,7 +257,7 @@ def test_an_executor_that_loses_its_kv_cache_fails_the_requests_holding_kv_and_r
 
 def test_repeated_step_faults_make_the_engine_give_up(tiny_llama_dir, monkeypatch):
     from paged.errors import EngineDeadError
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, compile=False))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, compile=False, dtype="float32"))
     monkeypatch.setattr(engine.executor, "execute", lambda plan: (_ for _ in ()).throw(MemoryError("no memory")))
     with pytest.raises(EngineDeadError, match="no memory"):
         for index in range(10):
@@ -299,7 +299,7 @@ def test_parameters_that_leave_no_token_allowed_fail_with_a_client_error(llm):
 
 # ---- admission ------------------------------------------------------------------------------------
 def test_max_num_seqs_counts_every_sample_a_request_forks_into(tiny_llama_dir):
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=128, max_num_seqs=4, compile=False))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=128, max_num_seqs=4, compile=False, dtype="float32"))
     engine.add_request("three", "def main():", SamplingParams(max_tokens=6, n=3, temperature=1.0, seed=1,
                                                               ignore_eos=True))
     engine.add_request("two", "import os", SamplingParams(max_tokens=6, n=2, temperature=1.0, seed=2,
@@ -314,7 +314,7 @@ def test_max_num_seqs_counts_every_sample_a_request_forks_into(tiny_llama_dir):
 
 def test_a_request_that_forks_beyond_max_num_seqs_is_refused(tiny_llama_dir):
     from paged.errors import InvalidRequestError
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=128, max_num_seqs=4, compile=False))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=128, max_num_seqs=4, compile=False, dtype="float32"))
     with pytest.raises(InvalidRequestError) as info:
         engine.add_request("wide", "hello", SamplingParams(n=2, best_of=6, temperature=1.0))
     assert info.value.param == "best_of"
@@ -334,7 +334,7 @@ def test_refusals_name_the_request_field_at_fault(llm, prompt, params, param):
 
 
 def test_a_request_can_be_aborted_while_it_waits(tiny_llama_dir):
-    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False))
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_kv_blocks=64, max_num_seqs=1, compile=False, dtype="float32"))
     engine.add_request("runs", "hello", SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("waits", "import os", SamplingParams(max_tokens=4, ignore_eos=True))
     engine.step()
@@ -359,7 +359,7 @@ def test_non_streamed_requests_report_once_when_finished(llm):
 
 
 def test_generate_takes_more_prompts_than_the_waiting_queue_holds(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), num_kv_blocks=64, max_waiting_requests=2, compile=False)
+    llm = LLM(str(tiny_llama_dir), num_kv_blocks=64, max_waiting_requests=2, compile=False, dtype="float32")
     outs = llm.generate([f"x = {i}" for i in range(7)], SamplingParams(max_tokens=3, ignore_eos=True),
                         use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [3] * 7

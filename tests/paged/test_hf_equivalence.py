@@ -135,7 +135,7 @@ def llama_reference(tiny_llama_dir):
 
 
 def run_engine(model_dir, prompts=PROMPTS, max_tokens=MAX_TOKENS, n=1, **engine_kwargs):
-    llm = LLM(str(model_dir), seed=0, **engine_kwargs)
+    llm = LLM(str(model_dir), seed=0, **{"dtype": "float32", **engine_kwargs})
     params = [SamplingParams(max_tokens=m, temperature=0.0, n=n) for m in max_tokens]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return llm, outputs
@@ -210,7 +210,7 @@ def test_greedy_equals_hf_with_prefix_cache_hits(tiny_llama_dir):
     prompts = [shared + tail for tail in ("def mul(a, b):", "class Point:", "import math", "x = 1")]
     max_tokens = [16, 20, 12, 18]
     reference = hf_greedy(str(tiny_llama_dir), prompts, max_tokens)
-    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256, enable_prefix_caching=True)
+    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256, enable_prefix_caching=True, dtype="float32")
     params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens]
     first = llm.generate(prompts[:1], params[:1], use_tqdm=False)
     rest = llm.generate(prompts[1:], params[1:], use_tqdm=False)
@@ -271,7 +271,7 @@ def test_beam_search_equals_hf_beam_search(tiny_llama_dir):
     prompts, width, length = PROMPTS[:4], 3, 8
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
-    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256)
+    llm = LLM(str(tiny_llama_dir), block_size=16, num_kv_blocks=256, dtype="float32")
     outputs = llm.generate(prompts, SamplingParams(beam_width=width, n=width, max_tokens=length, ignore_eos=True,
                                                    temperature=0.0), use_tqdm=False)
     for prompt, out in zip(prompts, outputs):

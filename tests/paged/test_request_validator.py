@@ -47,7 +47,7 @@ def test_the_excess_over_the_context_is_stated():
 
 def test_limits_come_from_the_config_and_the_model():
     args = SimpleNamespace(max_position_embeddings=2048, sliding_window=512, vocab_size=32000)
-    limits = RequestLimits.for_model(EngineConfig(model="m", max_num_seqs=8), args)
+    limits = RequestLimits.for_model(EngineConfig(model="m", max_num_seqs=8, dtype="float32"), args)
     assert limits == RequestLimits(max_model_len=512, vocab_size=32000, max_num_seqs=8)
     with pytest.raises(ValueError, match="exceeds the model's limit 512"):
-        RequestLimits.for_model(EngineConfig(model="m", max_model_len=1024), args)
+        RequestLimits.for_model(EngineConfig(model="m", max_model_len=1024, dtype="float32"), args)

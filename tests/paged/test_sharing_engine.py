@@ -48,7 +48,7 @@ def assert_pool_whole(llm: LLM) -> None:
 def reference(tiny_llama_dir):
     """Greedy outputs with the prefix cache off: what every cache arrangement must reproduce."""
     llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=256, max_model_len=256,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, dtype="float32")
     prompts = [PREFIX + t for t in TAILS]
     return dict(zip(map(tuple, prompts), token_ids(generate(llm, prompts, LONGER))))
 
@@ -60,7 +60,7 @@ def expected(reference, prompts, max_tokens: int = GREEDY.max_tokens) -> list[li
 
 # ---- pinned prefixes -----------------------------------------------------------------------------
 def test_a_request_behind_a_pinned_prefix_computes_only_its_own_tokens_even_after_a_flood(tiny_llama_dir, reference):
-    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=32, max_model_len=256, swap_space_bytes=0)
+    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=32, max_model_len=256, swap_space_bytes=0, dtype="float32")
     assert llm.register_prefix(PREFIX + [5]) == len(PREFIX), "the full blocks are pinned"
     before = prompt_tokens(llm)
     first = generate(llm, [PREFIX + TAILS[0]])
@@ -75,7 +75,7 @@ def test_a_request_behind_a_pinned_prefix_computes_only_its_own_tokens_even_afte
 
 
 def test_unregistering_makes_the_prefix_blocks_evictable_and_the_pool_whole(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=32, max_model_len=256, swap_space_bytes=0)
+    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=32, max_model_len=256, swap_space_bytes=0, dtype="float32")
     llm.register_prefix(PREFIX + [5])
     assert llm.kv_stats()["pinned_blocks"] == 4 and llm.kv_stats()["free_blocks"] == 28
     assert llm.unregister_prefix(PREFIX + [5]) == len(PREFIX)
@@ -90,7 +90,7 @@ def test_unregistering_makes_the_prefix_blocks_evictable_and_the_pool_whole(tiny
 
 def test_registration_that_leaves_no_room_for_a_max_length_request_is_refused(tiny_llama_dir):
     # max_model_len 128 at block 16: one request may need up to 8 + 2 blocks; the pool has 14
-    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=14, max_model_len=128, swap_space_bytes=0)
+    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=14, max_model_len=128, swap_space_bytes=0, dtype="float32")
     with pytest.raises(ValueError, match=r"max_model_len=128 tokens needs up to 10"):
         llm.register_prefix(list(range(1000, 1000 + 5 * BS)))
     assert llm.kv_stats()["pinned_blocks"] == 0 and not llm.engine.has_unfinished_requests()
@@ -100,7 +100,7 @@ def test_registration_that_leaves_no_room_for_a_max_length_request_is_refused(ti
 
 
 def test_registering_the_same_prefix_again_computes_nothing(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0)
+    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0, dtype="float32")
     llm.register_prefix(PREFIX)
     before = prompt_tokens(llm)
     assert llm.register_prefix(PREFIX) == len(PREFIX)
@@ -108,7 +108,7 @@ def test_registering_the_same_prefix_again_computes_nothing(tiny_llama_dir):
 
 
 def test_shared_prefix_errors_are_clear(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0)
+    llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=64, max_model_len=256, swap_space_bytes=0, dtype="float32")
     with pytest.raises(ValueError, match="not registered"):
         llm.unregister_prefix(PREFIX)
     llm.engine.add_request("busy", [1, 2, 3], GREEDY)
@@ -116,7 +116,7 @@ def test_shared_prefix_errors_are_clear(tiny_llama_dir):
         llm.register_prefix(PREFIX)
     llm.engine.abort_request("busy")
     no_cache = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=64, max_model_len=256,
-                   enable_prefix_caching=False, swap_space_bytes=0)
+                   enable_prefix_caching=False, swap_space_bytes=0, dtype="float32")
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         no_cache.register_prefix(PREFIX)
 
@@ -126,7 +126,7 @@ def test_pinned_prefix_with_chunked_prefill_and_preemption_by_recompute(tiny_lla
     recomputing them, and the outputs do not change."""
     # max_model_len 112 leaves room for 7 + 2 blocks beside the 4 pinned: 9 for six requests
     llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=13, max_model_len=112, swap_space_bytes=0,
-              max_num_batched_tokens=24, preemption_mode="recompute")
+              max_num_batched_tokens=24, preemption_mode="recompute", dtype="float32")
     llm.register_prefix(PREFIX)
     prompts = [PREFIX + t for t in TAILS]
     outputs = generate(llm, prompts, LONGER)
@@ -143,7 +143,8 @@ def test_pinned_prefix_with_chunked_prefill_and_preemption_by_recompute(tiny_lla
 # ---- the CPU tier --------------------------------------------------------------------------------
 def tier_llm(tiny_llama_dir, cpu_prefix_blocks: int, **kwargs) -> LLM:
     block_bytes = 8192 * BS            # tiny-llama, fp32: 8 KiB of KV per token
-    settings = {"block_size": BS, "num_kv_blocks": 24, "max_model_len": 256, "swap_space_bytes": 0, **kwargs}
+    settings = {"block_size": BS, "num_kv_blocks": 24, "max_model_len": 256, "swap_space_bytes": 0,
+                "dtype": "float32", **kwargs}
     return LLM(str(tiny_llama_dir), cpu_prefix_cache_bytes=cpu_prefix_blocks * block_bytes, **settings)
 
 
@@ -190,7 +191,7 @@ def test_the_cpu_tier_does_not_stop_preemption_by_swap(tiny_llama_dir, reference
     """The tier fills the CPU pool first; swap-outs then take its blocks and outputs stay equal."""
     block_bytes = 8192 * BS
     llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=16, max_model_len=112, max_num_batched_tokens=64,
-              swap_space_bytes=4 * block_bytes, cpu_prefix_cache_bytes=16 * block_bytes, preemption_mode="swap")
+              swap_space_bytes=4 * block_bytes, cpu_prefix_cache_bytes=16 * block_bytes, preemption_mode="swap", dtype="float32")
     flood(llm, 3, 5 * BS)
     flood(llm, 3, 6 * BS, first_token=5000)                   # pushes the first flood's blocks to the tier
     stats = llm.kv_stats()
@@ -205,7 +206,7 @@ def test_the_cpu_tier_does_not_stop_preemption_by_swap(tiny_llama_dir, reference
 
 def test_cpu_tier_size_must_hold_a_block(tiny_llama_dir):
     with pytest.raises(ValueError, match="holds no block"):
-        LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=24, cpu_prefix_cache_bytes=100)
+        LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=24, cpu_prefix_cache_bytes=100, dtype="float32")
 
 
 @pytest.mark.parametrize("kwargs", [dict(cpu_prefix_cache_bytes=-1), dict(cpu_prefix_cache_bytes=1.5),
@@ -219,7 +220,7 @@ def test_invalid_cpu_prefix_cache_settings_are_refused(kwargs):
 # ---- sharing statistics --------------------------------------------------------------------------
 def test_parallel_samples_share_their_prompt_blocks(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), block_size=BS, num_kv_blocks=128, max_model_len=256, swap_space_bytes=0,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, dtype="float32")
     generate(llm, [PREFIX + TAILS[0]], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True))
     stats = llm.kv_stats()
     assert stats["sharing_unshared_blocks_sum"] > stats["sharing_held_blocks_sum"] > 0

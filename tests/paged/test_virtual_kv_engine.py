@@ -144,10 +144,10 @@ def test_settings_virtual_memory_cannot_take_are_refused_naming_the_field(settin
 
 
 def test_virtual_turns_prefix_caching_off_by_default_and_paged_keeps_it_on():
-    assert EngineConfig(model="m", kv_memory="virtual").enable_prefix_caching is False
-    assert EngineConfig(model="m").enable_prefix_caching is True
+    assert EngineConfig(model="m", kv_memory="virtual", dtype="float32").enable_prefix_caching is False
+    assert EngineConfig(model="m", dtype="float32").enable_prefix_caching is True
     with pytest.raises(ValueError, match="set enable_prefix_caching to false"):
-        EngineConfig(model="m", kv_memory="virtual", enable_prefix_caching=True)
+        EngineConfig(model="m", kv_memory="virtual", enable_prefix_caching=True, dtype="float32")
     assert "cuMemMap" in str(pytest.raises(ValueError, EngineConfig, model="m", kv_memory="virtual",
                                            device="cuda:0").value)
 

@@ -77,7 +77,7 @@ def test_segment_with_another_nonce_is_not_attached():
 
 
 def test_unsplittable_model_is_refused_before_any_process_starts(tiny_llama_dir):
-    spec = WorkerGroupSpec(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=3), num_blocks=4,
+    spec = WorkerGroupSpec(EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=3, dtype="float32"), num_blocks=4,
                            num_cpu_blocks=0)
     with pytest.raises(ValueError, match="8 attention heads do not divide by tensor_parallel_size 3"):
         TensorParallelExecutor(spec)
@@ -85,7 +85,7 @@ def test_unsplittable_model_is_refused_before_any_process_starts(tiny_llama_dir)
 
 def multi_node_config(model_dir) -> EngineConfig:
     return EngineConfig(model=str(model_dir), tensor_parallel_size=2, tensor_parallel_nnodes=2,
-                        tensor_parallel_rdzv_endpoint="127.0.0.1:1", tensor_parallel_engine_address="tcp:127.0.0.1:2")
+                        tensor_parallel_rdzv_endpoint="127.0.0.1:1", tensor_parallel_engine_address="tcp:127.0.0.1:2", dtype="float32")
 
 
 def test_multi_node_spec_needs_the_shared_key_from_the_environment(tiny_llama_dir, monkeypatch):
@@ -101,7 +101,7 @@ def test_multi_node_spec_needs_the_shared_key_from_the_environment(tiny_llama_di
 
 def test_spec_takes_its_sizes_from_the_engine_config(tiny_llama_dir):
     config = EngineConfig(model=str(tiny_llama_dir), tensor_parallel_size=2, max_num_seqs=32, block_size=8, seed=3,
-                          tensor_parallel_heartbeat_timeout_s=9.0)
+                          tensor_parallel_heartbeat_timeout_s=9.0, dtype="float32")
     spec = WorkerGroupSpec(config, num_blocks=100, num_cpu_blocks=10)
     assert (spec.world_size, spec.nnodes, spec.max_logits_rows, spec.num_blocks, spec.num_cpu_blocks,
             spec.heartbeat_timeout_s) == (2, 1, 32, 100, 10, 9.0)

@@ -13,7 +13,7 @@ from tp_reference import MAX_TOKENS, PROMPTS, HFReference, compare_greedy
 # A small pool (40 blocks of 8 tokens for 10 requests) forces preemption, and a token budget
 # below the longest prompts forces chunked prefill.
 SETTINGS = dict(block_size=8, num_kv_blocks=40, max_num_batched_tokens=64, enable_prefix_caching=True,
-                preemption_mode="swap", seed=0)
+                preemption_mode="swap", seed=0, dtype="float32")
 
 
 @pytest.fixture(scope="module")

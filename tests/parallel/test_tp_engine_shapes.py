@@ -7,7 +7,8 @@ import pytest
 from paged import LLM, SamplingParams
 from tp_reference import MAX_TOKENS, PROMPTS, HFReference, compare_greedy
 
-SETTINGS = dict(block_size=16, num_kv_blocks=24, max_num_batched_tokens=48, enable_prefix_caching=True, seed=0)
+SETTINGS = dict(block_size=16, num_kv_blocks=24, max_num_batched_tokens=48, enable_prefix_caching=True, seed=0,
+                dtype="float32")
 
 
 @pytest.fixture(scope="module", params=["tiny_qwen2_dir", "tiny_odd_vocab_dir"])

@@ -98,7 +98,7 @@ def test_rank_that_fails_to_load_fails_the_start_with_its_traceback(tmp_path, ti
 
 
 def test_closing_the_engine_leaves_no_process(tiny_llama_dir):
-    with LLM(str(tiny_llama_dir), tensor_parallel_size=2, num_kv_blocks=16) as llm:
+    with LLM(str(tiny_llama_dir), tensor_parallel_size=2, num_kv_blocks=16, dtype="float32") as llm:
         info = llm.engine.performance_info()["tensor_parallel"]
         pids = [info["agent_pid"]] + [r["pid"] for r in info["ranks"]]
         assert pids_alive(pids) == pids

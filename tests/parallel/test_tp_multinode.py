@@ -14,7 +14,7 @@ PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n" * 3, "x"]
 
 def test_two_node_rendezvous_on_loopback_gives_the_single_device_tokens(tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("PAGED_TP_AUTHKEY", os.urandom(32).hex())
-    settings = dict(block_size=16, num_kv_blocks=32, max_num_batched_tokens=32)
+    settings = dict(block_size=16, num_kv_blocks=32, max_num_batched_tokens=32, dtype="float32")
     two_nodes = dict(tensor_parallel_size=2, tensor_parallel_nnodes=2,
                      tensor_parallel_rdzv_endpoint=f"127.0.0.1:{free_port()}",
                      tensor_parallel_engine_address=f"tcp:127.0.0.1:{free_port()}")

@@ -11,7 +11,7 @@ from paged import EngineConfig, LLMEngine
 
 
 def main(model_dir: str) -> None:
-    engine = LLMEngine(EngineConfig(model=model_dir, tensor_parallel_size=2, num_kv_blocks=16))
+    engine = LLMEngine(EngineConfig(model=model_dir, tensor_parallel_size=2, num_kv_blocks=16, dtype="float32"))
     group = engine.performance_info()["tensor_parallel"]
     print(json.dumps({"agent": group["agent_pid"], "ranks": [r["pid"] for r in group["ranks"]]}), flush=True)
     while True:

@@ -38,7 +38,7 @@ def engine_config(model_dir, **overrides):
     """An EngineConfig for a 2-rank group with one torch thread per rank (tests share 2 cores)."""
     from paged.config import EngineConfig
 
-    return EngineConfig(**{"model": str(model_dir), "tensor_parallel_size": 2, **overrides})
+    return EngineConfig(**{"model": str(model_dir), "tensor_parallel_size": 2, "dtype": "float32", **overrides})
 
 
 def reference_runner(model_dir, num_blocks: int, num_cpu_blocks: int = 0, block_size: int = 16):
@@ -47,7 +47,7 @@ def reference_runner(model_dir, num_blocks: int, num_cpu_blocks: int = 0, block_
     from paged.model_runner import ModelRunner
     from paged.models.llama import ModelArgs
 
-    config = EngineConfig(model=str(model_dir), block_size=block_size)
+    config = EngineConfig(model=str(model_dir), block_size=block_size, dtype="float32")
     return ModelRunner(config, ModelArgs.from_checkpoint(model_dir), num_blocks, num_cpu_blocks)
 
 
