@@ -46,15 +46,22 @@ _JSON_TYPES = ("application/json", "")
 
 # ---------------------------------------------------------------------------- the backend socket
 class LockedSocket:
-    """The backend socket with ``sendall`` under one lock (reads and everything else pass through)."""
+    """The backend socket with ``sendall`` under one lock (reads and everything else pass through).
+
+    ``messages`` / ``bytes_sent`` count every write to the frontend (each ``sendall`` is one
+    whole backend message), for describe and ``make bench-serve``."""
 
     def __init__(self, sock):
         self._sock = sock
         self._lock = threading.Lock()
+        self.messages = 0
+        self.bytes_sent = 0
 
     def sendall(self, data) -> None:
         with self._lock:
             self._sock.sendall(data)
+            self.messages += 1
+            self.bytes_sent += len(data)
 
     def __getattr__(self, name: str):
         return getattr(self._sock, name)
@@ -211,7 +218,8 @@ class TorchServeHandler:
         if _DEBUG_HEADERS:
             logger.info("request headers: %s; parameters: %s", redacted(headers), sorted(row))
         if is_describe(headers, row):
-            return self._final(context, Answer(200, "application/json", json.dumps(await self.describe())))
+            info = await self.describe(getattr(context, "cl_socket", None))
+            return self._final(context, Answer(200, "application/json", json.dumps(info)))
         rest = is_rest(headers)
         streamed = threading.Event()
 
@@ -284,11 +292,16 @@ class TorchServeHandler:
         return [""]
 
     # ------------------------------------------------------------------ describe
-    async def describe(self) -> dict:
+    async def describe(self, backend_socket=None) -> dict:
+        """What describe shows: the service's facts, and this worker's process, threads and the
+        backend messages it wrote so far (``make bench-serve`` reads the last two)."""
         info = await self.service.describe() if self.service is not None else {"loaded": False}
         from ts.service import Service
 
         info["worker"] = {"pid": os.getpid(), "parent_pid": self.watchdog.parent_pid if self.watchdog else None,
                           "open_requests": self.open_requests,
-                          "backend_writes_locked": bool(getattr(Service.set_cl_socket, "locks_writes", False))}
+                          "backend_writes_locked": bool(getattr(Service.set_cl_socket, "locks_writes", False)),
+                          "threads": {str(t.native_id): t.name for t in threading.enumerate()}}
+        if isinstance(backend_socket, LockedSocket):
+            info["worker"]["backend"] = {"messages": backend_socket.messages, "bytes": backend_socket.bytes_sent}
         return info
