@@ -258,7 +258,7 @@ def start_server(args, work: Path):
 
     ts = TorchServe(work, free_ports(5))
     ts.store.mkdir(parents=True, exist_ok=True)
-    settings = dict(engine_settings(args), request_timeout=3000)
+    settings = dict(engine_settings(args), request_timeout=3000, stream_interval=args.stream_interval)
     build_model_folder(ts.store, "llm", Path(args.model).resolve(), settings)
     ts.env["OMP_NUM_THREADS"] = str(args.threads)
     ts.env["TOKENIZERS_PARALLELISM"] = "false"
@@ -330,6 +330,8 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=1 << 30)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="the handler's stream_interval: a chunk every N generated tokens (default 1: every step)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     ap.add_argument("--inproc-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--client-worker", default=None, help=argparse.SUPPRESS)
@@ -353,7 +355,7 @@ def main() -> None:
         wl.save(str(path))
         wls.append((wl, str(path)))
 
-    print(f"starting TorchServe in {work} ...", flush=True)
+    print(f"starting TorchServe in {work} (stream_interval {args.stream_interval}) ...", flush=True)
     ts = start_server(args, work)
     runs: dict[str, dict[str, list]] = {wl.name: {"inproc": [], "served": []} for wl, _ in wls}
     try:
@@ -399,7 +401,8 @@ def main() -> None:
                   f"{r.get('tpot_p50_ms', 0):9.2f} {r.get('tpot_p99_ms', 0):9.2f}")
         print(f"{'':>16} served/in-process throughput: {ratio:.1%} (target >= 90%)")
     print_time_split({name: summary[name]["where_time_goes"] for name, _, _ in table})
-    out = {"settings": engine_settings(args), "threads": args.threads, "repeats": args.repeats,
+    out = {"settings": engine_settings(args), "stream_interval": args.stream_interval,
+           "threads": args.threads, "repeats": args.repeats,
            "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
            "engine_thread_probe": describe.get("engine_thread_probe"), "results": summary,
            "note": "medians over repeats; TTFT/TPOT in ms; served = TorchServe + handler + client on the same cores"}
