@@ -268,14 +268,14 @@ class TorchServeHandler:
 
     # ------------------------------------------------------------------ framing
     @staticmethod
-    def _write(context, chunk: str, stream_next: bool | None) -> None:
-        """One message to the frontend now, through TorchServe's own framing: an intermediate chunk
-        (stream_next True) or a whole response that leaves the job open (None). Streams do not
-        come here: their chunks go through the worker's BackendWriter."""
+    def _write_open(context, body: str) -> None:
+        """A whole response to the frontend now, through TorchServe's own framing, that leaves the
+        job open (a final message ends it). Stream chunks do not come here: they go through the
+        worker's BackendWriter."""
         from ts.protocol.otf_message_handler import create_predict_response
 
-        msg = create_predict_response([chunk], context.request_ids, "Intermediate", 200, context,
-                                      ts_stream_next=bool(stream_next))
+        msg = create_predict_response([body], context.request_ids, "Intermediate", 200, context,
+                                      ts_stream_next=False)
         context.cl_socket.sendall(msg)
 
     @staticmethod
@@ -301,7 +301,7 @@ class TorchServeHandler:
         """A >= 400 REST answer: written whole now, then an empty final message ends the job."""
         context.set_response_status(answer.status, phrase(answer.status))
         context.set_response_content_type(0, answer.content_type)
-        self._write(context, answer.body, stream_next=None)
+        self._write_open(context, answer.body)
         context.set_response_header(0, "ts_stream_next", "false")
         return [""]
 
