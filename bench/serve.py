@@ -208,6 +208,19 @@ def client_worker(port: int, wl_path: str) -> None:
 WORKER_THREAD_GROUPS = {"paged-engine": "engine", "MainThread": "event_loop"}
 
 
+def frontend_thread_group(comm: str) -> str:
+    """Where a thread of the Java frontend is reported, by the name the JVM gave it."""
+    if comm.startswith(("C1 Compiler", "C2 Compiler")):
+        return "jit"
+    if comm.startswith(("GC Thread", "G1 ", "VM Thread", "VM Periodic")):
+        return "gc_vm"
+    if comm.startswith("epollEventLoop"):
+        return "netty_io"
+    if comm.startswith("W-"):
+        return "workers"  # the model's worker threads and the readers of its stdout / stderr
+    return "other"
+
+
 def _served_counters(ts) -> dict:
     """CPU used so far by the frontend and per worker thread group, and backend messages written."""
     d = ts.describe()
@@ -219,7 +232,10 @@ def _served_counters(ts) -> dict:
         name = names.get(tid)
         return "engine" if name is None else WORKER_THREAD_GROUPS.get(name, "other_threads")
 
-    return {"frontend_s": proc_cpu.process_cpu_s(ts.java_pid) if ts.java_pid else None,
+    java = ts.java_pid
+    return {"frontend_s": proc_cpu.process_cpu_s(java) if java else None,
+            "frontend_threads": proc_cpu.grouped_thread_cpu_s(
+                java, lambda tid: frontend_thread_group(proc_cpu.thread_name(java, tid))) if java else {},
             "worker_s": proc_cpu.process_cpu_s(pid) if pid else None,
             "worker_threads": proc_cpu.grouped_thread_cpu_s(pid, group_of) if pid else {},
             "backend": worker.get("backend", {})}
@@ -247,9 +263,10 @@ def served_cpu_split(before: dict, after: dict, client_s: float) -> dict:
 
     split = {"frontend_s": delta(before["frontend_s"], after["frontend_s"]),
              "worker_s": delta(before["worker_s"], after["worker_s"]), "client_s": client_s}
-    for group in sorted(set(before["worker_threads"]) | set(after["worker_threads"])):
-        split[f"worker_{group}_s"] = delta(before["worker_threads"].get(group, 0.0),
-                                           after["worker_threads"].get(group, 0.0))
+    for side in ("worker", "frontend"):
+        b, a = before[f"{side}_threads"], after[f"{side}_threads"]
+        for group in sorted(set(b) | set(a)):
+            split[f"{side}_{group}_s"] = delta(b.get(group, 0.0), a.get(group, 0.0))
     return split
 
 
@@ -258,7 +275,9 @@ def start_server(args, work: Path):
 
     ts = TorchServe(work, free_ports(5))
     ts.store.mkdir(parents=True, exist_ok=True)
-    settings = dict(engine_settings(args), request_timeout=3000, stream_interval=args.stream_interval)
+    settings = dict(engine_settings(args), request_timeout=3000)
+    if args.stream_interval != 1:  # else the handler's default
+        settings["stream_interval"] = args.stream_interval
     build_model_folder(ts.store, "llm", Path(args.model).resolve(), settings)
     ts.env["OMP_NUM_THREADS"] = str(args.threads)
     ts.env["TOKENIZERS_PARALLELISM"] = "false"
@@ -267,10 +286,14 @@ def start_server(args, work: Path):
     return ts
 
 
-def warm_served(ts, wl: Workload) -> None:
-    small = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
-                     prompts=[p[:32] for p in wl.prompts[:4]], output_lens=[8] * min(4, wl.num_requests))
-    asyncio.run(_drive(ts.http, small))
+def warm_served(ts, wl: Workload, max_tokens: int) -> None:
+    """Untimed traffic before the runs: every request of ``wl`` with at most ``max_tokens`` tokens.
+
+    The JVM compiles the frontend's hot paths after thousands of calls; with a few warm-up requests
+    that compilation (the "jit" threads of the split) landed in the first timed served run."""
+    warm = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
+                    prompts=list(wl.prompts), output_lens=[min(L, max_tokens) for L in wl.output_lens])
+    asyncio.run(_drive(ts.http, warm))
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -300,18 +323,24 @@ def time_split(runs: dict[str, list]) -> dict:
 
 def print_time_split(splits: dict[str, dict]) -> None:
     cols = ["worker_engine", "worker_event_loop", "worker_other_threads", "worker", "frontend", "client"]
-    hdr = (f"{'workload':>16} {'in-proc':>8} | " + " ".join(f"{c.replace('worker_', 'w.'):>14}" for c in cols)
+    hdr = (f"{'workload':>16} {'in-proc':>8} | " + " ".join(f"{c.replace('worker_', 'w.'):>15}" for c in cols)
            + f" | {'cores in/srv':>12} {'msgs/tok':>8} {'bytes/tok':>9}")
     print("\nwhere a served token's time goes: CPU ms per 1,000 output tokens (medians; w. = the Python "
-          "worker by thread group, w.engine includes its OpenMP threads; frontend = TorchServe's Java process)")
+          "worker by thread group, w.engine includes its OpenMP threads; frontend = TorchServe's Java process; "
+          "cores = CPU seconds per second of the run)")
     print(hdr)
     print("-" * len(hdr))
     for name, sp in splits.items():
         cpu = sp["served_cpu_ms_per_1k_tokens"]
-        cells = " ".join(f"{_fmt(cpu.get(c)):>14}" for c in cols)
+        cells = " ".join(f"{_fmt(cpu.get(c)):>15}" for c in cols)
         cores = f"{_fmt(sp['inproc_cores_busy'], 2)}/{_fmt(sp['served_cores_busy'], 2)}"
         print(f"{name:>16} {_fmt(sp['inproc_cpu_ms_per_1k_tokens']):>8} | {cells} | {cores:>12} "
               f"{_fmt(sp['backend_messages_per_token'], 3):>8} {_fmt(sp['backend_bytes_per_token'], 0):>9}")
+    print("the frontend's share by JVM thread (CPU ms per 1,000 output tokens): "
+          + "; ".join(f"{name}: " + ", ".join(f"{k[len('frontend_'):]} {_fmt(v)}" for k, v in
+                                               sp["served_cpu_ms_per_1k_tokens"].items()
+                                               if k.startswith("frontend_"))
+                      for name, sp in splits.items()))
 
 
 def _fmt(x, digits: int = 1) -> str:
@@ -330,6 +359,8 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=1 << 30)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--warmup-tokens", type=int, default=32,
+                    help="untimed warm-up: the first workload's requests with at most this many tokens each")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="the handler's stream_interval: a chunk every N generated tokens (default 1: every step)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
@@ -359,7 +390,7 @@ def main() -> None:
     ts = start_server(args, work)
     runs: dict[str, dict[str, list]] = {wl.name: {"inproc": [], "served": []} for wl, _ in wls}
     try:
-        warm_served(ts, wls[0][0])
+        warm_served(ts, wls[0][0], args.warmup_tokens)
         for rep in range(args.repeats):
             for wl, path in wls:
                 for mode in (("inproc", "served") if rep % 2 == 0 else ("served", "inproc")):

@@ -43,6 +43,14 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     return out
 
 
+def thread_name(pid: int, tid: int) -> str:
+    """The kernel's name of one thread (``comm``, at most 15 characters; the JVM sets it), or ""."""
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def grouped_thread_cpu_s(pid: int, group_of: Callable[[int], str]) -> dict[str, float]:
     """CPU seconds of ``pid``'s live threads summed per group (``group_of(native thread id)``).
 
