@@ -17,7 +17,10 @@ Where a served token's time goes: CPU seconds (utime + stime from /proc) of the 
 and while serving, of TorchServe's Java frontend, of the Python worker (split by thread group:
 the engine thread with its OpenMP threads, the asyncio event loop that formats and frames the
 stream, TorchServe's socket and other threads) and of the client; and backend messages (worker ->
-frontend) per output token, from the worker's describe.
+frontend) per output token, from the worker's describe. The frontend's CPU is also split by JVM
+thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads); an untimed warm-up of the
+first workload's requests (capped at --warmup-tokens tokens each) keeps most JIT compilation
+out of the timed runs.
 
 Same engine settings on both sides (fp32, block 16, prefix caching off, the same KV bytes,
 max_num_seqs, max_num_batched_tokens). Prints a table and writes JSON. The machine has 2 cores
