@@ -13,6 +13,15 @@ are fixed) and each repeat, interleaved:
   no per-request threads); TTFT = first chunk with tokens - send time, TPOT = (last - first) /
   (tokens - 1), as a client sees them.
 
+Where a served token's time goes: CPU seconds (utime + stime from /proc) of the in-process engine,
+and while serving, of TorchServe's Java frontend, of the Python worker (split by thread group:
+the engine thread with its OpenMP threads, the asyncio event loop that formats and frames the
+stream, TorchServe's socket and other threads) and of the client; and backend messages (worker ->
+frontend) per output token, from the worker's describe. The frontend's CPU is also split by JVM
+thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads); an untimed warm-up of the
+first workload's requests (capped at --warmup-tokens tokens each) keeps most JIT compilation
+out of the timed runs.
+
 Same engine settings on both sides (fp32, block 16, prefix caching off, the same KV bytes,
 max_num_seqs, max_num_batched_tokens). Prints a table and writes JSON. The machine has 2 cores
 shared by TorchServe's Java frontend, the worker and the client: that overhead is part of what
@@ -48,6 +57,7 @@ def _load_workload_module():
 
 
 _wl = _load_workload_module()
+from paged_tools import proc_cpu  # noqa: E402 - after the path set-up above
 Workload, workload_for_model = _wl.Workload, _wl.workload_for_model
 
 
@@ -89,6 +99,7 @@ def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
         eng.add_request(f"w{i}", wl.prompts[i][:32], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     while eng.has_unfinished_requests():
         eng.step()
+    cpu0 = _own_cpu_s()
     t0 = time.time()
     for i, (p, L) in enumerate(zip(wl.prompts, wl.output_lens)):
         eng.add_request(str(i), p, SamplingParams(max_tokens=L, temperature=0.0, ignore_eos=True), arrival_time=t0)
@@ -98,6 +109,7 @@ def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
             if out.finished:
                 done[out.request_id] = out
     elapsed = time.time() - t0
+    cpu = _own_cpu_s() - cpu0
     ntoks, ttfts, tpots = [], [], []
     for out in done.values():
         n = len(out.outputs[0].token_ids)
@@ -109,7 +121,12 @@ def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
                 tpots.append((m.finished_time - m.first_token_time) / (n - 1))
     assert len(done) == wl.num_requests and ntoks and all(n == L for n, L in
                                                              zip([len(done[str(i)].outputs[0].token_ids) for i in range(wl.num_requests)], wl.output_lens))
-    print(json.dumps(summarize(elapsed, ntoks, ttfts, tpots)))
+    print(json.dumps(dict(summarize(elapsed, ntoks, ttfts, tpots), cpu={"engine_process_s": round(cpu, 3)})))
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def run_inproc(args, wl_path: str) -> dict:
@@ -181,15 +198,79 @@ async def _drive(port: int, wl: Workload) -> dict:
 
 
 def client_worker(port: int, wl_path: str) -> None:
-    print(json.dumps(asyncio.run(_drive(port, Workload.load(wl_path)))))
+    wl = Workload.load(wl_path)
+    cpu0 = _own_cpu_s()
+    res = asyncio.run(_drive(port, wl))
+    res["client_cpu_s"] = round(_own_cpu_s() - cpu0, 3)
+    print(json.dumps(res))
+
+
+# Worker threads by Python name -> where their CPU is reported. Threads Python does not know (no
+# name) are the engine's OpenMP workers; named ones not listed are TorchServe's socket reader and
+# writer threads, the tokenizer pool and the parent watchdog.
+WORKER_THREAD_GROUPS = {"paged-engine": "engine", "MainThread": "event_loop"}
+
+
+def frontend_thread_group(comm: str) -> str:
+    """Where a thread of the Java frontend is reported, by the name the JVM gave it."""
+    if comm.startswith(("C1 Compiler", "C2 Compiler")):
+        return "jit"
+    if comm.startswith(("GC Thread", "G1 ", "VM Thread", "VM Periodic")):
+        return "gc_vm"
+    if comm.startswith("epollEventLoop"):
+        return "netty_io"
+    if comm.startswith("W-"):
+        return "workers"  # the model's worker threads and the readers of its stdout / stderr
+    return "other"
+
+
+def _served_counters(ts) -> dict:
+    """CPU used so far by the frontend and per worker thread group, and backend messages written."""
+    d = ts.describe()
+    worker = d.get("worker", {})
+    pid = worker.get("pid")
+    names = {int(tid): name for tid, name in worker.get("threads", {}).items()}
+
+    def group_of(tid: int) -> str:
+        name = names.get(tid)
+        return "engine" if name is None else WORKER_THREAD_GROUPS.get(name, "other_threads")
+
+    java = ts.java_pid
+    return {"frontend_s": proc_cpu.process_cpu_s(java) if java else None,
+            "frontend_threads": proc_cpu.grouped_thread_cpu_s(
+                java, lambda tid: frontend_thread_group(proc_cpu.thread_name(java, tid))) if java else {},
+            "worker_s": proc_cpu.process_cpu_s(pid) if pid else None,
+            "worker_threads": proc_cpu.grouped_thread_cpu_s(pid, group_of) if pid else {},
+            "backend": worker.get("backend", {})}
 
 
 def run_served(ts, wl_path: str) -> dict:
+    before = _served_counters(ts)
     r = subprocess.run([sys.executable, __file__, "--client-worker", wl_path, "--port", str(ts.http)],
                        capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(f"client failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    after = _served_counters(ts)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["cpu"] = served_cpu_split(before, after, res.pop("client_cpu_s"))
+    for key in ("messages", "bytes"):  # the describe between the counters adds one message: noise
+        if key in before["backend"] and key in after["backend"]:
+            res[f"backend_{key}"] = after["backend"][key] - before["backend"][key]
+    return res
+
+
+def served_cpu_split(before: dict, after: dict, client_s: float) -> dict:
+    """CPU seconds per process (and per worker thread group) between two counter readings."""
+    def delta(a, b):
+        return None if a is None or b is None else round(b - a, 3)
+
+    split = {"frontend_s": delta(before["frontend_s"], after["frontend_s"]),
+             "worker_s": delta(before["worker_s"], after["worker_s"]), "client_s": client_s}
+    for side in ("worker", "frontend"):
+        b, a = before[f"{side}_threads"], after[f"{side}_threads"]
+        for group in sorted(set(b) | set(a)):
+            split[f"{side}_{group}_s"] = delta(b.get(group, 0.0), a.get(group, 0.0))
+    return split
 
 
 def start_server(args, work: Path):
@@ -198,6 +279,8 @@ def start_server(args, work: Path):
     ts = TorchServe(work, free_ports(5))
     ts.store.mkdir(parents=True, exist_ok=True)
     settings = dict(engine_settings(args), request_timeout=3000)
+    if args.stream_interval != 1:  # else the handler's default
+        settings["stream_interval"] = args.stream_interval
     build_model_folder(ts.store, "llm", Path(args.model).resolve(), settings)
     ts.env["OMP_NUM_THREADS"] = str(args.threads)
     ts.env["TOKENIZERS_PARALLELISM"] = "false"
@@ -206,10 +289,65 @@ def start_server(args, work: Path):
     return ts
 
 
-def warm_served(ts, wl: Workload) -> None:
-    small = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
-                     prompts=[p[:32] for p in wl.prompts[:4]], output_lens=[8] * min(4, wl.num_requests))
-    asyncio.run(_drive(ts.http, small))
+def warm_served(ts, wl: Workload, max_tokens: int) -> None:
+    """Untimed traffic before the runs: every request of ``wl`` with at most ``max_tokens`` tokens.
+
+    The JVM compiles the frontend's hot paths after thousands of calls; with a few warm-up requests
+    that compilation (the "jit" threads of the split) landed in the first timed served run."""
+    warm = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
+                    prompts=list(wl.prompts), output_lens=[min(L, max_tokens) for L in wl.output_lens])
+    asyncio.run(_drive(ts.http, warm))
+
+
+# ------------------------------------------------------------------------------------ the split
+def time_split(runs: dict[str, list]) -> dict:
+    """Where a served token's time goes, medians over repeats: CPU ms per 1,000 output tokens per
+    process (the worker's split by thread group), the cores kept busy, backend messages per token."""
+    def per_k(r, seconds):
+        return None if seconds is None else 1e6 * seconds / r["output_tokens"]
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 3) if xs else None
+
+    out = {"inproc_cpu_ms_per_1k_tokens": med([per_k(r, r["cpu"]["engine_process_s"]) for r in runs["inproc"]])}
+    served = runs["served"]
+    keys = sorted({k for r in served for k in r["cpu"]})
+    out["served_cpu_ms_per_1k_tokens"] = {k[:-2]: med([per_k(r, r["cpu"].get(k)) for r in served]) for k in keys}
+    out["served_cores_busy"] = med([sum(v for k, v in r["cpu"].items() if k in ("frontend_s", "worker_s", "client_s")
+                                        and v is not None) / r["elapsed_s"] for r in served])
+    out["inproc_cores_busy"] = med([r["cpu"]["engine_process_s"] / r["elapsed_s"] for r in runs["inproc"]])
+    out["backend_messages_per_token"] = med([r["backend_messages"] / r["output_tokens"] for r in served
+                                             if "backend_messages" in r])
+    out["backend_bytes_per_token"] = med([r["backend_bytes"] / r["output_tokens"] for r in served
+                                          if "backend_bytes" in r])
+    return out
+
+
+def print_time_split(splits: dict[str, dict]) -> None:
+    cols = ["worker_engine", "worker_event_loop", "worker_other_threads", "worker", "frontend", "client"]
+    hdr = (f"{'workload':>16} {'in-proc':>8} | " + " ".join(f"{c.replace('worker_', 'w.'):>15}" for c in cols)
+           + f" | {'cores in/srv':>12} {'msgs/tok':>8} {'bytes/tok':>9}")
+    print("\nwhere a served token's time goes: CPU ms per 1,000 output tokens (medians; w. = the Python "
+          "worker by thread group, w.engine includes its OpenMP threads; frontend = TorchServe's Java process; "
+          "cores = CPU seconds per second of the run)")
+    print(hdr)
+    print("-" * len(hdr))
+    for name, sp in splits.items():
+        cpu = sp["served_cpu_ms_per_1k_tokens"]
+        cells = " ".join(f"{_fmt(cpu.get(c)):>15}" for c in cols)
+        cores = f"{_fmt(sp['inproc_cores_busy'], 2)}/{_fmt(sp['served_cores_busy'], 2)}"
+        print(f"{name:>16} {_fmt(sp['inproc_cpu_ms_per_1k_tokens']):>8} | {cells} | {cores:>12} "
+              f"{_fmt(sp['backend_messages_per_token'], 3):>8} {_fmt(sp['backend_bytes_per_token'], 0):>9}")
+    print("the frontend's share by JVM thread (CPU ms per 1,000 output tokens): "
+          + "; ".join(f"{name}: " + ", ".join(f"{k[len('frontend_'):]} {_fmt(v)}" for k, v in
+                                               sp["served_cpu_ms_per_1k_tokens"].items()
+                                               if k.startswith("frontend_"))
+                      for name, sp in splits.items()))
+
+
+def _fmt(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------ main
@@ -224,6 +362,10 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=1 << 30)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--warmup-tokens", type=int, default=32,
+                    help="untimed warm-up: the first workload's requests with at most this many tokens each")
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="the handler's stream_interval: a chunk every N generated tokens (default 1: every step)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     ap.add_argument("--inproc-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--client-worker", default=None, help=argparse.SUPPRESS)
@@ -247,11 +389,11 @@ def main() -> None:
         wl.save(str(path))
         wls.append((wl, str(path)))
 
-    print(f"starting TorchServe in {work} ...", flush=True)
+    print(f"starting TorchServe in {work} (stream_interval {args.stream_interval}) ...", flush=True)
     ts = start_server(args, work)
     runs: dict[str, dict[str, list]] = {wl.name: {"inproc": [], "served": []} for wl, _ in wls}
     try:
-        warm_served(ts, wls[0][0])
+        warm_served(ts, wls[0][0], args.warmup_tokens)
         for rep in range(args.repeats):
             for wl, path in wls:
                 for mode in (("inproc", "served") if rep % 2 == 0 else ("served", "inproc")):
@@ -278,6 +420,7 @@ def main() -> None:
         ratio = row["served"]["output_tokens_per_s"] / row["inproc"]["output_tokens_per_s"]
         summary[wl.name] = {"workload": wl.summary(), "inproc_median": row["inproc"], "served_median": row["served"],
                             "served_over_inproc_throughput": round(ratio, 3),
+                            "where_time_goes": time_split(runs[wl.name]),
                             "runs": runs[wl.name]}
         table.append((wl.name, row, ratio))
 
@@ -291,7 +434,9 @@ def main() -> None:
                   f"{r.get('ttft_p50_ms', 0):9.1f} {r.get('ttft_p99_ms', 0):9.1f} "
                   f"{r.get('tpot_p50_ms', 0):9.2f} {r.get('tpot_p99_ms', 0):9.2f}")
         print(f"{'':>16} served/in-process throughput: {ratio:.1%} (target >= 90%)")
-    out = {"settings": engine_settings(args), "threads": args.threads, "repeats": args.repeats,
+    print_time_split({name: summary[name]["where_time_goes"] for name, _, _ in table})
+    out = {"settings": engine_settings(args), "stream_interval": args.stream_interval,
+           "threads": args.threads, "repeats": args.repeats,
            "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
            "engine_thread_probe": describe.get("engine_thread_probe"), "results": summary,
            "note": "medians over repeats; TTFT/TPOT in ms; served = TorchServe + handler + client on the same cores"}

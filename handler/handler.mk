@@ -30,10 +30,12 @@ serve: $(MAR)
 serve-stop:
 	$(VENV_BIN)torchserve --stop
 
-# Same workload as the engine benchmark, through TorchServe; writes bench/results/serve.json.
+# Same workload as the engine benchmark, through TorchServe; prints where a served token's time goes
+# and writes bench/results/serve.json. BENCH_SERVE_ARGS="--stream-interval 4" (or --repeats, --workload).
+BENCH_SERVE_ARGS ?=
 bench-serve: $(MAR)
 	PATH="$(abspath $(VENV_BIN)):$$PATH" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
-	    $(PY) bench/serve.py --mar $(MAR) --model $(MODEL_DIR) --out bench/results/serve.json
+	    $(PY) bench/serve.py --mar $(MAR) --model $(MODEL_DIR) --out bench/results/serve.json $(BENCH_SERVE_ARGS)
 
 # Soak (not part of `make test`, a few minutes): >= 500 mixed requests through TorchServe with the
 # shipped config.properties and model-config.yaml; prints a table, writes bench/results/soak.json,

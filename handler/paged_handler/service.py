@@ -223,26 +223,45 @@ class LLMService:
         return Answer(200, p.format.content_type, p.format.full(last))
 
     async def _stream(self, p: Prepared, send: Send) -> Answer:
+        """Stream one request. Outputs are cumulative, so an output left unsent (``stream_interval``
+        > 1 holds a chunk until that many tokens are new) loses nothing: the next chunk carries
+        everything since the last one, and what is still held goes out before the closing or
+        error chunk."""
         fmt = p.format
         ctype = fmt.stream_content_type
         tracker = ChoiceTracker(self.tokenizers.token_text)
-        t_start, t_first, last, sent = time.time(), None, None, False
+        interval = self.settings["stream_interval"]
+        t_start, t_first, last, sent, sent_tokens = time.time(), None, None, False, 0
+
+        def send_deltas(out: RequestOutput) -> bool:
+            deltas = tracker.deltas(out)
+            for chunk in self._chunks(fmt, deltas) if deltas else ():
+                send(chunk, ctype)
+            return bool(deltas)
+
         try:
             async for out in self._outputs(p):
                 last = out
                 if not sent and (opening := fmt.opening(out)) is not None:
                     send(opening, ctype)
                     sent = True
-                deltas = tracker.deltas(out)
-                if deltas:
+                if interval > 1 and sent_tokens and not out.finished:
+                    tokens = sum(len(c.token_ids) for c in out.outputs)
+                    if tokens - sent_tokens < interval:
+                        continue  # held: the next chunk carries these tokens too
+                if send_deltas(out):
                     t_first = t_first or time.time()
-                    for chunk in self._chunks(fmt, deltas):
-                        send(chunk, ctype)
                     sent = True
+                    if interval > 1:
+                        sent_tokens = sum(len(c.token_ids) for c in out.outputs)
         except RequestError as err:
             if not sent:
                 raise
+            if last is not None:
+                send_deltas(last)
             return Answer(200, ctype, fmt.stream_error(err), streamed=True)
+        if last is not None and send_deltas(last):
+            sent = True
         self._record(last, t_start, t_first)
         return Answer(200, ctype, fmt.closing(last), streamed=sent)
 

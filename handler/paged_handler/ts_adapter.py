@@ -15,6 +15,10 @@ follows (docs/serving.md explains each):
   message then ends the job.
 - Two threads write to the backend socket (this loop for intermediate chunks, TorchServe's
   response thread for final messages): every write goes through one lock.
+- Intermediate chunks go through one ``BackendWriter`` per worker (handler/paged_handler/
+  backend_writer.py): the chunks of every stream that advanced in one engine step leave as one
+  backend message. A request's queued chunks are written before ``handle`` returns its final
+  message, so the final always comes after them.
 - Client headers reach the handler unchanged, so a ``describe: True`` header proves nothing:
   describe data is given only to a request that can only come from the management API.
 """
@@ -30,10 +34,11 @@ from typing import Any
 
 from paged.async_engine import AsyncLLMEngine
 
+from paged_handler.backend_writer import BackendWriter, RequestChannel
 from paged_handler.errors import INTERNAL_ERROR, RequestError, phrase
 from paged_handler.lifecycle import ParentWatchdog, exit_when_drained
 from paged_handler.prefixes import engine_factory_with_prefixes
-from paged_handler.service import Answer, LLMService
+from paged_handler.service import RESPONSE_MARGIN_BYTES, Answer, LLMService
 from paged_handler.settings import HANDLER_DEFAULTS, parse_handler_config
 
 logger = logging.getLogger(__name__)
@@ -46,15 +51,22 @@ _JSON_TYPES = ("application/json", "")
 
 # ---------------------------------------------------------------------------- the backend socket
 class LockedSocket:
-    """The backend socket with ``sendall`` under one lock (reads and everything else pass through)."""
+    """The backend socket with ``sendall`` under one lock (reads and everything else pass through).
+
+    ``messages`` / ``bytes_sent`` count every write to the frontend (each ``sendall`` is one
+    whole backend message), for describe and ``make bench-serve``."""
 
     def __init__(self, sock):
         self._sock = sock
         self._lock = threading.Lock()
+        self.messages = 0
+        self.bytes_sent = 0
 
     def sendall(self, data) -> None:
         with self._lock:
             self._sock.sendall(data)
+            self.messages += 1
+            self.bytes_sent += len(data)
 
     def __getattr__(self, name: str):
         return getattr(self._sock, name)
@@ -153,6 +165,7 @@ class TorchServeHandler:
         self.metrics = None
         self.open_requests = 0
         self.watchdog: ParentWatchdog | None = None
+        self.writer = BackendWriter(HANDLER_DEFAULTS["max_response_bytes"] - RESPONSE_MARGIN_BYTES)
 
     # ------------------------------------------------------------------ load
     def initialize(self, context) -> None:
@@ -169,6 +182,7 @@ class TorchServeHandler:
             logger.error("invalid `handler:` settings in model-config.yaml: %s", exc)
             raise ValueError(f"invalid `handler:` settings in model-config.yaml: {exc}") from None
         self.settings = settings
+        self.writer = BackendWriter(settings["max_response_bytes"] - RESPONSE_MARGIN_BYTES)
         model_name = context.model_name or "llm"
         logger.info("loading paged engine: %s", json.dumps(config.to_dict()))
         factory = self.engine_factory
@@ -197,28 +211,34 @@ class TorchServeHandler:
     # ------------------------------------------------------------------ requests
     async def handle(self, data, context):
         self.open_requests += 1
+        channel = None
         try:
-            return await self._handle(data, context)
+            channel = self.writer.channel(context.cl_socket, context.request_ids[0])
+            return await self._handle(data, context, channel)
         except Exception:  # noqa: BLE001 - never raise out of handle (it would fail every request)
             logger.exception("unexpected error while framing a response")
             return [INTERNAL_ERROR.message]
         finally:
+            if channel is not None:
+                channel.flush()  # this request's chunks are written before its final message
             self.open_requests -= 1
 
-    async def _handle(self, data, context):
+    async def _handle(self, data, context, channel: RequestChannel):
         headers = request_headers(context)
         row = data[0] if data and isinstance(data[0], dict) else {}
         if _DEBUG_HEADERS:
             logger.info("request headers: %s; parameters: %s", redacted(headers), sorted(row))
         if is_describe(headers, row):
-            return self._final(context, Answer(200, "application/json", json.dumps(await self.describe())))
+            info = await self.describe(context.cl_socket)
+            return self._final(context, Answer(200, "application/json", json.dumps(info)))
         rest = is_rest(headers)
         streamed = threading.Event()
 
         def send(chunk: str, content_type: str) -> None:
-            context.set_response_content_type(0, content_type)
-            self._write(context, chunk, stream_next=True)
-            streamed.set()
+            if not streamed.is_set():  # the final message carries the stream's content type too
+                context.set_response_content_type(0, content_type)
+                streamed.set()
+            channel.send(chunk, content_type)
 
         try:
             if self.service is None:
@@ -239,7 +259,7 @@ class TorchServeHandler:
             return self._final(context, answer, keep_status=streamed.is_set())
         if answer.status >= 400:
             return self._error_final(context, answer)
-        return self._split_final(context, answer)
+        return self._split_final(context, answer, channel)
 
     def _error_answer(self, err: RequestError) -> Answer:
         if err.status in (429, 503) and self.metrics is not None:
@@ -248,13 +268,14 @@ class TorchServeHandler:
 
     # ------------------------------------------------------------------ framing
     @staticmethod
-    def _write(context, chunk: str, stream_next: bool | None) -> None:
-        """One message to the frontend now: an intermediate chunk (stream_next True) or a whole
-        response that leaves the job open (None)."""
+    def _write_open(context, body: str) -> None:
+        """A whole response to the frontend now, through TorchServe's own framing, that leaves the
+        job open (a final message ends it). Stream chunks do not come here: they go through the
+        worker's BackendWriter."""
         from ts.protocol.otf_message_handler import create_predict_response
 
-        msg = create_predict_response([chunk], context.request_ids, "Intermediate", 200, context,
-                                      ts_stream_next=bool(stream_next))
+        msg = create_predict_response([body], context.request_ids, "Intermediate", 200, context,
+                                      ts_stream_next=False)
         context.cl_socket.sendall(msg)
 
     @staticmethod
@@ -266,12 +287,13 @@ class TorchServeHandler:
         context.set_response_header(0, "ts_stream_next", "false")
         return [answer.body]
 
-    def _split_final(self, context, answer: Answer) -> list[str]:
+    @staticmethod
+    def _split_final(context, answer: Answer, channel: RequestChannel) -> list[str]:
         """A 200 REST answer: its first character as a chunk (so the client gets headers), the rest
         as the final message. The body bytes are unchanged; only the framing becomes chunked."""
         context.set_response_status(answer.status, phrase(answer.status))
         context.set_response_content_type(0, answer.content_type)
-        self._write(context, answer.body[:1], stream_next=True)
+        channel.send(answer.body[:1], answer.content_type)
         context.set_response_header(0, "ts_stream_next", "false")
         return [answer.body[1:]]
 
@@ -279,16 +301,24 @@ class TorchServeHandler:
         """A >= 400 REST answer: written whole now, then an empty final message ends the job."""
         context.set_response_status(answer.status, phrase(answer.status))
         context.set_response_content_type(0, answer.content_type)
-        self._write(context, answer.body, stream_next=None)
+        self._write_open(context, answer.body)
         context.set_response_header(0, "ts_stream_next", "false")
         return [""]
 
     # ------------------------------------------------------------------ describe
-    async def describe(self) -> dict:
+    async def describe(self, backend_socket=None) -> dict:
+        """What describe shows: the service's facts, and this worker's process, threads and the
+        backend messages it wrote so far (``make bench-serve`` reads the last two)."""
         info = await self.service.describe() if self.service is not None else {"loaded": False}
         from ts.service import Service
 
         info["worker"] = {"pid": os.getpid(), "parent_pid": self.watchdog.parent_pid if self.watchdog else None,
                           "open_requests": self.open_requests,
-                          "backend_writes_locked": bool(getattr(Service.set_cl_socket, "locks_writes", False))}
+                          "backend_writes_locked": bool(getattr(Service.set_cl_socket, "locks_writes", False)),
+                          "threads": {str(t.native_id): t.name for t in threading.enumerate()}}
+        if isinstance(backend_socket, LockedSocket):
+            w = self.writer
+            info["worker"]["backend"] = {"messages": backend_socket.messages, "bytes": backend_socket.bytes_sent,
+                                         "stream_messages": w.messages, "stream_predictions": w.predictions,
+                                         "stream_chunks": w.chunks}
         return info

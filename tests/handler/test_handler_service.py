@@ -201,3 +201,51 @@ def test_tokenization_waits_are_bounded(tokenizers, monkeypatch):
     res = asyncio.run(burst())
     refused = [r for r in res if isinstance(r, RequestError)]
     assert len(refused) == 2 and all(r.status == 503 for r in refused)
+
+
+def _native_chunks(chunks: list[str]) -> list[list[int]]:
+    """The token ids of each NDJSON chunk that carries tokens."""
+    ids = [[t for c in json.loads(chunk)["choices"] for t in c["token_ids"]] for chunk in chunks]
+    return [i for i in ids if i]
+
+
+def _stream_by_token(service, n: int, fail: bool = False) -> tuple[list[str], str]:
+    """Stream one request whose engine output grows by one token per step (or fails after n)."""
+    from paged.outputs import CompletionOutput, RequestOutput
+    from paged.sampling_params import SamplingParams
+    from paged_handler.service import Prepared
+
+    async def outputs(p):
+        for k in range(1, n + 1):
+            ids = list(range(10, 10 + k))
+            done = k == n and not fail
+            yield RequestOutput("r", None, [5], [CompletionOutput(0, "".join(f"t{t} " for t in ids), ids,
+                                                                   finish_reason="length" if done else None)], done, None)
+        if fail:
+            raise RequestError("no token is allowed by this request's parameters")
+
+    service._outputs = outputs
+    prepared = Prepared("r", [5], SamplingParams(max_tokens=n), True, NativeFormat(ResponseContext("r", "llm")))
+    chunks: list[str] = []
+    answer = asyncio.run(service._stream(prepared, lambda c, t: chunks.append(c)))
+    return chunks, answer.body
+
+
+def test_a_stream_interval_sends_fewer_chunks_and_loses_no_token(stack):
+    service, _ = stack
+    spaced = LLMService(service.engine, service.tokenizers, dict(service.settings, stream_interval=4), "llm")
+    every, _ = _stream_by_token(LLMService(service.engine, service.tokenizers, service.settings, "llm"), 23)
+    held, closing = _stream_by_token(spaced, 23)
+    assert [len(ids) for ids in _native_chunks(every)] == [1] * 23
+    # the first token at once, then every 4 new tokens, the rest with the finished output
+    assert [len(ids) for ids in _native_chunks(held)] == [1, 4, 4, 4, 4, 4, 2]
+    assert [t for ids in _native_chunks(held) for t in ids] == list(range(10, 33))
+    assert json.loads(closing)["choices"][0]["finish_reason"] == "length"
+
+
+def test_tokens_held_by_the_stream_interval_go_out_before_an_error_chunk(stack):
+    service, _ = stack
+    spaced = LLMService(service.engine, service.tokenizers, dict(service.settings, stream_interval=8), "llm")
+    chunks, closing = _stream_by_token(spaced, 5, fail=True)
+    assert [len(ids) for ids in _native_chunks(chunks)] == [1, 4]
+    assert json.loads(closing)["error"]["code"] == 400
