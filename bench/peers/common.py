@@ -46,6 +46,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--warmup-requests", type=int, default=4)
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="longest prompt + output (the workloads cap there); vLLM refuses a KV budget "
+                         "below one sequence of the checkpoint's own limit otherwise")
     ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="weights, activations and KV cache of every engine")
     return ap

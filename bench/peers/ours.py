@@ -39,8 +39,8 @@ def main() -> None:
     llm, load_s = common.timed(lambda: LLM(
         args.model, block_size=args.block_size, kv_cache_memory_bytes=args.kv_bytes,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.prefix_caching, dtype=args.dtype, quantization=args.quantization,
-        seed=0))
+        max_model_len=args.max_model_len, enable_prefix_caching=args.prefix_caching, dtype=args.dtype,
+        quantization=args.quantization, seed=0))
 
     def run(prompts, olens):
         params = [SamplingParams(max_tokens=L, temperature=0.0, ignore_eos=True) for L in olens]

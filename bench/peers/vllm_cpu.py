@@ -41,7 +41,8 @@ def main() -> None:
 
     kw = dict(model=args.model, dtype=args.dtype, seed=0, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
-              kv_cache_memory_bytes=args.kv_bytes, enforce_eager=args.enforce_eager)
+              kv_cache_memory_bytes=args.kv_bytes, enforce_eager=args.enforce_eager,
+              max_model_len=args.max_model_len)
     if args.block_size is not None:
         kw["block_size"] = args.block_size
     llm, load_s = common.timed(lambda: LLM(**kw))
