@@ -4,7 +4,10 @@
 
 The server runs the shipped config.properties (token authorization on, model API off; only its
 addresses, ports and model store are replaced) and the shipped model-config.yaml, serving the
-checkpoint. A seeded plan mixes native and OpenAI requests, streamed and not, gRPC, n > 1, beam
+checkpoint, with one change: ``--dtype`` (float32 by default) replaces its ``dtype: auto``, because
+answers are compared with the offline engine's token for token, and bf16 GEMMs round differently
+for different batch shapes (``--dtype shipped`` keeps auto; the real-model tests hold bf16 to its
+closeness rule instead). A seeded plan mixes native and OpenAI requests, streamed and not, gRPC, n > 1, beam
 search, seeded sampling, bad inputs and clients that disconnect in the middle of a stream, sent
 ``--concurrency`` at a time. Checked, and printed as a table (JSON in ``--out``):
 
@@ -49,18 +52,23 @@ KINDS = {  # kind -> weight in the plan
     "native": 13, "native_stream": 11, "native_seeded": 8, "native_n2_seeded_stream": 6, "native_beam": 5,
     "completions": 8, "completions_stream": 7, "chat": 6, "chat_stream": 5, "grpc": 8, "bad": 14, "disconnect": 9,
 }
-BAD = [
-    (b'{"prompt": "x", "top_p": 7}', "top_p"),
-    (b'{"prompt": "\\ud800"}', "prompt"),
-    (b"{not json", None),
-    (b'{"prompt": "x", "max_tokenz": 4}', "max_tokenz"),
-    (b'{"prompt": "x", "n": 100}', "n"),
-    (b'{"prompt": "x", "repetition_penalty": 1e-300}', "repetition_penalty"),
-    (b'{"prompt": "x", "stop_token_ids": [16000]}', "stop_token_ids"),
-    (b'{"prompt": "x", "stop": ' + b"[" * 64 + b"]" * 64 + b"}", "stop"),
-    (b'{"prompt": [1, 2, 99999]}', "prompt"),
-    (b'{"prompt": "x", "max_tokens": 100000}', "max_tokens"),
-]
+
+
+def bad_requests(vocab_size: int) -> list[tuple[bytes, str | None]]:
+    """Malformed or out-of-range bodies and the field each 400 must name; token ids past the
+    checkpoint's vocabulary are out of range whatever the model."""
+    return [
+        (b'{"prompt": "x", "top_p": 7}', "top_p"),
+        (b'{"prompt": "\\ud800"}', "prompt"),
+        (b"{not json", None),
+        (b'{"prompt": "x", "max_tokenz": 4}', "max_tokenz"),
+        (b'{"prompt": "x", "n": 100}', "n"),
+        (b'{"prompt": "x", "repetition_penalty": 1e-300}', "repetition_penalty"),
+        (b'{"prompt": "x", "stop_token_ids": [%d]}' % vocab_size, "stop_token_ids"),
+        (b'{"prompt": "x", "stop": ' + b"[" * 64 + b"]" * 64 + b"}", "stop"),
+        (b'{"prompt": [1, 2, %d]}' % (vocab_size + 99), "prompt"),
+        (b'{"prompt": "x", "max_tokens": 100000}', "max_tokens"),
+    ]
 
 
 @dataclass
@@ -97,8 +105,9 @@ def prompts(rng: random.Random, n: int) -> list[str]:
             for _ in range(n)]
 
 
-def make_plan(n: int, seed: int) -> list[Planned]:
+def make_plan(n: int, seed: int, vocab_size: int) -> list[Planned]:
     rng = random.Random(seed)
+    bad = bad_requests(vocab_size)
     pool = prompts(rng, 48)
     kinds = [k for k, w in KINDS.items() for _ in range(w)]
     rng.shuffle(kinds)
@@ -108,7 +117,7 @@ def make_plan(n: int, seed: int) -> list[Planned]:
         prompt = rng.choice(pool)
         tokens = rng.choice([8, 12, 16, 24])
         if kind == "bad":
-            body, param = BAD[i % len(BAD)]
+            body, param = bad[i % len(bad)]
             plan.append(Planned(i, kind, body, {"param": param}))
             continue
         if kind.startswith("native") or kind in ("grpc", "disconnect"):
@@ -272,12 +281,14 @@ def _send(s: Soak, p: Planned) -> tuple[bool, int | None, str]:
 
 
 # ---------------------------------------------------------------------------------------- server
-def start_server(work: Path, model_dir: str):
+def start_server(work: Path, model_dir: str, dtype: str | None):
     from paged_tools.ts_launcher import ROOT as REPO, TorchServe, build_model_folder, free_ports, parse_properties
 
     shipped = parse_properties((REPO / "config.properties").read_text())
     model_config = yaml.safe_load((REPO / "model-config.yaml").read_text())
     handler = model_config.pop("handler")
+    if dtype is not None:
+        handler["dtype"] = dtype
     ts = TorchServe(work, free_ports(5), properties=shipped)
     ts.store.mkdir(parents=True, exist_ok=True)
     build_model_folder(ts.store, "llm", Path(model_dir).resolve(), handler, extra_yaml=model_config)
@@ -308,15 +319,22 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=520)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "shipped"),
+                    help="the one setting that replaces the shipped model-config.yaml's (dtype: auto): "
+                         "answers must equal the offline engine's token for token, and only fp32 "
+                         "arithmetic is independent of how requests are batched together")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "soak.json"))
     args = ap.parse_args()
 
     from paged_handler.settings import parse_handler_config
 
     model_config = yaml.safe_load((ROOT / "model-config.yaml").read_text())
+    if args.dtype != "shipped":
+        model_config["handler"]["dtype"] = args.dtype
     config, _ = parse_handler_config(model_config["handler"], args.model)
     engine_settings = {k: v for k, v in config.to_dict().items() if k not in ("model", "request_timeout_s")}
-    plan = make_plan(args.requests, args.seed)
+    vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    plan = make_plan(args.requests, args.seed, vocab_size)
     t0 = time.time()
     print(f"computing offline references for {sum(p.kind not in ('bad', 'disconnect') for p in plan)} requests ...",
           flush=True)
@@ -324,7 +342,7 @@ def main() -> int:
     print(f"references ready in {time.time() - t0:.0f} s; starting TorchServe (shipped configuration) ...", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    ts, _ = start_server(work, args.model)
+    ts, _ = start_server(work, args.model, None if args.dtype == "shipped" else args.dtype)
     report: dict = {"requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
                     "host_cpus": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2)}
     try:
