@@ -61,7 +61,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
 	# torch stays the CPU build (requirements.in as a constraint): the newest torch in range is a CUDA build
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c requirements.in -e '.[test]'
-	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(torch|triton|transformers|kernels|tokenizers|safetensors|torchserve|pydantic|huggingface-hub)=='
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -i -E '^(torch|triton|transformers|kernels|tokenizers|safetensors|torchserve|pydantic|huggingface-hub|gguf|accelerate|numpy)=='
 	$(LATEST_VENV)/bin/python -m pytest -q -m smoke
 
 # Triton kernel timings vs SDPA; on a machine without a GPU it says so and exits 0.
