@@ -60,6 +60,17 @@ class Reference:
         return sum(len(ids) > 1 for ids in self.near_best)
 
 
+def hf_beam_search(model, tokenizer, prompt: str, width: int, length: int, pad_token_id: int) -> list[list[int]]:
+    """HF's beam search run to exactly `length` new tokens (min_new_tokens keeps end tokens out of
+    play): the `width` returned beams' new token ids, best first."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width,
+                                   num_return_sequences=width, max_new_tokens=length, min_new_tokens=length,
+                                   do_sample=False, length_penalty=1.0, pad_token_id=pad_token_id)
+    return generated[:, ids.shape[1]:].tolist()
+
+
 def hf_greedy(model_dir: str, prompts: list[str], max_tokens: list[int], dtype=torch.float32) -> list[Reference]:
     """Reference continuations: one prompt at a time (no padding), stopping at EOS as HF does."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -275,10 +286,5 @@ def test_beam_search_equals_hf_beam_search(tiny_llama_dir):
     outputs = llm.generate(prompts, SamplingParams(beam_width=width, n=width, max_tokens=length, ignore_eos=True,
                                                    temperature=0.0), use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width,
-                                       num_return_sequences=width, max_new_tokens=length, min_new_tokens=length,
-                                       do_sample=False, length_penalty=1.0, pad_token_id=0)
-        assert [o.token_ids for o in out.outputs] == generated[:, ids.shape[1]:].tolist()
+        assert [o.token_ids for o in out.outputs] == hf_beam_search(model, tokenizer, prompt, width, length, 0)
     assert_pool_whole(llm)

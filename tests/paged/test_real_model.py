@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_hf_equivalence import Reference, assert_matches_reference, hf_greedy
+from test_hf_equivalence import Reference, assert_matches_reference, hf_beam_search, hf_greedy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from paged import LLM, SamplingParams
@@ -126,12 +126,8 @@ def test_float32_beam_search_equals_hf_beam_search(model_dir, prompts):
     outputs = llm.generate(chosen, SamplingParams(beam_width=width, n=width, max_tokens=length, ignore_eos=True,
                                                   temperature=0.0), use_tqdm=False)
     for prompt, out in zip(chosen, outputs):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            generated = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width,
-                                       num_return_sequences=width, max_new_tokens=length, min_new_tokens=length,
-                                       do_sample=False, length_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
-        assert [o.token_ids for o in out.outputs] == generated[:, ids.shape[1]:].tolist()
+        assert [o.token_ids for o in out.outputs] == hf_beam_search(model, tokenizer, prompt, width, length,
+                                                                    tokenizer.pad_token_id)
     assert_pool_whole(llm)
 
 
