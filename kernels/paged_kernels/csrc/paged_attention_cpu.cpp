@@ -35,16 +35,14 @@
 
 #include "vec.h"
 
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 namespace {
 
 using namespace paged_cpu;
 
 constexpr int kTile = kLanes;    // keys per online-softmax step: one score vector per row
 constexpr int kMaxItemRows = 32; // query rows per work item when a sequence has several new tokens
+// Tiles whose rows are requested ahead of the one being computed (see prefetch_tile in attend).
+constexpr int64_t kPrefetchTiles = 2;
 
 // 2^x for x <= 0 (larger x works up to 127): 2^round(x) from the exponent bits times a degree-7
 // Taylor polynomial of 2^f on f in [-1/2, 1/2] (truncation error < 1e-8 relative). Inputs below
@@ -88,22 +86,14 @@ inline vfloat transpose_sum(vfloat* v) {
          SHUFFLE(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+// Whole vectors through vec.h's widening loads (one shift per 16 bf16 lanes), then the tail.
 template <typename scalar_t>
 inline void to_float(const scalar_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-#if defined(__F16C__)
-// c10::Half converts one value at a time through bit twiddling on x86: 4x slower decode here.
-template <>
-inline void to_float(const c10::Half* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load_float(src + i));
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
-#endif
+
 
 // Where a sequence's K/V live. kPaged: block_tables[seq] lists its blocks. kContiguous: the
 // "table" is one slot id per sequence and the slot holds its keys 0..max_model_len-1 in order
@@ -163,16 +153,19 @@ struct Scratch {
   }
 };
 
-// Where a tile's K or V rows lie: evenly spaced (inside one block, or converted into scratch), or
-// anywhere (a tile that spans blocks). Row t starts at rows[t].
+// Where a tile's K or V rows lie: evenly spaced (inside one block, or converted into fp32
+// scratch), or anywhere (a tile that spans blocks). Row t starts at rows[t]; T is the cache dtype
+// (read in place and widened in registers) or float (the scratch).
+template <typename T>
 struct StridedRows {
-  const float* base;
+  const T* base;
   int64_t stride;
-  const float* operator[](int64_t t) const { return base + t * stride; }
+  const T* operator[](int64_t t) const { return base + t * stride; }
 };
+template <typename T>
 struct GatheredRows {
-  const float* const* rows;
-  const float* operator[](int64_t t) const { return rows[t]; }
+  const T* const* rows;
+  const T* operator[](int64_t t) const { return rows[t]; }
 };
 
 // Rows [0, R) of q against the tile's n keys (keys[t]: key t's row): partial[r * kTile + t] holds
@@ -185,7 +178,7 @@ inline void tile_scores(const float* q, int64_t q_stride, Rows keys, int64_t n, 
     for (int c = 0; c < C; ++c) qr[r][c] = load(q + r * q_stride + c * kLanes);
   for (int64_t t = 0; t < n; ++t) {
     vfloat k[C];
-    for (int c = 0; c < C; ++c) k[c] = load(keys[t] + c * kLanes);
+    for (int c = 0; c < C; ++c) k[c] = load_float(keys[t] + c * kLanes);
     for (int r = 0; r < R; ++r) {
       vfloat even = qr[r][0] * k[0], odd{};  // two chains halve the FMA latency
       for (int c = 1; c < C; ++c) {
@@ -208,7 +201,7 @@ inline void tile_values(float* acc, int64_t acc_stride, const float* alpha, cons
     for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * acc_stride + c * kLanes) * alpha[r];
   for (int64_t t = 0; t < n; ++t) {
     vfloat v[C];
-    for (int c = 0; c < C; ++c) v[c] = load(values[t] + c * kLanes);
+    for (int c = 0; c < C; ++c) v[c] = load_float(values[t] + c * kLanes);
     for (int r = 0; r < R; ++r) {
       const vfloat p = splat(probs[r * kTile + t]);
       for (int c = 0; c < C; ++c) a[r][c] += p * v[c];
@@ -217,6 +210,25 @@ inline void tile_values(float* acc, int64_t acc_stride, const float* alpha, cons
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) store(acc + r * acc_stride + c * kLanes, a[r][c]);
 }
+// tile_scores / tile_values for the first n <= R rows, n known only at run time: the rows of
+// a GQA group (3 for 9 query heads over 3 KV heads) share each key and value load.
+template <int C, int R, typename Rows>
+inline void tile_scores_rows(int64_t n_rows, const float* q, int64_t q_stride, Rows keys, int64_t n, vfloat* partial) {
+  if constexpr (R > 1) {
+    if (n_rows < R) return tile_scores_rows<C, R - 1>(n_rows, q, q_stride, keys, n, partial);
+  }
+  tile_scores<C, R>(q, q_stride, keys, n, partial);
+}
+
+template <int C, int R, typename Rows>
+inline void tile_values_rows(int64_t n_rows, float* acc, int64_t acc_stride, const float* alpha, const float* probs,
+                             Rows values, int64_t n) {
+  if constexpr (R > 1) {
+    if (n_rows < R) return tile_values_rows<C, R - 1>(n_rows, acc, acc_stride, alpha, probs, values, n);
+  }
+  tile_values<C, R>(acc, acc_stride, alpha, probs, values, n);
+}
+
 
 // The online-softmax step of one row over one tile: the first `visible` keys count, the others
 // get probability 0. Leaves the tile's probabilities and the factor that rescales the
@@ -252,6 +264,41 @@ struct KeyTile {
   bool one_block;
 };
 
+// Requests every K and V row of the tile into the caches.
+template <typename scalar_t>
+inline void prefetch_rows(const KeyTile<scalar_t>& tile, const Views<scalar_t>& v, int64_t dim) {
+  for (int64_t t = 0; t < tile.n; ++t) {
+    const char* k = reinterpret_cast<const char*>(tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t]);
+    const char* val = reinterpret_cast<const char*>(tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t]);
+    for (int64_t line = 0; line < dim * int64_t(sizeof(scalar_t)); line += 64) {
+      __builtin_prefetch(k + line);
+      __builtin_prefetch(val + line);
+    }
+  }
+}
+
+// Requests the rows of the item's first kPrefetchTiles tiles: called for the next item while
+// one runs, so an item (a decode row reads only a few tiles) does not start on a cache miss.
+template <typename scalar_t, Layout L>
+void prefetch_item_start(const Item& item, const Batch& b, const Views<scalar_t>& v) {
+  const int64_t q_len = b.query_start_loc[item.seq + 1] - b.query_start_loc[item.seq];
+  const int64_t end_key = std::min<int64_t>(b.seq_lens[item.seq] - q_len + item.first_token + item.num_tokens,
+                                            kPrefetchTiles * kTile);
+  const int32_t* table = b.block_tables + int64_t(item.seq) * b.table_stride;
+  for (int64_t key = 0; key < end_key; ++key) {
+    const int64_t block = L == Layout::kContiguous ? table[0] : table[key / b.block_size];
+    const int64_t offset = L == Layout::kContiguous ? key : key % b.block_size;
+    const char* k = reinterpret_cast<const char*>(v.key_cache + block * v.k_block_stride + offset * v.k_token_stride +
+                                                  item.kv_head * v.k_head_stride);
+    const char* val = reinterpret_cast<const char*>(v.value_cache + block * v.v_block_stride +
+                                                    offset * v.v_token_stride + item.kv_head * v.v_head_stride);
+    for (int64_t line = 0; line < b.head_dim * int64_t(sizeof(scalar_t)); line += 64) {
+      __builtin_prefetch(k + line);
+      __builtin_prefetch(val + line);
+    }
+  }
+}
+
 template <typename scalar_t, int C, Layout L>
 void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch& s) {
   constexpr int R = C >= 16 ? 1 : 16 / C;  // rows per register block
@@ -264,16 +311,21 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   const int64_t first_pos = kv_len - q_len + item.first_token;  // position of the item's first token
   const int64_t end_key = first_pos + item.num_tokens;            // keys [0, end_key) are read
   const int32_t* table = b.block_tables + int64_t(item.seq) * b.table_stride;
-  // fp32 rows whose length is a whole number of vectors are read in place; others are converted.
-  const bool in_place = std::is_same_v<scalar_t, float> && dim == pdim;
+  // Rows whose length is a whole number of vectors are read in place (widened in registers);
+  // others are converted into zero-padded fp32 scratch.
+  const bool in_place = dim == pdim;
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = q_start + item.first_token + r / b.group;
     const int64_t head = int64_t(item.kv_head) * b.group + r % b.group;
     const scalar_t* src = v.query + token * v.q_token_stride + head * v.q_head_stride;
     float* dst = s.q.data() + r * pdim;
-    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * b.scale_log2;
-    std::fill(dst + dim, dst + pdim, 0.0f);
+    if (in_place) {
+      for (int c = 0; c < C; ++c) store(dst + c * kLanes, load_float(src + c * kLanes) * b.scale_log2);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * b.scale_log2;
+      std::fill(dst + dim, dst + pdim, 0.0f);
+    }
   }
   std::fill(s.acc.begin(), s.acc.begin() + rows * pdim, 0.0f);
   std::fill(s.row_max.begin(), s.row_max.begin() + rows, -std::numeric_limits<float>::infinity());
@@ -312,42 +364,30 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   auto value_row = [&](const KeyTile<scalar_t>& tile, int64_t t) {
     return tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t];
   };
-  KeyTile<scalar_t> tiles[2];
-  tile_at(0, tiles[0]);
-  for (int64_t key0 = 0, current = 0; key0 < end_key; key0 += tiles[current].n, current ^= 1) {
-    const KeyTile<scalar_t>& tile = tiles[current];
-    // Ask for the next tile's rows now. The block table hides their address from the hardware
-    // prefetcher; and where rows are linear (kContiguous), leaving them to it measured 20-25% slower
-    // decode than this on a Xeon (Emerald Rapids, bench/attention_layouts.py).
-    if (key0 + tile.n < end_key) {
-      KeyTile<scalar_t>& next = tiles[current ^ 1];
-      tile_at(key0 + tile.n, next);
-      for (int64_t t = 0; t < next.n; ++t) {
-        const char* k = reinterpret_cast<const char*>(key_row(next, t));
-        const char* val = reinterpret_cast<const char*>(value_row(next, t));
-        for (int64_t line = 0; line < dim * int64_t(sizeof(scalar_t)); line += 64) {
-          __builtin_prefetch(k + line);
-          __builtin_prefetch(val + line);
-        }
-      }
+  // Ask for the rows of the tile kPrefetchTiles ahead now. The block table hides their address
+  // from the hardware prefetcher; and where rows are linear (kContiguous), leaving them to it
+  // measured 20-25% slower decode than this on a Xeon (Emerald Rapids,
+  // bench/attention_layouts.py). The first tiles were asked for while the previous item ran
+  // (prefetch_item_start).
+  KeyTile<scalar_t> tile;
+  for (int64_t key0 = 0; key0 < end_key; key0 += tile.n) {
+    if (key0 + kPrefetchTiles * kTile < end_key) {
+      tile_at(key0 + kPrefetchTiles * kTile, tile);
+      prefetch_rows(tile, v, dim);
     }
-    // Strided rows where they are evenly spaced (in place inside one block, or converted into
-    // scratch), gathered rows for an fp32 tile that spans blocks.
-    const bool gathered = in_place && !tile.one_block;
-    StridedRows keys{s.keys.data(), pdim}, values{s.values.data(), pdim};
-    if (in_place) {  // scalar_t is float
-      keys = {reinterpret_cast<const float*>(tile.keys[0]), v.k_token_stride};
-      values = {reinterpret_cast<const float*>(tile.values[0]), v.v_token_stride};
-    } else {
+    tile_at(key0, tile);
+    const StridedRows<float> scratch_keys{s.keys.data(), pdim}, scratch_values{s.values.data(), pdim};
+    const StridedRows<scalar_t> strided_keys{tile.keys[0], v.k_token_stride},
+        strided_values{tile.values[0], v.v_token_stride};
+    const GatheredRows<scalar_t> gathered_keys{tile.keys}, gathered_values{tile.values};
+    if (!in_place) {
       for (int64_t t = 0; t < tile.n; ++t) {
         to_float(key_row(tile, t), s.keys.data() + t * pdim, dim);
         to_float(value_row(tile, t), s.values.data() + t * pdim, dim);
       }
     }
-    const GatheredRows gathered_keys{reinterpret_cast<const float* const*>(tile.keys)};
-    const GatheredRows gathered_values{reinterpret_cast<const float* const*>(tile.values)};
     for (int64_t r0 = 0; r0 < rows;) {
-      const int64_t block_rows = rows - r0 >= R ? R : 1;
+      const int64_t block_rows = std::min<int64_t>(R, rows - r0);
       // Rows are token-major, so the block's last row sees the most keys.
       if (first_pos + (r0 + block_rows - 1) / b.group + 1 - key0 <= 0) {
         r0 += block_rows;
@@ -355,12 +395,12 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
       }
       float* q = s.q.data() + r0 * pdim;
       vfloat* partial = s.partial.data() + r0 * kTile;
-      if (block_rows == R) {
-        gathered ? tile_scores<C, R>(q, pdim, gathered_keys, tile.n, partial)
-                 : tile_scores<C, R>(q, pdim, keys, tile.n, partial);
+      if (!in_place) {
+        tile_scores_rows<C, R>(block_rows, q, pdim, scratch_keys, tile.n, partial);
+      } else if (tile.one_block) {
+        tile_scores_rows<C, R>(block_rows, q, pdim, strided_keys, tile.n, partial);
       } else {
-        gathered ? tile_scores<C, 1>(q, pdim, gathered_keys, tile.n, partial)
-                 : tile_scores<C, 1>(q, pdim, keys, tile.n, partial);
+        tile_scores_rows<C, R>(block_rows, q, pdim, gathered_keys, tile.n, partial);
       }
       for (int64_t r = r0; r < r0 + block_rows; ++r) {
         const int64_t visible = std::min<int64_t>(tile.n, first_pos + r / b.group + 1 - key0);
@@ -370,12 +410,12 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
       float* acc = s.acc.data() + r0 * pdim;
       const float* alpha = s.alpha.data() + r0;
       const float* probs = s.probs.data() + r0 * kTile;
-      if (block_rows == R) {
-        gathered ? tile_values<C, R>(acc, pdim, alpha, probs, gathered_values, tile.n)
-                 : tile_values<C, R>(acc, pdim, alpha, probs, values, tile.n);
+      if (!in_place) {
+        tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, scratch_values, tile.n);
+      } else if (tile.one_block) {
+        tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, strided_values, tile.n);
       } else {
-        gathered ? tile_values<C, 1>(acc, pdim, alpha, probs, gathered_values, tile.n)
-                 : tile_values<C, 1>(acc, pdim, alpha, probs, values, tile.n);
+        tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, gathered_values, tile.n);
       }
       r0 += block_rows;
     }
@@ -387,7 +427,11 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
     scalar_t* dst = v.out + token * v.o_token_stride + head * v.o_head_stride;
     const float inv = 1.0f / s.row_sum[r];
     const float* acc = s.acc.data() + r * pdim;
-    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
+    if (in_place) {  // store_float rounds as static_cast does
+      for (int c = 0; c < C; ++c) store_float(dst + c * kLanes, load(acc + c * kLanes) * inv);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
+    }
   }
 }
 
@@ -452,7 +496,11 @@ void run_items(const std::vector<Item>& items, const Batch& b, const Views<scala
   auto drain = [&](int64_t, int64_t) {
     thread_local Scratch scratch;
     scratch.fit(max_rows, C * kLanes, b.head_dim);
-    for (int64_t i = next.fetch_add(1); i < int64_t(items.size()); i = next.fetch_add(1)) {
+    const int64_t count = int64_t(items.size());
+    // The next item is claimed before this one runs, so its first rows can be on their way.
+    for (int64_t i = next.fetch_add(1), following; i < count; i = following) {
+      following = next.fetch_add(1);
+      if (following < count) prefetch_item_start<scalar_t, L>(items[following], b, v);
       attend<scalar_t, C, L>(items[i], b, v, scratch);
     }
   };

@@ -67,6 +67,17 @@ inline void store_float(T* p, vfloat v);
 
 template <>
 inline vfloat load_float(const float* p) { return load(p); }
+// double is no cache dtype we serve; torch dispatches it to the kernels all the same.
+template <>
+inline vfloat load_float(const double* p) {
+  vfloat v;
+  for (int i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+template <>
+inline void store_float(double* p, vfloat v) {
+  for (int i = 0; i < kLanes; ++i) p[i] = v[i];
+}
 template <>
 inline void store_float(float* p, vfloat v) { store(p, v); }
 
