@@ -95,6 +95,39 @@ def test_output_does_not_depend_on_the_thread_count():
     assert torch.equal(one, two)
 
 
+# A decode-heavy step: enough decode rows that each takes one work item for all its KV heads.
+MANY_DECODE_Q_LENS = [1] * 40 + [7]
+MANY_DECODE_KV_LENS = [1 + 9 * i for i in range(40)] + [60]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("group", [1, 3, 7])
+def test_many_decode_rows_match_the_reference(group, dtype):
+    check(make_batch(MANY_DECODE_Q_LENS, MANY_DECODE_KV_LENS, num_heads=2 * group, num_kv_heads=2,
+                     dtype=DTYPES[dtype], poison=True, seed=40 + group))
+
+
+@pytest.mark.parametrize("head_dim", [72, 128])
+def test_many_decode_rows_with_a_padded_or_wide_head_match_the_reference(head_dim):
+    check(make_batch(MANY_DECODE_Q_LENS, MANY_DECODE_KV_LENS, num_heads=6, num_kv_heads=3, head_dim=head_dim,
+                     block_size=4, poison=True, seed=head_dim))
+
+
+def test_decode_rows_give_the_same_bits_in_one_item_per_sequence_or_per_kv_head():
+    # 12 decode rows: one item per sequence on 1 thread, one per KV head on 4 (too few per thread).
+    batch = make_batch([1] * 12, [5 + 17 * i for i in range(12)], num_heads=9, num_kv_heads=3,
+                       dtype=torch.bfloat16, seed=30)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        per_sequence = torch_impl.torch_paged_attention(*batch.args())
+        torch.set_num_threads(4)
+        per_kv_head = torch_impl.torch_paged_attention(*batch.args())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(per_sequence, per_kv_head)
+
+
 def test_a_sequence_output_does_not_depend_on_the_rest_of_the_batch():
     # The engine's greedy output must not change with what else is scheduled in a step.
     batch = make_batch([1, 1, 6], [70, 33, 40], num_heads=8, num_kv_heads=2, seed=19)

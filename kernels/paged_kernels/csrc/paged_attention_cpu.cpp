@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -41,6 +42,9 @@ using namespace paged_cpu;
 
 constexpr int kTile = kLanes;    // keys per online-softmax step: one score vector per row
 constexpr int kMaxItemRows = 32; // query rows per work item when a sequence has several new tokens
+// Decode rows take one item per sequence (all its KV heads) when there are at least this many of
+// them per thread; fewer would leave threads idle, so they take one item per KV head.
+constexpr int64_t kWholeSequenceItemsPerThread = 4;
 // Tiles whose rows are requested ahead of the one being computed (see prefetch_tile in attend).
 constexpr int64_t kPrefetchTiles = 2;
 
@@ -100,10 +104,15 @@ inline void to_float(const scalar_t* src, float* dst, int64_t n) {
 // (block_size is then max_model_len): a tile is always evenly spaced rows.
 enum class Layout { kPaged, kContiguous };
 
-// One (sequence, KV head, run of new tokens) of the batch.
+// One (sequence, KV heads kv_head .. kv_head + num_kv_heads - 1, run of new tokens) of the batch.
+// A decode item takes every KV head of its sequence when the batch has sequences enough to keep
+// the threads busy: a token's K (or V) rows for all heads are adjacent, so the item reads each
+// block as one run the hardware prefetcher follows, where one item per head reads a slice of
+// every row.
 struct Item {
   int32_t seq;
   int32_t kv_head;
+  int32_t num_kv_heads;
   int32_t first_token;  // index among the sequence's new tokens
   int32_t num_tokens;
   int64_t cost;         // query rows x keys read, for scheduling
@@ -165,7 +174,8 @@ struct StridedRows {
 template <typename T>
 struct GatheredRows {
   const T* const* rows;
-  const T* operator[](int64_t t) const { return rows[t]; }
+  int64_t offset;  // elements from each listed row to the head read
+  const T* operator[](int64_t t) const { return rows[t] + offset; }
 };
 
 // Rows [0, R) of q against the tile's n keys (keys[t]: key t's row): partial[r * kTile + t] holds
@@ -264,13 +274,14 @@ struct KeyTile {
   bool one_block;
 };
 
-// Requests every K and V row of the tile into the caches.
+// Requests every K and V row of the tile into the caches: `span` elements from each row's start
+// (the item's heads of one token).
 template <typename scalar_t>
-inline void prefetch_rows(const KeyTile<scalar_t>& tile, const Views<scalar_t>& v, int64_t dim) {
+inline void prefetch_rows(const KeyTile<scalar_t>& tile, const Views<scalar_t>& v, int64_t span) {
   for (int64_t t = 0; t < tile.n; ++t) {
     const char* k = reinterpret_cast<const char*>(tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t]);
     const char* val = reinterpret_cast<const char*>(tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t]);
-    for (int64_t line = 0; line < dim * int64_t(sizeof(scalar_t)); line += 64) {
+    for (int64_t line = 0; line < span * int64_t(sizeof(scalar_t)); line += 64) {
       __builtin_prefetch(k + line);
       __builtin_prefetch(val + line);
     }
@@ -292,7 +303,8 @@ void prefetch_item_start(const Item& item, const Batch& b, const Views<scalar_t>
                                                   item.kv_head * v.k_head_stride);
     const char* val = reinterpret_cast<const char*>(v.value_cache + block * v.v_block_stride +
                                                     offset * v.v_token_stride + item.kv_head * v.v_head_stride);
-    for (int64_t line = 0; line < b.head_dim * int64_t(sizeof(scalar_t)); line += 64) {
+    const int64_t span = (item.num_kv_heads - 1) * v.k_head_stride + b.head_dim;
+    for (int64_t line = 0; line < span * int64_t(sizeof(scalar_t)); line += 64) {
       __builtin_prefetch(k + line);
       __builtin_prefetch(val + line);
     }
@@ -304,7 +316,10 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   constexpr int R = C >= 16 ? 1 : 16 / C;  // rows per register block
   constexpr int64_t pdim = C * kLanes;
   const int64_t dim = b.head_dim;
-  const int64_t rows = int64_t(item.num_tokens) * b.group;
+  // Rows are head-major: KV head kv_head + h owns rows [h * head_rows, (h + 1) * head_rows),
+  // token-major inside (row r of a head: new token r / group, query head r % group of the group).
+  const int64_t head_rows = int64_t(item.num_tokens) * b.group;
+  const int64_t rows = head_rows * item.num_kv_heads;
   const int64_t q_start = b.query_start_loc[item.seq];
   const int64_t q_len = b.query_start_loc[item.seq + 1] - q_start;
   const int64_t kv_len = b.seq_lens[item.seq];
@@ -315,9 +330,13 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   // others are converted into zero-padded fp32 scratch.
   const bool in_place = dim == pdim;
 
+  auto token_and_head = [&](int64_t r) {
+    const int64_t local = r % head_rows;
+    return std::pair<int64_t, int64_t>(q_start + item.first_token + local / b.group,
+                                       (item.kv_head + r / head_rows) * b.group + local % b.group);
+  };
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t token = q_start + item.first_token + r / b.group;
-    const int64_t head = int64_t(item.kv_head) * b.group + r % b.group;
+    const auto [token, head] = token_and_head(r);
     const scalar_t* src = v.query + token * v.q_token_stride + head * v.q_head_stride;
     float* dst = s.q.data() + r * pdim;
     if (in_place) {
@@ -369,61 +388,64 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   // measured 20-25% slower decode than this on a Xeon (Emerald Rapids,
   // bench/attention_layouts.py). The first tiles were asked for while the previous item ran
   // (prefetch_item_start).
+  const int64_t span = (item.num_kv_heads - 1) * v.k_head_stride + dim;  // one token's rows of the item
   KeyTile<scalar_t> tile;
   for (int64_t key0 = 0; key0 < end_key; key0 += tile.n) {
     if (key0 + kPrefetchTiles * kTile < end_key) {
       tile_at(key0 + kPrefetchTiles * kTile, tile);
-      prefetch_rows(tile, v, dim);
+      prefetch_rows(tile, v, span);
     }
     tile_at(key0, tile);
-    const StridedRows<float> scratch_keys{s.keys.data(), pdim}, scratch_values{s.values.data(), pdim};
-    const StridedRows<scalar_t> strided_keys{tile.keys[0], v.k_token_stride},
-        strided_values{tile.values[0], v.v_token_stride};
-    const GatheredRows<scalar_t> gathered_keys{tile.keys}, gathered_values{tile.values};
-    if (!in_place) {
-      for (int64_t t = 0; t < tile.n; ++t) {
-        to_float(key_row(tile, t), s.keys.data() + t * pdim, dim);
-        to_float(value_row(tile, t), s.values.data() + t * pdim, dim);
+    for (int64_t h = 0; h < item.num_kv_heads; ++h) {
+      const int64_t k_off = h * v.k_head_stride, v_off = h * v.v_head_stride;
+      const StridedRows<float> scratch_keys{s.keys.data(), pdim}, scratch_values{s.values.data(), pdim};
+      const StridedRows<scalar_t> strided_keys{tile.keys[0] + k_off, v.k_token_stride},
+          strided_values{tile.values[0] + v_off, v.v_token_stride};
+      const GatheredRows<scalar_t> gathered_keys{tile.keys, k_off}, gathered_values{tile.values, v_off};
+      if (!in_place) {
+        for (int64_t t = 0; t < tile.n; ++t) {
+          to_float(key_row(tile, t) + k_off, s.keys.data() + t * pdim, dim);
+          to_float(value_row(tile, t) + v_off, s.values.data() + t * pdim, dim);
+        }
       }
-    }
-    for (int64_t r0 = 0; r0 < rows;) {
-      const int64_t block_rows = std::min<int64_t>(R, rows - r0);
-      // Rows are token-major, so the block's last row sees the most keys.
-      if (first_pos + (r0 + block_rows - 1) / b.group + 1 - key0 <= 0) {
+      for (int64_t r0 = h * head_rows; r0 < (h + 1) * head_rows;) {
+        const int64_t block_rows = std::min<int64_t>(R, (h + 1) * head_rows - r0);
+        // Rows are token-major within a head, so the block's last row sees the most keys.
+        if (first_pos + (r0 + block_rows - 1 - h * head_rows) / b.group + 1 - key0 <= 0) {
+          r0 += block_rows;
+          continue;
+        }
+        float* q = s.q.data() + r0 * pdim;
+        vfloat* partial = s.partial.data() + r0 * kTile;
+        if (!in_place) {
+          tile_scores_rows<C, R>(block_rows, q, pdim, scratch_keys, tile.n, partial);
+        } else if (tile.one_block) {
+          tile_scores_rows<C, R>(block_rows, q, pdim, strided_keys, tile.n, partial);
+        } else {
+          tile_scores_rows<C, R>(block_rows, q, pdim, gathered_keys, tile.n, partial);
+        }
+        for (int64_t r = r0; r < r0 + block_rows; ++r) {
+          const int64_t visible = std::min<int64_t>(tile.n, first_pos + (r - h * head_rows) / b.group + 1 - key0);
+          softmax_step(s.partial.data() + r * kTile, visible, s.row_max[r], s.row_sum[r], s.alpha[r],
+                       s.probs.data() + r * kTile);
+        }
+        float* acc = s.acc.data() + r0 * pdim;
+        const float* alpha = s.alpha.data() + r0;
+        const float* probs = s.probs.data() + r0 * kTile;
+        if (!in_place) {
+          tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, scratch_values, tile.n);
+        } else if (tile.one_block) {
+          tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, strided_values, tile.n);
+        } else {
+          tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, gathered_values, tile.n);
+        }
         r0 += block_rows;
-        continue;
       }
-      float* q = s.q.data() + r0 * pdim;
-      vfloat* partial = s.partial.data() + r0 * kTile;
-      if (!in_place) {
-        tile_scores_rows<C, R>(block_rows, q, pdim, scratch_keys, tile.n, partial);
-      } else if (tile.one_block) {
-        tile_scores_rows<C, R>(block_rows, q, pdim, strided_keys, tile.n, partial);
-      } else {
-        tile_scores_rows<C, R>(block_rows, q, pdim, gathered_keys, tile.n, partial);
-      }
-      for (int64_t r = r0; r < r0 + block_rows; ++r) {
-        const int64_t visible = std::min<int64_t>(tile.n, first_pos + r / b.group + 1 - key0);
-        softmax_step(s.partial.data() + r * kTile, visible, s.row_max[r], s.row_sum[r], s.alpha[r],
-                     s.probs.data() + r * kTile);
-      }
-      float* acc = s.acc.data() + r0 * pdim;
-      const float* alpha = s.alpha.data() + r0;
-      const float* probs = s.probs.data() + r0 * kTile;
-      if (!in_place) {
-        tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, scratch_values, tile.n);
-      } else if (tile.one_block) {
-        tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, strided_values, tile.n);
-      } else {
-        tile_values_rows<C, R>(block_rows, acc, pdim, alpha, probs, gathered_values, tile.n);
-      }
-      r0 += block_rows;
     }
   }
 
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t token = q_start + item.first_token + r / b.group;
-    const int64_t head = int64_t(item.kv_head) * b.group + r % b.group;
+    const auto [token, head] = token_and_head(r);
     scalar_t* dst = v.out + token * v.o_token_stride + head * v.o_head_stride;
     const float inv = 1.0f / s.row_sum[r];
     const float* acc = s.acc.data() + r * pdim;
@@ -442,6 +464,11 @@ std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_token
                              int64_t num_blocks) {
   std::vector<Item> items;
   const int64_t tokens_per_item = std::max<int64_t>(1, kMaxItemRows / b.group);
+  int64_t num_decode_seqs = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    num_decode_seqs += b.query_start_loc[seq + 1] - b.query_start_loc[seq] == 1;
+  }
+  const bool whole_sequence_items = num_decode_seqs >= kWholeSequenceItemsPerThread * at::get_num_threads();
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t start = b.query_start_loc[seq], end = b.query_start_loc[seq + 1];
     const int64_t kv_len = b.seq_lens[seq];
@@ -468,11 +495,15 @@ std::vector<Item> plan_items(const Batch& b, int64_t num_seqs, int64_t num_token
                           " outside the cache (", num_blocks, " blocks)");
       }
     }
+    if (whole_sequence_items && end - start == 1) {
+      items.push_back({int32_t(seq), 0, int32_t(b.num_kv_heads), 0, 1, b.num_heads * kv_len});
+      continue;
+    }
     for (int64_t first = 0; first < end - start; first += tokens_per_item) {
       const int64_t count = std::min(tokens_per_item, end - start - first);
       const int64_t keys = kv_len - (end - start) + first + count;
       for (int64_t h = 0; h < b.num_kv_heads; ++h) {
-        items.push_back({int32_t(seq), int32_t(h), int32_t(first), int32_t(count), count * b.group * keys});
+        items.push_back({int32_t(seq), int32_t(h), 1, int32_t(first), int32_t(count), count * b.group * keys});
       }
     }
   }
@@ -491,7 +522,7 @@ template <typename scalar_t, int C, Layout L>
 void run_items(const std::vector<Item>& items, const Batch& b, const Views<scalar_t>& v) {
   int64_t total = 0;
   for (const Item& item : items) total += item.cost;
-  const int64_t max_rows = std::max<int64_t>(kMaxItemRows, b.group);
+  const int64_t max_rows = std::max<int64_t>(kMaxItemRows, b.num_heads);
   std::atomic<int64_t> next{0};
   auto drain = [&](int64_t, int64_t) {
     thread_local Scratch scratch;
