@@ -6,7 +6,8 @@
 // tile's rows start). Writes into such a cache are write_kv_cache with block_size = max_model_len.
 //
 // Attention is split into work items, each one (sequence, KV head, run of that sequence's new
-// tokens). An item's query rows are those tokens times the query heads of the KV head's GQA group;
+// tokens), or, for a decode row in a batch with many of them, (sequence, all its KV heads). An
+// item's query rows are those tokens times the query heads of each KV head's GQA group;
 // it walks the sequence's keys through its block table up to the last key its rows may see, in
 // tiles of kTile consecutive keys (a tile may span several blocks: small blocks cost no more
 // softmax steps than large ones), and reads every K and V row of a tile once for all of its rows. Each row keeps an online softmax (running max, running sum, output
@@ -17,7 +18,8 @@
 // Items are handed to torch's own OpenMP threads (at::parallel_for) from a shared counter,
 // largest first, so uneven lengths still balance and torch.set_num_threads is respected.
 //
-// The inner loops use the 16-float vectors of vec.h.
+// The inner loops use the 16-float vectors of vec.h; K and V rows are widened to fp32 in registers
+// (bf16 scores use AVX512_BF16 dot products where the host has them, see tile_scores_bf16).
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -144,6 +146,7 @@ struct Views {
 // (0 * stale inf would be NaN), so a new shape starts from fresh zeros.
 struct Scratch {
   std::vector<float> q, acc, keys, values, probs, row_max, row_sum, alpha;
+  std::vector<c10::BFloat16> q_bf16;  // the query rows as they came, for bf16 dot products
   std::vector<vfloat> partial;
   int64_t rows = 0, padded_dim = 0, head_dim = 0;
 
@@ -151,6 +154,7 @@ struct Scratch {
     if (rows_ == rows && padded_dim_ == padded_dim && head_dim_ == head_dim) return;
     rows = rows_, padded_dim = padded_dim_, head_dim = head_dim_;
     q.assign(rows * padded_dim, 0.0f);
+    q_bf16.assign(rows * padded_dim, c10::BFloat16(0.0f));
     acc.assign(rows * padded_dim, 0.0f);
     keys.assign(kTile * padded_dim, 0.0f);
     values.assign(kTile * padded_dim, 0.0f);
@@ -230,6 +234,45 @@ inline void tile_scores_rows(int64_t n_rows, const float* q, int64_t q_stride, R
   tile_scores<C, R>(q, q_stride, keys, n, partial);
 }
 
+#if defined(__AVX512BF16__)
+// tile_scores for bf16 queries and keys with AVX512_BF16's dot product: 32 bf16 pairs per
+// instruction into 16 fp32 lanes (each product exact, fp32 sums), half the instructions of
+// widening to fp32 and FMAs, and no widening. The query rows are unscaled: softmax_step scales.
+constexpr bool kBf16DotProducts = true;
+template <int C, int R, typename Rows>
+inline void tile_scores_bf16(const c10::BFloat16* q, int64_t q_stride, Rows keys, int64_t n, vfloat* partial) {
+  static_assert(C % 2 == 0, "a row of whole 32-element bf16 vectors");
+  constexpr int P = C / 2;
+  __m512bh qr[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < P; ++c) qr[r][c] = (__m512bh)_mm512_loadu_si512(q + r * q_stride + c * 2 * kLanes);
+  for (int64_t t = 0; t < n; ++t) {
+    __m512bh k[P];
+    for (int c = 0; c < P; ++c) k[c] = (__m512bh)_mm512_loadu_si512(keys[t] + c * 2 * kLanes);
+    for (int r = 0; r < R; ++r) {
+      __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), qr[r][0], k[0]), odd = _mm512_setzero_ps();
+      for (int c = 1; c < P; ++c) {
+        if (c % 2) odd = _mm512_dpbf16_ps(odd, qr[r][c], k[c]); else even = _mm512_dpbf16_ps(even, qr[r][c], k[c]);
+      }
+      partial[r * kTile + t] = (vfloat)_mm512_add_ps(even, odd);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t t = n; t < kTile; ++t) partial[r * kTile + t] = vfloat{};
+}
+
+template <int C, int R, typename Rows>
+inline void tile_scores_bf16_rows(int64_t n_rows, const c10::BFloat16* q, int64_t q_stride, Rows keys, int64_t n,
+                                  vfloat* partial) {
+  if constexpr (R > 1) {
+    if (n_rows < R) return tile_scores_bf16_rows<C, R - 1>(n_rows, q, q_stride, keys, n, partial);
+  }
+  tile_scores_bf16<C, R>(q, q_stride, keys, n, partial);
+}
+#else
+constexpr bool kBf16DotProducts = false;
+#endif
+
 template <int C, int R, typename Rows>
 inline void tile_values_rows(int64_t n_rows, float* acc, int64_t acc_stride, const float* alpha, const float* probs,
                              Rows values, int64_t n) {
@@ -244,7 +287,7 @@ inline void tile_values_rows(int64_t n_rows, float* acc, int64_t acc_stride, con
 // get probability 0. Leaves the tile's probabilities and the factor that rescales the
 // accumulator (alpha) for tile_values.
 inline void softmax_step(vfloat* partial, int64_t visible, float& row_max, float& row_sum, float& alpha,
-                         float* probs) {
+                         float* probs, float score_scale) {
   if (visible <= 0) {  // the whole tile lies after this row's position
     store(probs, vfloat{});
     alpha = 1.0f;
@@ -253,7 +296,7 @@ inline void softmax_step(vfloat* partial, int64_t visible, float& row_max, float
   vfloat lane_index;
   for (int i = 0; i < kLanes; ++i) lane_index[i] = float(i);
   const vint masked = lane_index >= float(visible);
-  vfloat scores = transpose_sum(partial);
+  vfloat scores = transpose_sum(partial) * score_scale;
   scores = masked ? splat(-std::numeric_limits<float>::infinity()) : scores;
   const float new_max = std::max(row_max, hmax(scores));
   vfloat p = exp2v(scores - new_max);
@@ -282,8 +325,8 @@ inline void prefetch_rows(const KeyTile<scalar_t>& tile, const Views<scalar_t>& 
     const char* k = reinterpret_cast<const char*>(tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t]);
     const char* val = reinterpret_cast<const char*>(tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t]);
     for (int64_t line = 0; line < span * int64_t(sizeof(scalar_t)); line += 64) {
-      __builtin_prefetch(k + line);
-      __builtin_prefetch(val + line);
+      __builtin_prefetch(k + line, 0, 2);
+      __builtin_prefetch(val + line, 0, 2);
     }
   }
 }
@@ -305,8 +348,8 @@ void prefetch_item_start(const Item& item, const Batch& b, const Views<scalar_t>
                                                     offset * v.v_token_stride + item.kv_head * v.v_head_stride);
     const int64_t span = (item.num_kv_heads - 1) * v.k_head_stride + b.head_dim;
     for (int64_t line = 0; line < span * int64_t(sizeof(scalar_t)); line += 64) {
-      __builtin_prefetch(k + line);
-      __builtin_prefetch(val + line);
+      __builtin_prefetch(k + line, 0, 2);
+      __builtin_prefetch(val + line, 0, 2);
     }
   }
 }
@@ -329,6 +372,10 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   // Rows whose length is a whole number of vectors are read in place (widened in registers);
   // others are converted into zero-padded fp32 scratch.
   const bool in_place = dim == pdim;
+  // bf16 rows of whole 32-element vectors take AVX512_BF16 dot products for the scores.
+  constexpr bool bf16_dots = kBf16DotProducts && std::is_same_v<scalar_t, c10::BFloat16> && C % 2 == 0;
+  const bool dot_in_bf16 = bf16_dots && in_place;
+  const float score_scale = dot_in_bf16 ? b.scale_log2 : 1.0f;
 
   auto token_and_head = [&](int64_t r) {
     const int64_t local = r % head_rows;
@@ -339,7 +386,9 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
     const auto [token, head] = token_and_head(r);
     const scalar_t* src = v.query + token * v.q_token_stride + head * v.q_head_stride;
     float* dst = s.q.data() + r * pdim;
-    if (in_place) {
+    if (dot_in_bf16) {
+      std::memcpy(s.q_bf16.data() + r * pdim, src, dim * sizeof(scalar_t));
+    } else if (in_place) {
       for (int c = 0; c < C; ++c) store(dst + c * kLanes, load_float(src + c * kLanes) * b.scale_log2);
     } else {
       for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * b.scale_log2;
@@ -383,11 +432,11 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   auto value_row = [&](const KeyTile<scalar_t>& tile, int64_t t) {
     return tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t];
   };
-  // Ask for the rows of the tile kPrefetchTiles ahead now. The block table hides their address
-  // from the hardware prefetcher; and where rows are linear (kContiguous), leaving them to it
-  // measured 20-25% slower decode than this on a Xeon (Emerald Rapids,
-  // bench/attention_layouts.py). The first tiles were asked for while the previous item ran
-  // (prefetch_item_start).
+  // Ask for the rows of the tile kPrefetchTiles ahead now, into L2 (a tile of all heads can be
+  // 12 KiB: several would crowd L1). The block table hides their address from the hardware
+  // prefetcher; and where rows are linear (kContiguous), leaving them to it measured 20-25% slower
+  // decode than this on a Xeon (Emerald Rapids, bench/attention_layouts.py). The first tiles were
+  // asked for while the previous item ran (prefetch_item_start).
   const int64_t span = (item.num_kv_heads - 1) * v.k_head_stride + dim;  // one token's rows of the item
   KeyTile<scalar_t> tile;
   for (int64_t key0 = 0; key0 < end_key; key0 += tile.n) {
@@ -417,7 +466,21 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
         }
         float* q = s.q.data() + r0 * pdim;
         vfloat* partial = s.partial.data() + r0 * kTile;
-        if (!in_place) {
+#if defined(__AVX512BF16__)
+        if constexpr (bf16_dots) {
+          if (dot_in_bf16) {
+            const c10::BFloat16* q16 = s.q_bf16.data() + r0 * pdim;
+            if (tile.one_block) {
+              tile_scores_bf16_rows<C, R>(block_rows, q16, pdim, strided_keys, tile.n, partial);
+            } else {
+              tile_scores_bf16_rows<C, R>(block_rows, q16, pdim, gathered_keys, tile.n, partial);
+            }
+          }
+        }
+#endif
+        if (dot_in_bf16) {
+          // scored above
+        } else if (!in_place) {
           tile_scores_rows<C, R>(block_rows, q, pdim, scratch_keys, tile.n, partial);
         } else if (tile.one_block) {
           tile_scores_rows<C, R>(block_rows, q, pdim, strided_keys, tile.n, partial);
@@ -427,7 +490,7 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
         for (int64_t r = r0; r < r0 + block_rows; ++r) {
           const int64_t visible = std::min<int64_t>(tile.n, first_pos + (r - h * head_rows) / b.group + 1 - key0);
           softmax_step(s.partial.data() + r * kTile, visible, s.row_max[r], s.row_sum[r], s.alpha[r],
-                       s.probs.data() + r * kTile);
+                       s.probs.data() + r * kTile, score_scale);
         }
         float* acc = s.acc.data() + r0 * pdim;
         const float* alpha = s.alpha.data() + r0;
