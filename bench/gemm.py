@@ -240,7 +240,10 @@ def measure_peak(dtype: str, size: int, repeats: int) -> dict:
 def step_summary(records: list[dict], shapes: list[dict], rows: list[int], plan: kl.LinearPlan | None,
                  peak: float) -> list[dict]:
     """Per M: the GEMM time of one decode step on each path (each shape's cold time x its calls),
-    the probe's plan, the weight-streaming bound and the ratios to the targets."""
+    the probe's plan, the weight-streaming bound and the ratios to the targets. Also the roofline
+    bound, the larger of the weight stream and the arithmetic at the measured peak: past a few
+    rows (fp32 ~9, bf16 ~9 on a 2-core host with ~45 GB/s) the arithmetic takes longer than the
+    stream, so no kernel can reach the weight-streaming bound there."""
     out = []
     for m in rows:
         at_m = {r["name"]: r for r in records if r["m"] == m}
@@ -251,8 +254,10 @@ def step_summary(records: list[dict], shapes: list[dict], rows: list[int], plan:
         bound = sum(r["bound_us"] * r["calls"] for r in at_m.values())
         flops = sum(2 * m * r["n"] * r["k"] * r["calls"] for r in at_m.values())
         best = min(plan_paths(step), key=step.get)
+        roofline = max(bound, flops / (peak * 1e9) * 1e6)
         entry = {"m": m, "step_us": {p: round(t, 1) for p, t in step.items()}, "bound_us": round(bound, 1),
-                 "best": best, "best_over_bound": round(step[best] / bound, 2),
+                 "roofline_us": round(roofline, 1), "best": best, "best_over_bound": round(step[best] / bound, 2),
+                 "best_over_roofline": round(step[best] / roofline, 2),
                  "best_peak_fraction": round(flops / (step[best] * 1e-6) / 1e9 / peak, 3)}
         if plan is not None and plan.path_for(m) in step:
             chosen = plan.path_for(m)
@@ -292,11 +297,13 @@ def print_steps(model: str, dtype: str, steps: list[dict], plan_text: str) -> No
     print(f"\n{model} {dtype}: GEMMs of one decode step (every shape x its calls); probe plan: {plan_text}")
     paths = sorted({p for s in steps for p in s["step_us"]})
     print(f"{'M':>4} " + " ".join(f"{p + ' ms':>12}" for p in paths) +
-          f" {'bound ms':>9} {'best':>8} {'best/bound':>10} {'plan':>10} {'plan/bound':>10} {'plan %peak':>10}")
+          f" {'bound ms':>9} {'roofl. ms':>9} {'best':>8} {'best/bound':>10} {'best/roofl':>10} {'plan':>10}"
+          f" {'plan/bound':>10} {'plan %peak':>10}")
     for s in steps:
         cells = " ".join(fmt(s["step_us"][p] / 1e3 if p in s["step_us"] else None, "12.3f") for p in paths)
         plan_peak = 100 * s["plan_peak_fraction"] if "plan_peak_fraction" in s else None
-        print(f"{s['m']:>4} {cells} {s['bound_us'] / 1e3:>9.3f} {s['best']:>8} {s['best_over_bound']:>10.2f} "
+        print(f"{s['m']:>4} {cells} {s['bound_us'] / 1e3:>9.3f} {s['roofline_us'] / 1e3:>9.3f} {s['best']:>8} "
+              f"{s['best_over_bound']:>10.2f} {s['best_over_roofline']:>10.2f} "
               f"{s.get('plan', '-'):>10} {fmt(s.get('plan_over_bound'), '10.2f')} {fmt(plan_peak, '10.1f')}")
 
 

@@ -36,4 +36,7 @@ def test_gemm_bench_times_every_shape_path_and_dtype_and_writes_json(tmp_path):
             assert all(err < tolerance for err in r["rel_err_vs_fp64"].values()), r["rel_err_vs_fp64"]
         steps = model[dtype]["steps"]
         assert [s["m"] for s in steps] == [1, 3] and all(s["bound_us"] > 0 and s["plan"] for s in steps)
+        # The roofline is never below the weight stream, so a step is never further from it.
+        assert all(s["roofline_us"] >= s["bound_us"] and s["best_over_roofline"] <= s["best_over_bound"]
+                   for s in steps)
     assert "tiny-llama float32: GEMMs of one decode step" in done.stdout
