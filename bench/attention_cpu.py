@@ -1,9 +1,11 @@
-"""CPU paged attention: the plain-torch path vs the compiled kernel, on the default model's shapes.
+"""CPU paged attention: the plain-torch path vs the compiled kernel, on a model's shapes.
 
-The default model's attention (8 heads, 2 KV heads, head_dim 64, block 16, fp32, 8 layers). Each
-case is a batch of sequences (new tokens ``q_len`` on ``kv_len`` keys, shuffled block tables) over
-8 separate layer caches, as in an engine step: one "step" calls every layer once with one
-workspace, and a call's time is the step's time / 8 (min over interleaved repeats). Cases:
+By default the test model's attention (tiny-llama: 8 heads, 2 KV heads, head_dim 64, block 16,
+fp32, 8 layers); ``--shape smollm2-135m --dtype bfloat16`` is the default model as served (30
+layers, 9 heads over 3 KV heads), ``--shape qwen2-0.5b`` the 0.5 B-class one (24 layers, 14 over
+2). Each case is a batch of sequences (new tokens ``q_len`` on ``kv_len`` keys, shuffled block
+tables) over separate layer caches, as in an engine step: one "step" calls every layer once with
+one workspace, and a call's time is the step's time / layers (min over interleaved repeats). Cases:
 
 - decode: 1 / 8 / 64 / 256 sequences, lengths lognormal around a median of 80 and of 250 tokens;
 - prefill over a cached prefix (chunked prefill), a fresh prefill, and a mixed decode+prefill step;
@@ -20,6 +22,7 @@ while other work runs are noisy (2 threads suffer most: one descheduled thread s
     python bench/attention_cpu.py                 # about a minute of CPU
     python bench/attention_cpu.py --repeats 11 --threads 2
     python bench/attention_cpu.py --cpu-time      # 1 thread, CPU time: on a busy machine
+    python bench/attention_cpu.py --shape smollm2-135m --dtype bfloat16 --out /tmp/smollm2.json
     python bench/attention_cpu.py --smoke --out /tmp/a.json   # tiny shapes: checks the script
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -44,8 +48,24 @@ from paged_kernels.torch_impl import (plain_paged_attention, plain_write_kv_cach
                                 torch_write_kv_cache)
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "attention_cpu.json"
-NUM_LAYERS = 8
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 8, 2, 64, 16
+
+
+class Shape(NamedTuple):
+    """One model's attention: layers, query and KV heads, head dim; the engine's block size."""
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 64
+    block_size: int = 16
+
+
+SHAPES = {
+    "tiny-llama": Shape(num_layers=8, num_heads=8, num_kv_heads=2),       # model-store/tiny-llama
+    "smollm2-135m": Shape(num_layers=30, num_heads=9, num_kv_heads=3),    # the default model
+    "qwen2-0.5b": Shape(num_layers=24, num_heads=14, num_kv_heads=2),     # bench-qwen2-0.5b
+}
+TINY = SHAPES["tiny-llama"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def lognormal_lengths(count: int, median: int, seed: int, sigma: float = 0.6, cap: int = 2048) -> list[int]:
@@ -73,8 +93,9 @@ def cases(smoke: bool) -> list[tuple[str, list[int], list[int]]]:
     return out
 
 
-def build_layers(q_lens, kv_lens, seed: int, dtype=torch.float32):
+def build_layers(q_lens, kv_lens, seed: int, dtype=torch.float32, shape: Shape = TINY):
     """Per-layer caches, shared block tables (blocks in shuffled order), queries, new K/V, slots."""
+    BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, NUM_HEADS = shape.block_size, shape.num_kv_heads, shape.head_dim, shape.num_heads
     g = torch.Generator().manual_seed(seed)
     needed = [-(-kv // BLOCK_SIZE) for kv in kv_lens]
     num_blocks = sum(needed) + 1
@@ -87,19 +108,19 @@ def build_layers(q_lens, kv_lens, seed: int, dtype=torch.float32):
         start += needed[seq]
         tables[seq, :len(blocks)] = blocks.to(torch.int32)
         slots += [int(blocks[p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(kv - q, kv)]
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     num_tokens = sum(q_lens)
     layers = []
-    for _ in range(NUM_LAYERS):
+    for _ in range(shape.num_layers):
         layers.append(dict(
-            key_cache=torch.rand(shape, generator=g, dtype=dtype) - 0.5,
-            value_cache=torch.rand(shape, generator=g, dtype=dtype) - 0.5,
+            key_cache=torch.rand(cache_shape, generator=g, dtype=dtype) - 0.5,
+            value_cache=torch.rand(cache_shape, generator=g, dtype=dtype) - 0.5,
             # A view into a fused QKV projection, as the model passes it.
             qkv=torch.randn(num_tokens, NUM_HEADS + 2 * NUM_KV_HEADS, HEAD_DIM, generator=g, dtype=dtype),
         ))
     meta = dict(block_tables=tables, seq_lens=torch.tensor(kv_lens, dtype=torch.int32),
                 query_start_loc=torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32),
-                slot_mapping=torch.tensor(slots, dtype=torch.long))
+                slot_mapping=torch.tensor(slots, dtype=torch.long), shape=shape)
     return layers, meta
 
 
@@ -109,11 +130,12 @@ def step(attention, write, layers, meta, with_write: bool):
     out = None
     for layer in layers:
         qkv = layer["qkv"]
-        q, k, v = qkv.split([NUM_HEADS, NUM_KV_HEADS, NUM_KV_HEADS], dim=1)
+        shape = meta["shape"]
+        q, k, v = qkv.split([shape.num_heads, shape.num_kv_heads, shape.num_kv_heads], dim=1)
         if with_write:
             write(k, v, layer["key_cache"], layer["value_cache"], meta["slot_mapping"])
         out = attention(q, layer["key_cache"], layer["value_cache"], meta["block_tables"], meta["seq_lens"],
-                        meta["query_start_loc"], HEAD_DIM ** -0.5, workspace)
+                        meta["query_start_loc"], shape.head_dim ** -0.5, workspace)
     return out
 
 
@@ -130,7 +152,7 @@ def time_variants(variants: dict, layers, meta, repeats: int, with_write: bool, 
         for name, (attention, write) in variants.items():
             start = clock()
             step(attention, write, layers, meta, with_write)
-            best[name] = min(best[name], (clock() - start) * 1e6 / NUM_LAYERS)
+            best[name] = min(best[name], (clock() - start) * 1e6 / len(layers))
     return best
 
 
@@ -157,6 +179,8 @@ def host_cpu() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--shape", default="tiny-llama", choices=sorted(SHAPES), help="whose attention (heads, layers)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="the K/V cache and query dtype")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {DEFAULT_OUT}; none with --smoke)")
     p.add_argument("--cpu-time", action="store_true",
@@ -176,6 +200,7 @@ def main(argv=None) -> int:
         print("bench/attention_cpu.py: the compiled CPU kernels could not be built here (see the log line); "
               "nothing to compare")
         return 1
+    shape = SHAPES[args.shape]
     load_before = os.getloadavg()
     dram = dram_read_gbps(16 if args.smoke else 512)
     variants = {"plain": (plain_paged_attention, plain_write_kv_cache),
@@ -189,13 +214,13 @@ def main(argv=None) -> int:
     print("-" * len(header))
     with torch.inference_mode():
         for index, (name, q_lens, kv_lens) in enumerate(cases(args.smoke)):
-            layers, meta = build_layers(q_lens, kv_lens, seed=index)
+            layers, meta = build_layers(q_lens, kv_lens, seed=index, dtype=DTYPES[args.dtype], shape=shape)
             diff = (step(*variants["plain"], layers, meta, False).float()
                     - step(*variants["compiled"], layers, meta, False).float()).abs().max().item()
             whats = ["attention"] + (["layer"] if max(q_lens) == 1 and len(q_lens) <= 8 else [])
             for what in whats:
                 times = time_variants(variants, layers, meta, repeats, with_write=what == "layer", clock=clock)
-                kv_bytes = sum(kv_lens) * NUM_KV_HEADS * HEAD_DIM * 4 * 2
+                kv_bytes = sum(kv_lens) * shape.num_kv_heads * shape.head_dim * DTYPES[args.dtype].itemsize * 2
                 gbps = kv_bytes / (times["compiled"] * 1e-6) / 1e9
                 row = dict(case=name, what=what, num_seqs=len(q_lens), total_q=sum(q_lens), total_kv=sum(kv_lens),
                            max_kv=max(kv_lens), plain_us=round(times["plain"], 1),
@@ -207,9 +232,9 @@ def main(argv=None) -> int:
     report = dict(host_cpu=host_cpu(), threads=torch.get_num_threads(), torch=torch.__version__,
                   clock="thread CPU time" if args.cpu_time else "wall clock",
                   load_average_before=load_before, load_average_after=os.getloadavg(), dram_read_gbps=round(dram, 2),
-                  repeats=repeats, layers=NUM_LAYERS,
-                  shapes=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                              block_size=BLOCK_SIZE, dtype="float32"),
+                  repeats=repeats, layers=shape.num_layers, shape_name=args.shape,
+                  shapes=dict(num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                              block_size=shape.block_size, dtype=args.dtype),
                   results=rows)
     out = args.out if args.out is not None else (None if args.smoke else DEFAULT_OUT)
     if out is not None:

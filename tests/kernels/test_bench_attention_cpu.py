@@ -15,6 +15,15 @@ def test_smoke_run_times_both_paths_and_compares_outputs(bench, compiled_ops, tm
     assert report["host_cpu"] and report["threads"] >= 1 and report["dram_read_gbps"] > 0
 
 
+def test_a_model_shape_and_dtype_are_measured_and_recorded(bench, compiled_ops, tmp_path):
+    out = tmp_path / "attention_cpu.json"
+    assert bench.main(["--smoke", "--shape", "smollm2-135m", "--dtype", "bfloat16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["shape_name"] == "smollm2-135m" and report["layers"] == 30
+    assert report["shapes"] == dict(num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16")
+    assert all(r["max_abs_diff"] < 0.05 for r in report["results"])  # bf16 outputs round to ~3 digits
+
+
 def test_cpu_time_mode_asks_for_one_thread_and_records_its_clock(bench, compiled_ops, tmp_path, monkeypatch):
     requested = []
     monkeypatch.setattr(bench.torch, "set_num_threads", requested.append)  # the session keeps its threads

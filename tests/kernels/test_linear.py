@@ -170,6 +170,16 @@ def test_probe_chooses_per_bucket_from_its_timings(compiled_ops, monkeypatch):
     assert result.plan.source == "probe" and result.figures["probe_s"] >= 0
 
 
+def test_bf16_probe_chooses_the_fastest_path_without_a_torch_margin(compiled_ops, monkeypatch):
+    # Within 10% of the packed kernel: fp32 would keep F.linear (HF's op); bf16 has no such contract.
+    fake = {rows: dict(packed=1.0, onednn=2.0, torch=1.05) for rows in kl.PROBE_ROWS}
+    monkeypatch.setattr(kl, "_time_paths", fake_timings(fake))
+    weights = [(random_linear(64, 32, torch.bfloat16).weight, 1)]
+    assert kl.probe_linear_plan(weights, torch.bfloat16).plan.paths == ("packed",) * len(kl.PROBE_ROWS)
+    weights = [(random_linear(64, 32, torch.float32).weight, 1)]
+    assert kl.probe_linear_plan(weights, torch.float32).plan.paths == ("torch",) * len(kl.PROBE_ROWS)
+
+
 def test_int8_probe_chooses_the_fastest_int8_path_without_a_torch_margin(compiled_ops, monkeypatch):
     fake = {rows: dict(packed=1.0, torch_int8=1.05, dequant=9.0) for rows in kl.PROBE_ROWS}
     fake[256] = dict(packed=2.0, torch_int8=3.0, dequant=1.0)
