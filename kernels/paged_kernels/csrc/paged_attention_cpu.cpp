@@ -47,7 +47,7 @@ constexpr int kMaxItemRows = 32; // query rows per work item when a sequence has
 // Decode rows take one item per sequence (all its KV heads) when there are at least this many of
 // them per thread; fewer would leave threads idle, so they take one item per KV head.
 constexpr int64_t kWholeSequenceItemsPerThread = 4;
-// Tiles whose rows are requested ahead of the one being computed (see prefetch_tile in attend).
+// Tiles whose rows are requested ahead of the one being computed (prefetch_rows, prefetch_item_start).
 constexpr int64_t kPrefetchTiles = 2;
 
 // 2^x for x <= 0 (larger x works up to 127): 2^round(x) from the exponent bits times a degree-7
@@ -466,9 +466,9 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
         }
         float* q = s.q.data() + r0 * pdim;
         vfloat* partial = s.partial.data() + r0 * kTile;
+        if (dot_in_bf16) {  // only where kBf16DotProducts, so the block below was compiled
 #if defined(__AVX512BF16__)
-        if constexpr (bf16_dots) {
-          if (dot_in_bf16) {
+          if constexpr (bf16_dots) {
             const c10::BFloat16* q16 = s.q_bf16.data() + r0 * pdim;
             if (tile.one_block) {
               tile_scores_bf16_rows<C, R>(block_rows, q16, pdim, strided_keys, tile.n, partial);
@@ -476,10 +476,7 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
               tile_scores_bf16_rows<C, R>(block_rows, q16, pdim, gathered_keys, tile.n, partial);
             }
           }
-        }
 #endif
-        if (dot_in_bf16) {
-          // scored above
         } else if (!in_place) {
           tile_scores_rows<C, R>(block_rows, q, pdim, scratch_keys, tile.n, partial);
         } else if (tile.one_block) {
