@@ -1,7 +1,10 @@
 """Management API against the test server: register (synchronous), scale, unregister, no leftovers.
 
-The second model is small on purpose (1 running sequence, 1 waiting slot, 3 s deadline), so the
-same test also covers admission control (503) and the per-request deadline.
+The second model is small on purpose (1 running sequence, 1 waiting slot, 1 s deadline), so the
+same test also covers admission control (503) and the per-request deadline. Finishing the
+900-token request inside the deadline would take ~110 GB/s of memory bandwidth (batch-1 decode of
+the test model in fp32 streams ~123 MB of weights per token), far beyond what the 2-core hosts we
+test on read (30-57 GB/s); a 3 s deadline was once beaten, at ~300 tokens/s.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import requests
 from paged_tools.ts_launcher import _alive, build_model_folder
 
 SMALL = {"block_size": 16, "num_kv_blocks": 64, "max_num_seqs": 1, "max_num_batched_tokens": 512,
-         "max_waiting_requests": 1, "request_timeout": 3, "enable_prefix_caching": False}
+         "max_waiting_requests": 1, "request_timeout": 1, "enable_prefix_caching": False, "dtype": "float32"}
 
 
 def _workers(ts, name):
@@ -42,7 +45,7 @@ def test_register_scale_unregister(torchserve, ts_model_dir):
         return requests.post(url, json={"prompt": [5, 6, 7, i + 10], "max_tokens": max_tokens, "temperature": 0,
                                         "ignore_eos": True}, timeout=300)
     with ThreadPoolExecutor(6) as pool:
-        running = pool.submit(call, 0, 900)  # ends by its 3 s deadline
+        running = pool.submit(call, 0, 900)  # ends by its 1 s deadline
         for _ in range(600):
             if ts.describe("llm2")["kv_stats"]["num_running"] == 1:
                 break
