@@ -12,6 +12,7 @@ from paged_kernels import torch_impl
 from paged_kernels.reference import reference_contiguous_attention, reference_write_kv_cache
 from contiguous_cases import make_contiguous_batch, to_paged
 from paged_cases import DTYPES, assert_close_to_reference
+from thread_counts import at_thread_counts
 
 MIXED_Q_LENS, MIXED_KV_LENS = [1, 5, 1, 11], [37, 29, 1, 11]
 
@@ -87,14 +88,7 @@ def test_compiled_equals_the_paged_kernel_on_the_same_contents(compiled_ops, blo
 def test_compiled_output_does_not_depend_on_the_thread_count(compiled_ops):
     batch = make_contiguous_batch([1] * 12 + [30], [50 + 13 * i for i in range(12)] + [200], num_heads=8,
                                   num_kv_heads=2, seed=16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch_impl.torch_contiguous_attention(*batch.args())
-        torch.set_num_threads(2)
-        two = torch_impl.torch_contiguous_attention(*batch.args())
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_thread_counts(lambda: torch_impl.torch_contiguous_attention(*batch.args()), 1, 2)
     assert torch.equal(one, two)
 
 

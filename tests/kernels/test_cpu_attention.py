@@ -9,6 +9,7 @@ import torch
 from paged_kernels import torch_impl
 from paged_kernels.reference import reference_paged_attention, reference_write_kv_cache
 from paged_cases import DTYPES, assert_close_to_reference, make_batch, make_cache_write
+from thread_counts import at_thread_counts
 
 MIXED_Q_LENS, MIXED_KV_LENS = [1, 5, 1, 11], [37, 29, 1, 11]
 
@@ -84,14 +85,7 @@ def test_int64_index_tensors_are_accepted():
 def test_output_does_not_depend_on_the_thread_count():
     batch = make_batch([1] * 12 + [30], [50 + 13 * i for i in range(12)] + [200], num_heads=8, num_kv_heads=2,
                        seed=18)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch_impl.torch_paged_attention(*batch.args())
-        torch.set_num_threads(2)
-        two = torch_impl.torch_paged_attention(*batch.args())
-    finally:
-        torch.set_num_threads(threads)
+    one, two = at_thread_counts(lambda: torch_impl.torch_paged_attention(*batch.args()), 1, 2)
     assert torch.equal(one, two)
 
 
@@ -117,14 +111,7 @@ def test_decode_rows_give_the_same_bits_in_one_item_per_sequence_or_per_kv_head(
     # 12 decode rows: one item per sequence on 1 thread, one per KV head on 4 (too few per thread).
     batch = make_batch([1] * 12, [5 + 17 * i for i in range(12)], num_heads=9, num_kv_heads=3,
                        dtype=torch.bfloat16, seed=30)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        per_sequence = torch_impl.torch_paged_attention(*batch.args())
-        torch.set_num_threads(4)
-        per_kv_head = torch_impl.torch_paged_attention(*batch.args())
-    finally:
-        torch.set_num_threads(threads)
+    per_sequence, per_kv_head = at_thread_counts(lambda: torch_impl.torch_paged_attention(*batch.args()), 1, 4)
     assert torch.equal(per_sequence, per_kv_head)
 
 

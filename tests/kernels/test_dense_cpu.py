@@ -14,6 +14,7 @@ import torch
 from paged_kernels import cpu_extension
 from paged.models import forward_ops
 from paged.models.llama import LlamaForCausalLM, ModelArgs, rope_inverse_frequencies
+from thread_counts import at_thread_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (tokens, size): one token, odd sizes (a vector tail), and enough tokens for several threads.
@@ -189,14 +190,7 @@ def test_results_do_not_depend_on_the_thread_count(compiled_ops):
         return [*compiled_ops.add_rms_norm(delta, residual, weight, EPS), compiled_ops.silu_and_mul(gate_up),
                 *compiled_ops.rotary_qkv(qkv, cos, sin, 8, 2, 64)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        serial = run()
-        torch.set_num_threads(max(2, threads))
-        parallel = run()
-    finally:
-        torch.set_num_threads(threads)
+    serial, parallel = at_thread_counts(run, 1, max(2, torch.get_num_threads()))
     assert all(torch.equal(s, p) for s, p in zip(serial, parallel))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from paged.models.forward_ops import torch_silu_and_mul
 from paged_kernels import cpu_extension
 from paged_kernels import linear as kl
+from thread_counts import at_thread_counts
 
 
 
@@ -141,15 +142,8 @@ def test_result_does_not_depend_on_the_thread_count(dtype):
     weight = random(4096, 256, dtype=dtype)  # enough panels to split over threads
     packed = kl.pack_for_kernel(weight)
     x = random(5, 256, dtype=dtype, seed=3)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(kl.packed_linear(x, packed))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+    one, two = at_thread_counts(lambda: kl.packed_linear(x, packed), 1, 2)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
