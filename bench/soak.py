@@ -281,14 +281,14 @@ def _send(s: Soak, p: Planned) -> tuple[bool, int | None, str]:
 
 
 # ---------------------------------------------------------------------------------------- server
-def start_server(work: Path, model_dir: str, dtype: str | None):
+def start_server(work: Path, model_dir: str, model_config: dict):
+    """TorchServe on the shipped config.properties, serving ``model_dir`` with ``model_config``
+    (the shipped model-config.yaml as main() read it, its dtype already chosen)."""
     from paged_tools.ts_launcher import ROOT as REPO, TorchServe, build_model_folder, free_ports, parse_properties
 
     shipped = parse_properties((REPO / "config.properties").read_text())
-    model_config = yaml.safe_load((REPO / "model-config.yaml").read_text())
+    model_config = dict(model_config)
     handler = model_config.pop("handler")
-    if dtype is not None:
-        handler["dtype"] = dtype
     ts = TorchServe(work, free_ports(5), properties=shipped)
     ts.store.mkdir(parents=True, exist_ok=True)
     build_model_folder(ts.store, "llm", Path(model_dir).resolve(), handler, extra_yaml=model_config)
@@ -342,7 +342,7 @@ def main() -> int:
     print(f"references ready in {time.time() - t0:.0f} s; starting TorchServe (shipped configuration) ...", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    ts, _ = start_server(work, args.model, None if args.dtype == "shipped" else args.dtype)
+    ts, _ = start_server(work, args.model, model_config)
     report: dict = {"requests": args.requests, "concurrency": args.concurrency, "seed": args.seed,
                     "host_cpus": os.cpu_count(), "load_avg_1m_before": round(os.getloadavg()[0], 2)}
     try:
