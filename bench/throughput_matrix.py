@@ -85,19 +85,14 @@ def pair_row(model_dir: str, dtype: str, result: dict) -> dict:
             "unavailable": result.get("unavailable") or {}, "errors": result.get("errors") or {}}
 
 
-def add_bound_ratios(rows: list[dict]) -> float | None:
-    """Batch-1 decode against the weight-streaming bound at the best bandwidth measured in the run;
-    returns that bandwidth (bytes/s), or None when no pair measured it."""
-    measured = [r["dram_read_bytes_per_s"] for r in rows if r.get("dram_read_bytes_per_s")]
-    if not measured:
-        return None
-    bandwidth = max(measured)
+def add_bound_ratios(rows: list[dict], bandwidth: float) -> None:
+    """Batch-1 decode against the weight-streaming bound at ``bandwidth`` (bytes/s: the best
+    measured in the run)."""
     for r in rows:
         if r.get("batch1_tokens_per_s") and r.get("decode_weight_bytes"):
             streamed = r["decode_weight_bytes"] * r["batch1_tokens_per_s"]
             r["batch1_weight_bytes_per_s"] = streamed
             r["batch1_over_bound"] = bandwidth / streamed  # time per token over the bound's
-    return bandwidth
 
 
 def render(rows: list[dict], skipped: list[str], meta: dict) -> str:
@@ -181,8 +176,10 @@ def main() -> None:
         with open(out) as f:
             rows.append(pair_row(model_dir, dtype, json.load(f)))
 
-    bandwidth = add_bound_ratios(rows)
     measured = [r["dram_read_bytes_per_s"] for r in rows if r.get("dram_read_bytes_per_s")]
+    bandwidth = max(measured) if measured else None
+    if bandwidth is not None:
+        add_bound_ratios(rows, bandwidth)
     meta = {"dram_read_bytes_per_s": bandwidth,
             "dram_read_range": [min(measured), max(measured)] if measured else [None, None],
             "cpu": cpu_model(), "isa": isa_flags(), "threads": args.threads, "repeats": args.repeats,
