@@ -317,13 +317,61 @@ struct KeyTile {
   bool one_block;
 };
 
+// Row t of the tile's keys and of its values.
+template <typename scalar_t>
+inline const scalar_t* key_row(const KeyTile<scalar_t>& tile, const Views<scalar_t>& v, int64_t t) {
+  return tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t];
+}
+template <typename scalar_t>
+inline const scalar_t* value_row(const KeyTile<scalar_t>& tile, const Views<scalar_t>& v, int64_t t) {
+  return tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t];
+}
+
+// Keys [0, end) are what the item reads: up to its last new token's position.
+inline int64_t item_end_key(const Item& item, const Batch& b) {
+  const int64_t q_len = b.query_start_loc[item.seq + 1] - b.query_start_loc[item.seq];
+  return b.seq_lens[item.seq] - q_len + item.first_token + item.num_tokens;
+}
+
+// The item's keys [key0, key0 + n) of its first KV head, n = min(kTile, end_key - key0), through
+// the block table (kPaged) or the sequence's slot (kContiguous).
+template <typename scalar_t, Layout L>
+void tile_at(const Item& item, const Batch& b, const Views<scalar_t>& v, int64_t end_key, int64_t key0,
+             KeyTile<scalar_t>& tile) {
+  const int32_t* table = b.block_tables + int64_t(item.seq) * b.table_stride;
+  tile.n = std::min<int64_t>(kTile, end_key - key0);
+  if constexpr (L == Layout::kContiguous) {
+    tile.keys[0] = v.key_cache + table[0] * v.k_block_stride + key0 * v.k_token_stride + item.kv_head * v.k_head_stride;
+    tile.values[0] = v.value_cache + table[0] * v.v_block_stride + key0 * v.v_token_stride + item.kv_head * v.v_head_stride;
+    tile.one_block = true;
+    return;
+  }
+  int64_t offset = key0 % b.block_size;
+  auto block_rows = [&](int64_t block, int64_t row) {
+    tile.keys[row] = v.key_cache + block * v.k_block_stride + offset * v.k_token_stride + item.kv_head * v.k_head_stride;
+    tile.values[row] = v.value_cache + block * v.v_block_stride + offset * v.v_token_stride + item.kv_head * v.v_head_stride;
+  };
+  block_rows(table[key0 / b.block_size], 0);
+  tile.one_block = offset + tile.n <= b.block_size;
+  if (tile.one_block) return;
+  for (int64_t t = 1; t < tile.n; ++t) {
+    if (++offset == b.block_size) {
+      offset = 0;
+      block_rows(table[(key0 + t) / b.block_size], t);
+    } else {
+      tile.keys[t] = tile.keys[t - 1] + v.k_token_stride;
+      tile.values[t] = tile.values[t - 1] + v.v_token_stride;
+    }
+  }
+}
+
 // Requests every K and V row of the tile into the caches: `span` elements from each row's start
 // (the item's heads of one token).
 template <typename scalar_t>
 inline void prefetch_rows(const KeyTile<scalar_t>& tile, const Views<scalar_t>& v, int64_t span) {
   for (int64_t t = 0; t < tile.n; ++t) {
-    const char* k = reinterpret_cast<const char*>(tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t]);
-    const char* val = reinterpret_cast<const char*>(tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t]);
+    const char* k = reinterpret_cast<const char*>(key_row(tile, v, t));
+    const char* val = reinterpret_cast<const char*>(value_row(tile, v, t));
     for (int64_t line = 0; line < span * int64_t(sizeof(scalar_t)); line += 64) {
       __builtin_prefetch(k + line, 0, 2);
       __builtin_prefetch(val + line, 0, 2);
@@ -335,22 +383,12 @@ inline void prefetch_rows(const KeyTile<scalar_t>& tile, const Views<scalar_t>& 
 // one runs, so an item (a decode row reads only a few tiles) does not start on a cache miss.
 template <typename scalar_t, Layout L>
 void prefetch_item_start(const Item& item, const Batch& b, const Views<scalar_t>& v) {
-  const int64_t q_len = b.query_start_loc[item.seq + 1] - b.query_start_loc[item.seq];
-  const int64_t end_key = std::min<int64_t>(b.seq_lens[item.seq] - q_len + item.first_token + item.num_tokens,
-                                            kPrefetchTiles * kTile);
-  const int32_t* table = b.block_tables + int64_t(item.seq) * b.table_stride;
-  for (int64_t key = 0; key < end_key; ++key) {
-    const int64_t block = L == Layout::kContiguous ? table[0] : table[key / b.block_size];
-    const int64_t offset = L == Layout::kContiguous ? key : key % b.block_size;
-    const char* k = reinterpret_cast<const char*>(v.key_cache + block * v.k_block_stride + offset * v.k_token_stride +
-                                                  item.kv_head * v.k_head_stride);
-    const char* val = reinterpret_cast<const char*>(v.value_cache + block * v.v_block_stride +
-                                                    offset * v.v_token_stride + item.kv_head * v.v_head_stride);
-    const int64_t span = (item.num_kv_heads - 1) * v.k_head_stride + b.head_dim;
-    for (int64_t line = 0; line < span * int64_t(sizeof(scalar_t)); line += 64) {
-      __builtin_prefetch(k + line, 0, 2);
-      __builtin_prefetch(val + line, 0, 2);
-    }
+  const int64_t end_key = item_end_key(item, b);
+  const int64_t span = (item.num_kv_heads - 1) * v.k_head_stride + b.head_dim;
+  KeyTile<scalar_t> tile;
+  for (int64_t key0 = 0; key0 < std::min(end_key, kPrefetchTiles * kTile); key0 += tile.n) {
+    tile_at<scalar_t, L>(item, b, v, end_key, key0, tile);
+    prefetch_rows(tile, v, span);
   }
 }
 
@@ -364,11 +402,8 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   const int64_t head_rows = int64_t(item.num_tokens) * b.group;
   const int64_t rows = head_rows * item.num_kv_heads;
   const int64_t q_start = b.query_start_loc[item.seq];
-  const int64_t q_len = b.query_start_loc[item.seq + 1] - q_start;
-  const int64_t kv_len = b.seq_lens[item.seq];
-  const int64_t first_pos = kv_len - q_len + item.first_token;  // position of the item's first token
-  const int64_t end_key = first_pos + item.num_tokens;            // keys [0, end_key) are read
-  const int32_t* table = b.block_tables + int64_t(item.seq) * b.table_stride;
+  const int64_t end_key = item_end_key(item, b);
+  const int64_t first_pos = end_key - item.num_tokens;  // position of the item's first token
   // Rows whose length is a whole number of vectors are read in place (widened in registers);
   // others are converted into zero-padded fp32 scratch.
   const bool in_place = dim == pdim;
@@ -399,39 +434,6 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   std::fill(s.row_max.begin(), s.row_max.begin() + rows, -std::numeric_limits<float>::infinity());
   std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
 
-  // Keys [key0, key0 + n) with n = min(kTile, end_key - key0), through the block table.
-  auto tile_at = [&](int64_t key0, KeyTile<scalar_t>& tile) {
-    tile.n = std::min<int64_t>(kTile, end_key - key0);
-    if constexpr (L == Layout::kContiguous) {
-      tile.keys[0] = v.key_cache + table[0] * v.k_block_stride + key0 * v.k_token_stride + item.kv_head * v.k_head_stride;
-      tile.values[0] = v.value_cache + table[0] * v.v_block_stride + key0 * v.v_token_stride + item.kv_head * v.v_head_stride;
-      tile.one_block = true;
-      return;
-    }
-    int64_t offset = key0 % b.block_size;
-    auto block_rows = [&](int64_t block, int64_t row) {
-      tile.keys[row] = v.key_cache + block * v.k_block_stride + offset * v.k_token_stride + item.kv_head * v.k_head_stride;
-      tile.values[row] = v.value_cache + block * v.v_block_stride + offset * v.v_token_stride + item.kv_head * v.v_head_stride;
-    };
-    block_rows(table[key0 / b.block_size], 0);
-    tile.one_block = offset + tile.n <= b.block_size;
-    if (tile.one_block) return;
-    for (int64_t t = 1; t < tile.n; ++t) {
-      if (++offset == b.block_size) {
-        offset = 0;
-        block_rows(table[(key0 + t) / b.block_size], t);
-      } else {
-        tile.keys[t] = tile.keys[t - 1] + v.k_token_stride;
-        tile.values[t] = tile.values[t - 1] + v.v_token_stride;
-      }
-    }
-  };
-  auto key_row = [&](const KeyTile<scalar_t>& tile, int64_t t) {
-    return tile.one_block ? tile.keys[0] + t * v.k_token_stride : tile.keys[t];
-  };
-  auto value_row = [&](const KeyTile<scalar_t>& tile, int64_t t) {
-    return tile.one_block ? tile.values[0] + t * v.v_token_stride : tile.values[t];
-  };
   // Ask for the rows of the tile kPrefetchTiles ahead now, into L2 (a tile of all heads can be
   // 12 KiB: several would crowd L1). The block table hides their address from the hardware
   // prefetcher; and where rows are linear (kContiguous), leaving them to it measured 20-25% slower
@@ -441,10 +443,10 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
   KeyTile<scalar_t> tile;
   for (int64_t key0 = 0; key0 < end_key; key0 += tile.n) {
     if (key0 + kPrefetchTiles * kTile < end_key) {
-      tile_at(key0 + kPrefetchTiles * kTile, tile);
+      tile_at<scalar_t, L>(item, b, v, end_key, key0 + kPrefetchTiles * kTile, tile);
       prefetch_rows(tile, v, span);
     }
-    tile_at(key0, tile);
+    tile_at<scalar_t, L>(item, b, v, end_key, key0, tile);
     for (int64_t h = 0; h < item.num_kv_heads; ++h) {
       const int64_t k_off = h * v.k_head_stride, v_off = h * v.v_head_stride;
       const StridedRows<float> scratch_keys{s.keys.data(), pdim}, scratch_values{s.values.data(), pdim};
@@ -453,8 +455,8 @@ void attend(const Item& item, const Batch& b, const Views<scalar_t>& v, Scratch&
       const GatheredRows<scalar_t> gathered_keys{tile.keys, k_off}, gathered_values{tile.values, v_off};
       if (!in_place) {
         for (int64_t t = 0; t < tile.n; ++t) {
-          to_float(key_row(tile, t) + k_off, s.keys.data() + t * pdim, dim);
-          to_float(value_row(tile, t) + v_off, s.values.data() + t * pdim, dim);
+          to_float(key_row(tile, v, t) + k_off, s.keys.data() + t * pdim, dim);
+          to_float(value_row(tile, v, t) + v_off, s.values.data() + t * pdim, dim);
         }
       }
       for (int64_t r0 = h * head_rows; r0 < (h + 1) * head_rows;) {
