@@ -18,9 +18,9 @@ and while serving, of TorchServe's Java frontend, of the Python worker (split by
 the engine thread with its OpenMP threads, the asyncio event loop that formats and frames the
 stream, TorchServe's socket and other threads) and of the client; and backend messages (worker ->
 frontend) per output token, from the worker's describe. The frontend's CPU is also split by JVM
-thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads); an untimed warm-up of the
-first workload's requests (capped at --warmup-tokens tokens each) keeps most JIT compilation
-out of the timed runs.
+thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads); an untimed warm-up, the
+first workload's requests --warmup-rounds times (capped at --warmup-tokens tokens each), keeps
+most JIT compilation out of the timed runs: the figures are of a server in steady state.
 
 Same engine settings on both sides (fp32, block 16, prefix caching off, the same KV bytes,
 max_num_seqs, max_num_batched_tokens). Prints a table and writes JSON. The machine has 2 cores
@@ -289,14 +289,17 @@ def start_server(args, work: Path):
     return ts
 
 
-def warm_served(ts, wl: Workload, max_tokens: int) -> None:
-    """Untimed traffic before the runs: every request of ``wl`` with at most ``max_tokens`` tokens.
+def warm_served(ts, wl: Workload, max_tokens: int, rounds: int) -> None:
+    """Untimed traffic before the runs: every request of ``wl`` with at most ``max_tokens`` tokens,
+    ``rounds`` times.
 
-    The JVM compiles the frontend's hot paths after thousands of calls; with a few warm-up requests
-    that compilation (the "jit" threads of the split) landed in the first timed served run."""
+    The JVM compiles the frontend's hot paths after thousands of calls. After one round of 32-token
+    requests the frontend's JIT threads still took ~2 s of CPU in the first timed Alpaca-like run
+    (~0.4 s in the second, ~0.2 s in the third): compilation landed in the timed runs."""
     warm = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
                     prompts=list(wl.prompts), output_lens=[min(L, max_tokens) for L in wl.output_lens])
-    asyncio.run(_drive(ts.http, warm))
+    for _ in range(rounds):
+        asyncio.run(_drive(ts.http, warm))
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -362,8 +365,9 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=1 << 30)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--warmup-tokens", type=int, default=32,
+    ap.add_argument("--warmup-tokens", type=int, default=64,
                     help="untimed warm-up: the first workload's requests with at most this many tokens each")
+    ap.add_argument("--warmup-rounds", type=int, default=2, help="untimed warm-up: how many times")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="the handler's stream_interval: a chunk every N generated tokens (default 1: every step)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
@@ -393,7 +397,7 @@ def main() -> None:
     ts = start_server(args, work)
     runs: dict[str, dict[str, list]] = {wl.name: {"inproc": [], "served": []} for wl, _ in wls}
     try:
-        warm_served(ts, wls[0][0], args.warmup_tokens)
+        warm_served(ts, wls[0][0], args.warmup_tokens, args.warmup_rounds)
         for rep in range(args.repeats):
             for wl, path in wls:
                 for mode in (("inproc", "served") if rep % 2 == 0 else ("served", "inproc")):

@@ -4,6 +4,11 @@ The backend logs ``[METRICS]`` lines; the frontend turns the ones declared in th
 (handler/paged_handler/metrics.yaml) into Prometheus series on the metrics port. Gauges are refreshed from the
 engine's published stats by a periodic task while there is traffic, and once more when it goes
 idle so they fall back to zero. Never raises: metrics must not break a request.
+
+Each metric line costs the event loop a log write and the frontend a parse, so a finished request
+emits only its histogram observations (Prometheus needs every one). Its counters are summed and its
+latency gauges kept as the latest value, and the periodic task emits both once per interval, the
+same totals in far fewer lines. Whatever is pending goes out at once when no task is running.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ class ServingMetrics:
         self.interval_s = interval_s
         self._task: asyncio.Task | None = None
         self.enabled = metrics_cache is not None
+        self._counters: dict[str, tuple[float, str]] = {}  # name -> (sum since the last emit, unit)
+        self._gauges: dict[str, tuple[float, str]] = {}    # name -> (latest value, unit)
 
     def _dims(self):
         return [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
@@ -52,17 +59,34 @@ class ServingMetrics:
     # -------------------------------------------------------------- per request
     def request_finished(self, prompt_tokens: int, generated_tokens: int,
                          ttft_s: float | None, tpot_s: float | None) -> None:
-        self._emit("PagedPromptTokensTotal", prompt_tokens, "Count", MetricTypes.COUNTER)
-        self._emit("PagedGenerationTokensTotal", generated_tokens, "Count", MetricTypes.COUNTER)
-        self._emit("PagedRequestsFinishedTotal", 1, "Count", MetricTypes.COUNTER)
+        if not self.enabled:
+            return
+        self._count("PagedPromptTokensTotal", prompt_tokens, "Count")
+        self._count("PagedGenerationTokensTotal", generated_tokens, "Count")
+        self._count("PagedRequestsFinishedTotal", 1, "Count")
         if ttft_s is not None:
-            self._emit("PagedTimeToFirstTokenMs", round(ttft_s * 1000, 3), "ms", MetricTypes.GAUGE)
-            self._emit("PagedTimeToFirstTokenMsSum", round(ttft_s * 1000, 3), "ms", MetricTypes.COUNTER)
+            self._gauges["PagedTimeToFirstTokenMs"] = (round(ttft_s * 1000, 3), "ms")
+            self._count("PagedTimeToFirstTokenMsSum", ttft_s * 1000, "ms")
             self._emit("PagedTimeToFirstTokenSeconds", round(ttft_s, 6), "s", MetricTypes.HISTOGRAM)
         if tpot_s is not None:
-            self._emit("PagedTimePerOutputTokenMs", round(tpot_s * 1000, 3), "ms", MetricTypes.GAUGE)
-            self._emit("PagedTimePerOutputTokenMsSum", round(tpot_s * 1000, 3), "ms", MetricTypes.COUNTER)
+            self._gauges["PagedTimePerOutputTokenMs"] = (round(tpot_s * 1000, 3), "ms")
+            self._count("PagedTimePerOutputTokenMsSum", tpot_s * 1000, "ms")
             self._emit("PagedTimePerOutputTokenSeconds", round(tpot_s, 6), "s", MetricTypes.HISTOGRAM)
+        if self._task is None or self._task.done():
+            self.emit_pending()  # no periodic task would emit them
+
+    def _count(self, name: str, value: float, unit: str) -> None:
+        total, _ = self._counters.get(name, (0, unit))
+        self._counters[name] = (total + value, unit)
+
+    def emit_pending(self) -> None:
+        """Emit the counters summed and the latest request gauges since the last call."""
+        counters, self._counters = self._counters, {}
+        gauges, self._gauges = self._gauges, {}
+        for name, (total, unit) in counters.items():
+            self._emit(name, round(total, 3), unit, MetricTypes.COUNTER)
+        for name, (value, unit) in gauges.items():
+            self._emit(name, value, unit, MetricTypes.GAUGE)
 
     def request_rejected(self) -> None:
         self._emit("PagedRequestsRejectedTotal", 1, "Count", MetricTypes.COUNTER)
@@ -87,7 +111,11 @@ class ServingMetrics:
 
     async def _gauge_loop(self, engine) -> None:
         idle_rounds = 0
-        while idle_rounds < 3:  # a few idle rounds so gauges settle at their idle values
-            await asyncio.sleep(self.interval_s)
-            self.emit_gauges(engine.stats_snapshot())
-            idle_rounds = 0 if engine.num_inflight() else idle_rounds + 1
+        try:
+            while idle_rounds < 3:  # a few idle rounds so gauges settle at their idle values
+                await asyncio.sleep(self.interval_s)
+                self.emit_gauges(engine.stats_snapshot())
+                self.emit_pending()
+                idle_rounds = 0 if engine.num_inflight() else idle_rounds + 1
+        finally:
+            self.emit_pending()
