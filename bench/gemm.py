@@ -17,6 +17,8 @@ Against the limits:
 - the measured peak of the dtype (the best path on a --peak-size cube; int8 runs bf16 arithmetic,
   so it is held against the bf16 peak): the target is >= 60% of it at M >= 64;
 - the path the load-time probe chooses per range of M for the model (``probe_linear_plan``).
+The packed copies lie on transparent huge pages where the host has them, as the engine keeps its
+weights (paged/models/weight_memory.py); --pages base puts them on the allocator's pages instead.
 Fusions: the packed kernel's SiLU·up epilogue against the GEMM then the SiLU·up kernel (gate_up),
 and oneDNN's residual-add post-op against the GEMM then an add (o_proj, down_proj).
 
@@ -30,6 +32,7 @@ The machine must be quiet: on a shared one, say so next to any figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +50,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
 from analysis import dram_read_bandwidth  # noqa: E402
+from paged.models.weight_memory import copy_to_huge_pages, huge_pages_available  # noqa: E402
 from paged_kernels import cpu_extension  # noqa: E402
 from paged_kernels import linear as kl  # noqa: E402
 from throughput import cpu_model  # noqa: E402
@@ -129,13 +133,21 @@ def available_paths(dtype: torch.dtype, quantization: str | None, in_features: i
     return tuple(p for p in out if p != "torch_int8" or in_features % kl.TORCH_INT8_K_MULTIPLE == 0)
 
 
-def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_paths: bool = False) -> dict:
+def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_paths: bool = False,
+               huge_pages: bool = False) -> dict:
     """Per path, a function (x -> y) over this weight, built once (the packing is not timed).
+    ``huge_pages``: the packed copy on transparent huge pages, as the engine keeps it.
     ``isa_paths``: also the packed kernel forced onto each instruction path the host has
     ("packed_amx", "packed_avx512_bf16", "packed_fma"), for bf16 rows."""
     quantization = "int8" if dtype == "int8" else None
     paths = available_paths(weight.dtype, quantization, weight.shape[1])
     calls = kl.path_runners(weight, paths, quantization, bias=bias)
+    if huge_pages and "packed" in paths:  # as the engine holds it (paged/models/weight_memory.py)
+        q, scales = kl.quantize_int8(weight) if quantization else (weight, None)
+        packed = kl.pack_for_kernel(q, bias, scales)
+        (data,), _ = copy_to_huge_pages([packed.data])
+        packed = dataclasses.replace(packed, data=data)
+        calls["packed"] = lambda x, p=packed: kl.packed_linear(x, p)
     if isa_paths and "packed" in paths and weight.dtype == torch.bfloat16:
         scales = None
         if quantization:
@@ -147,7 +159,7 @@ def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_
 
 
 def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_bytes: int,
-                bandwidth: float, isa_paths: bool = False) -> list[dict]:
+                bandwidth: float, isa_paths: bool = False, huge_pages: bool = True) -> list[dict]:
     """Every path at every row count on ``shape``, each call on a weight copy not in cache."""
     gen = torch.Generator().manual_seed(shape["n"] * 7 + shape["k"])
     float_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -157,7 +169,8 @@ def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_byt
     nbytes = weight_bytes(shape, dtype)
     copies = max(1, math.ceil(cold_bytes / nbytes))
     # Every copy is its own memory with its own packing; the values need not differ.
-    per_copy = [path_calls(weight if i == 0 else weight.clone(), bias, dtype, isa_paths) for i in range(copies)]
+    per_copy = [path_calls(weight if i == 0 else weight.clone(), bias, dtype, isa_paths, huge_pages)
+                for i in range(copies)]
     paths = list(per_copy[0])
     fused = None
     if shape["name"] == "gate_up_proj" and "packed" in paths:
@@ -328,8 +341,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-probe", action="store_true", help="skip the probe's plan")
     ap.add_argument("--isa-paths", action="store_true",
                     help="also time the packed kernel forced onto each instruction path (AMX, AVX512_BF16, FMA)")
+    ap.add_argument("--pages", choices=("huge", "base"), default=None,
+                    help="the packed copies on transparent huge pages, as the engine holds them (huge, the "
+                         "default where the host has them), or on the allocator's pages (base), to see the gain")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gemm.json"))
     opts = ap.parse_args(argv)
+    if opts.pages is None:
+        opts.pages = "base" if huge_pages_available() else "huge"
+    elif opts.pages == "huge" and huge_pages_available() is not None:
+        raise SystemExit(f"--pages huge: {huge_pages_available()}; run with --pages base")
     torch.set_num_threads(opts.threads)
     models = {name: PRESETS[name] for name in filter(None, opts.presets.split(","))}
     for model_dir in opts.model:
@@ -345,9 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"cpu": cpu_model(), "isa_flags": host_isa_flags(), "packed_isa": kl.packed_isa(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_avg_start": list(os.getloadavg()), "dram_read_gbps": round(bandwidth / 1e9, 2),
-              "cold_mib": opts.cold_mib, "peaks": {}, "models": {}}
+              "cold_mib": opts.cold_mib, "packed_pages": opts.pages, "peaks": {}, "models": {}}
     print(f"{result['cpu']}; ISA {','.join(result['isa_flags'])}; packed kernel {result['packed_isa']}; "
-          f"{result['threads']} threads; DRAM read {result['dram_read_gbps']} GB/s")
+          f"{result['threads']} threads; DRAM read {result['dram_read_gbps']} GB/s; packed weights on {opts.pages} pages")
     with torch.inference_mode():
         for dtype in dtypes:
             peak_key = "float32" if dtype == "float32" else "bfloat16"
@@ -364,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                 records = []
                 for shape in shapes:
                     records += bench_shape(shape, dtype, rows, opts.repeats, opts.cold_mib << 20, bandwidth,
-                                           opts.isa_paths)
+                                           opts.isa_paths, opts.pages == "huge")
                 plan, figures = (None, {}) if opts.no_probe else probe_plan(shapes, dtype)
                 steps = step_summary(records, shapes, rows, plan, peak)
                 result["models"][model]["dtypes"][dtype] = {

@@ -159,6 +159,7 @@ class ModelRunner:
         """The fast paths this runner chose at load and runs (reported by describe and the benchmarks)."""
         model = self.model
         return {"linear_backend": model.linear_backend, "linear_probe": model.linear_probe,
+                "weights_huge_pages": model.weight_memory.describe(),
                 "compile": model.compile_status, **self.backends.describe(),
                 "threads": torch.get_num_threads()}
 

@@ -28,6 +28,7 @@ from torch import nn
 from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
 from paged_kernels.linear import Linear, LinearPlan, path_unavailable_reason, probe_linear_plan
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
+from paged.models.weight_memory import HugePageWeights, move_to_huge_pages
 
 if TYPE_CHECKING:
     from paged.backends import AttentionBackend
@@ -227,6 +228,7 @@ class LlamaForCausalLM(nn.Module):
         self.step_timer = None
         self.linear_backend = "torch"
         self.linear_probe: dict = {}
+        self.weight_memory = HugePageWeights(reason="no plan applied yet")
         self.compile_status: dict = {"requested": False, "active": False}
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -332,6 +334,10 @@ class LlamaForCausalLM(nn.Module):
             linear.apply_plan(plan)
         self.linear_backend = plan.describe()
         self.linear_probe["plan"] = self.linear_backend
+        if torch.device(device).type == "cpu":
+            self.weight_memory = move_to_huge_pages(self.linears())
+        else:
+            self.weight_memory = HugePageWeights(reason=f"device {device}")
 
     def load_hf_weights(self, model_dir: str | Path, dtype: torch.dtype) -> None:
         files = sorted(Path(model_dir).glob("*.safetensors"))
