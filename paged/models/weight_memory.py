@@ -3,14 +3,15 @@
 A decode step reads every weight byte once, in order, and at a few rows that stream is the step's
 time. On 4 KiB pages the stream crosses a page every 4 KiB (the 272 MB LM head of a 0.5 B Qwen2
 spans 66,000 of them) and the TLB misses hold it back; on 2 MiB pages it does not. Measured on an
-AMD EPYC (Zen 4, 2 threads), the packed kernel at one row, weights cold: bf16 42 -> 57 GB/s on
-the LM head, 34 -> 46 on gate_up, 38 -> 50 on down_proj; fp32 +4-27% (``bench/gemm.py --pages
-base`` against the default ``--pages huge``).
+AMD EPYC (Zen 4, 2 threads, weights cold), every Linear of a 0.5 B Qwen2 at one row, both layouts
+interleaved in one process: bf16 36.1 -> 42.9 GB/s, fp32 25.1 -> 26.6; SmolLM2-135M 22.8 -> 27.4
+in both dtypes (``bench/gemm.py --pages base`` against ``--pages huge`` compares single shapes).
 
 Every weight a plan's paths read lands in one ``AnonymousMapping`` advised ``MADV_HUGEPAGE``
-(paged/os_memory.py), each at a 64-byte boundary, and the Linear then reads that copy; the old
-tensors are freed, so memory does not grow. oneDNN's packed weights are opaque and stay where
-oneDNN put them. Where the host has no transparent huge pages nothing moves.
+(paged/os_memory.py), each at a 64-byte boundary, and the Linear then reads that copy. Each old
+tensor is dropped as soon as its copy is in place, so the load holds at most one weight twice and
+the model's memory does not grow. oneDNN's packed weights are opaque and stay where oneDNN put
+them. Where the host has no transparent huge pages nothing moves.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from paged.os_memory import AnonymousMapping, huge_page_bytes_of_host, round_up, transparent_huge_page_mode
 
-ALIGNMENT = 64  # a cache line: every vector load of a row or panel stays within one
+ALIGNMENT = 64  # a cache line: the kernels' 64-byte vector loads stay aligned
 
 
 @dataclass
@@ -70,22 +71,27 @@ def _set(linear, kind: str, tensor: torch.Tensor) -> None:
         linear.weight.data = tensor  # the Parameter itself: a tied embedding follows
 
 
-def copy_to_huge_pages(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], AnonymousMapping]:
-    """Copies of ``tensors`` (CPU, contiguous) in one new mapping advised MADV_HUGEPAGE, each at a
-    64-byte boundary. The copies keep the mapping alive."""
+def _arena(tensors: list[torch.Tensor]) -> tuple[AnonymousMapping, list[int]]:
+    """A mapping advised MADV_HUGEPAGE with room for ``tensors``, and where each one goes."""
     offsets, size = [], 0
     for tensor in tensors:
         offsets.append(size)
         size += round_up(tensor.numel() * tensor.element_size(), ALIGNMENT)
-    mapping = AnonymousMapping(max(size, 1), alignment=huge_page_bytes_of_host(), huge_pages=True)
-    arena = mapping.tensor()
-    copies = []
-    for tensor, offset in zip(tensors, offsets):
-        nbytes = tensor.numel() * tensor.element_size()
-        copy = arena[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-        copy.copy_(tensor)
-        copies.append(copy)
-    return copies, mapping
+    return AnonymousMapping(max(size, 1), alignment=huge_page_bytes_of_host(), huge_pages=True), offsets
+
+
+def _copy_into(mapping: AnonymousMapping, offset: int, tensor: torch.Tensor) -> torch.Tensor:
+    nbytes = tensor.numel() * tensor.element_size()
+    copy = mapping.tensor()[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+    copy.copy_(tensor)
+    return copy
+
+
+def copy_to_huge_pages(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], AnonymousMapping]:
+    """Copies of ``tensors`` (CPU, contiguous) in one new mapping advised MADV_HUGEPAGE, each at a
+    64-byte boundary. The copies keep the mapping alive."""
+    mapping, offsets = _arena(tensors)
+    return [_copy_into(mapping, offset, tensor) for tensor, offset in zip(tensors, offsets)], mapping
 
 
 def huge_pages_available() -> str | None:
@@ -102,7 +108,9 @@ def move_to_huge_pages(linears: list) -> HugePageWeights:
     reason = huge_pages_available()
     if reason is not None:
         return HugePageWeights(reason=reason)
-    places, index_of, tensors = [], {}, []
+    tensors: list[torch.Tensor | None] = []
+    users: list[list[tuple[object, str]]] = []  # per tensor: the (linear, kind) places that read it
+    index_of: dict[tuple, int] = {}
     for linear in linears:
         for kind in streamed_weights(linear):
             tensor = _get(linear, kind)
@@ -112,10 +120,16 @@ def move_to_huge_pages(linears: list) -> HugePageWeights:
             if key not in index_of:
                 index_of[key] = len(tensors)
                 tensors.append(tensor)
-            places.append((linear, kind, index_of[key]))
+                users.append([])
+            users[index_of[key]].append((linear, kind))
     if not tensors:
         return HugePageWeights(reason="no weight to move")
-    copies, mapping = copy_to_huge_pages(tensors)
-    for linear, kind, index in places:
-        _set(linear, kind, copies[index])
-    return HugePageWeights(moved_bytes=sum(t.numel() * t.element_size() for t in tensors), mapping=mapping)
+    moved_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    mapping, offsets = _arena(tensors)
+    del tensor  # the loop's last one: it would stay referenced until the end
+    for index, offset in enumerate(offsets):
+        copy = _copy_into(mapping, offset, tensors[index])
+        tensors[index] = None  # with the places below, the last reference to the old tensor
+        for linear, kind in users[index]:
+            _set(linear, kind, copy)
+    return HugePageWeights(moved_bytes=moved_bytes, mapping=mapping)
