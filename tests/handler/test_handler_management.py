@@ -25,6 +25,19 @@ def _workers(ts, name):
     return r.json()[0]["workers"] if r.status_code == 200 else None
 
 
+def _scale_to_zero(ts, name):
+    """PUT min_worker=max_worker=0. TorchServe 0.12's frontend, in asyncCommunication mode, can
+    answer it with a 500 (a NullPointerException in its AsyncBatchAggregator: "job" is null); seen
+    once so far, in a full-suite run, right after a describe call. The worker took no part in it
+    (the exception is thrown before anything is sent to it), so the call is made again, once."""
+    url, params = f"{ts.mgmt_url}/models/{name}", {"min_worker": 0, "max_worker": 0, "synchronous": "true"}
+    r = requests.put(url, params=params, timeout=300)
+    if r.status_code == 500 and "NullPointerException" in r.text:
+        time.sleep(1)
+        r = requests.put(url, params=params, timeout=300)
+    return r
+
+
 def test_register_scale_unregister(torchserve, ts_model_dir):
     ts = torchserve
     build_model_folder(ts.store, "llm2", ts_model_dir, SMALL)
@@ -64,8 +77,7 @@ def test_register_scale_unregister(torchserve, ts_model_dir):
     assert d["kv_stats"]["free_blocks"] == d["kv_stats"]["num_blocks"]
 
     # scale down to zero (the worker process goes away), then back up
-    r = requests.put(f"{ts.mgmt_url}/models/llm2", params={"min_worker": 0, "max_worker": 0, "synchronous": "true"},
-                     timeout=300)
+    r = _scale_to_zero(ts, "llm2")
     assert r.status_code == 200, r.text
     _wait_gone([pid])
     r = requests.put(f"{ts.mgmt_url}/models/llm2", params={"min_worker": 1, "max_worker": 1, "synchronous": "true"},
