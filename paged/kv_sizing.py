@@ -17,7 +17,7 @@ import torch
 
 from paged.config import EngineConfig
 from paged.models.llama import ModelArgs
-from paged.os_memory import base_page_bytes, huge_page_bytes_of_host, transparent_huge_page_mode
+from paged.os_memory import base_page_bytes, huge_page_bytes_of_host, huge_pages_unavailable
 from paged.parallel.partition import kv_bytes_per_token_per_rank
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30   # the device pool when neither num_kv_blocks nor kv_cache_memory_bytes is set
@@ -74,9 +74,8 @@ def plan_kv_cache(config: EngineConfig, args: ModelArgs,
 
 def _plan_virtual(config: EngineConfig, args: ModelArgs, max_model_len: int) -> VirtualKVLayout:
     huge_pages = bool(config.kv_huge_pages)
-    if huge_pages and (transparent_huge_page_mode() == "never" or huge_page_bytes_of_host() == 0):
-        raise ValueError("kv_huge_pages: transparent huge pages are off on this host "
-                         "(/sys/kernel/mm/transparent_hugepage/enabled is 'never')")
+    if huge_pages and (reason := huge_pages_unavailable()) is not None:
+        raise ValueError(f"kv_huge_pages: {reason}")
     page_bytes = huge_page_bytes_of_host() if huge_pages else base_page_bytes()
     budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_BYTES
     if budget < page_bytes:

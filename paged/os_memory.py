@@ -53,6 +53,13 @@ def huge_page_bytes_of_host() -> int:
         return 0
 
 
+def huge_pages_unavailable() -> str | None:
+    """None where transparent huge pages can back a mapping here, else why not (for messages)."""
+    if transparent_huge_page_mode() == "never" or huge_page_bytes_of_host() == 0:
+        return "transparent huge pages are off on this host (/sys/kernel/mm/transparent_hugepage/enabled is 'never')"
+    return None
+
+
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 

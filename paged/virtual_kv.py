@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from paged.os_memory import (AnonymousMapping, base_page_bytes, huge_page_bytes_of_host, round_up,
-                             transparent_huge_page_mode)
+from paged.os_memory import (AnonymousMapping, base_page_bytes, huge_page_bytes_of_host, huge_pages_unavailable,
+                             round_up)
 
 
 @dataclass
@@ -56,9 +56,8 @@ class VirtualKVCache:
                             ("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len)):
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        if huge_pages and (transparent_huge_page_mode() == "never" or huge_page_bytes_of_host() == 0):
-            raise ValueError("huge_pages: transparent huge pages are off on this host "
-                             "(/sys/kernel/mm/transparent_hugepage/enabled is 'never')")
+        if huge_pages and (reason := huge_pages_unavailable()) is not None:
+            raise ValueError(f"huge_pages: {reason}")
         self.num_layers, self.max_num_seqs, self.max_model_len = num_layers, max_num_seqs, max_model_len
         self.huge_pages, self.deferred_reclaim = huge_pages, deferred_reclaim
         self.page_bytes = huge_page_bytes_of_host() if huge_pages else base_page_bytes()

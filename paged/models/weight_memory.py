@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paged.os_memory import AnonymousMapping, huge_page_bytes_of_host, round_up, transparent_huge_page_mode
+from paged.os_memory import AnonymousMapping, huge_page_bytes_of_host, huge_pages_unavailable, round_up
 
 ALIGNMENT = 64  # a cache line: the kernels' 64-byte vector loads stay aligned
 
@@ -94,18 +94,11 @@ def copy_to_huge_pages(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor],
     return [_copy_into(mapping, offset, tensor) for tensor, offset in zip(tensors, offsets)], mapping
 
 
-def huge_pages_available() -> str | None:
-    """None where transparent huge pages can back a mapping here, else why not."""
-    if transparent_huge_page_mode() == "never" or huge_page_bytes_of_host() == 0:
-        return "transparent huge pages are off on this host"
-    return None
-
-
 def move_to_huge_pages(linears: list) -> HugePageWeights:
     """Copy the weights the Linears' plans stream into one huge-page mapping and point them there.
 
     Call after ``apply_plan``. Tensors shared by several Linears (tied weights) move once."""
-    reason = huge_pages_available()
+    reason = huge_pages_unavailable()
     if reason is not None:
         return HugePageWeights(reason=reason)
     tensors: list[torch.Tensor | None] = []

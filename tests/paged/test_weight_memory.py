@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paged.models import weight_memory
+from paged import os_memory
 from paged.models.llama import LlamaForCausalLM
-from paged.models.weight_memory import huge_pages_available, move_to_huge_pages
+from paged.models.weight_memory import move_to_huge_pages
+from paged.os_memory import huge_pages_unavailable
 from paged_kernels.linear import Linear, LinearPlan
 
-needs_huge_pages = pytest.mark.skipif(huge_pages_available() is not None,
-                                      reason=f"{huge_pages_available()}: nothing to move")
+needs_huge_pages = pytest.mark.skipif(huge_pages_unavailable() is not None,
+                                      reason=f"{huge_pages_unavailable()}: nothing to move")
 
 
 def planned_linears(path: str, dtype: torch.dtype, tie: bool = False) -> list[Linear]:
@@ -67,7 +68,7 @@ def test_the_model_reports_its_weights_on_huge_pages(tiny_llama_dir):
 
 
 def test_nothing_moves_without_transparent_huge_pages(monkeypatch):
-    monkeypatch.setattr(weight_memory, "transparent_huge_page_mode", lambda: "never")
+    monkeypatch.setattr(os_memory, "transparent_huge_page_mode", lambda: "never")
     linears = planned_linears("packed", torch.float32)
     before = [linear.packed.data for linear in linears]
     moved = move_to_huge_pages(linears)
