@@ -50,7 +50,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
 from analysis import dram_read_bandwidth  # noqa: E402
-from paged.models.weight_memory import copy_to_huge_pages, huge_pages_available  # noqa: E402
+from paged.models.weight_memory import copy_to_huge_pages  # noqa: E402
+from paged.os_memory import huge_pages_unavailable  # noqa: E402
 from paged_kernels import cpu_extension  # noqa: E402
 from paged_kernels import linear as kl  # noqa: E402
 from throughput import cpu_model  # noqa: E402
@@ -141,25 +142,25 @@ def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_
     ("packed_amx", "packed_avx512_bf16", "packed_fma"), for bf16 rows."""
     quantization = "int8" if dtype == "int8" else None
     paths = available_paths(weight.dtype, quantization, weight.shape[1])
-    calls = kl.path_runners(weight, paths, quantization, bias=bias)
-    if huge_pages and "packed" in paths:  # as the engine holds it (paged/models/weight_memory.py)
-        q, scales = kl.quantize_int8(weight) if quantization else (weight, None)
-        packed = kl.pack_for_kernel(q, bias, scales)
+    isa_paths = isa_paths and "packed" in paths and weight.dtype == torch.bfloat16
+    if not (huge_pages or isa_paths) or "packed" not in paths:
+        return kl.path_runners(weight, paths, quantization, bias=bias)
+    # The packed copy is made here, once, for the packed path and the forced instruction paths.
+    others = kl.path_runners(weight, tuple(p for p in paths if p != "packed"), quantization, bias=bias)
+    q, scales = kl.quantize_int8(weight) if quantization else (weight, None)
+    packed = kl.pack_for_kernel(q, bias, scales)
+    if huge_pages:  # as the engine holds it (paged/models/weight_memory.py)
         (data,), _ = copy_to_huge_pages([packed.data])
         packed = dataclasses.replace(packed, data=data)
-        calls["packed"] = lambda x, p=packed: kl.packed_linear(x, p)
-    if isa_paths and "packed" in paths and weight.dtype == torch.bfloat16:
-        scales = None
-        if quantization:
-            weight, scales = kl.quantize_int8(weight)
-        packed = kl.pack_for_kernel(weight, bias, scales)
+    calls = {p: (lambda x: kl.packed_linear(x, packed)) if p == "packed" else others[p] for p in paths}
+    if isa_paths:
         for isa in kl.packed_isa().split(","):
             calls[f"packed_{isa}"] = lambda x, isa=isa: kl.packed_linear(x, packed, isa)
     return calls
 
 
 def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_bytes: int,
-                bandwidth: float, isa_paths: bool = False, huge_pages: bool = True) -> list[dict]:
+                bandwidth: float, isa_paths: bool = False, huge_pages: bool = False) -> list[dict]:
     """Every path at every row count on ``shape``, each call on a weight copy not in cache."""
     gen = torch.Generator().manual_seed(shape["n"] * 7 + shape["k"])
     float_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -346,10 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "default where the host has them), or on the allocator's pages (base), to see the gain")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gemm.json"))
     opts = ap.parse_args(argv)
+    no_huge_pages = huge_pages_unavailable()
     if opts.pages is None:
-        opts.pages = "base" if huge_pages_available() else "huge"
-    elif opts.pages == "huge" and huge_pages_available() is not None:
-        raise SystemExit(f"--pages huge: {huge_pages_available()}; run with --pages base")
+        opts.pages = "base" if no_huge_pages else "huge"
+    elif opts.pages == "huge" and no_huge_pages is not None:
+        raise SystemExit(f"--pages huge: {no_huge_pages}; run with --pages base")
     torch.set_num_threads(opts.threads)
     models = {name: PRESETS[name] for name in filter(None, opts.presets.split(","))}
     for model_dir in opts.model:
