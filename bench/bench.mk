@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-quality bench-matrix bench-tp bench-sharing bench-gemm bench-memory venv-vllm
+.PHONY: bench bench-quick bench-quality bench-matrix bench-decode bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -57,6 +57,13 @@ bench-matrix: $(BENCH_STAMP)
 	test -f $(TINY_MODEL_DIR)/config.json || $(MAKE) --no-print-directory tiny-model
 	-$(MAKE) --no-print-directory venv-vllm
 	$(PY) bench/throughput_matrix.py $(BENCH_ARGS)
+
+# Whole decode steps at batch 1, 4 and 16 against max(weight stream, arithmetic), each round held to
+# the DRAM bandwidth measured just before it (bench/decode_bound.py; bench/results/decode-bound.{md,json}):
+# SmolLM2 and the Qwen2-0.5B-shaped checkpoint, bf16 and fp32. ~15-20 min on 2 quiet cores.
+bench-decode: $(STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	$(PY) bench/decode_bound.py $(BENCH_ARGS)
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
 bench-quick: $(BENCH_STAMP)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -258,11 +259,15 @@ class LinearPlan:
     def everywhere(cls, path: str, dtype: torch.dtype, quantization: str | None = None) -> "LinearPlan":
         return cls(dtype=dtype, paths=(path,), quantization=quantization)
 
-    def path_for(self, rows: int) -> str:
-        for limit, path in zip(self.limits, self.paths):
+    def bucket(self, rows: int) -> int:
+        """Index of the row range that ``rows`` falls in (all rows of one range take one path)."""
+        for index, limit in enumerate(self.limits):
             if rows <= limit:
-                return path
-        return self.paths[-1]
+                return index
+        return len(self.limits) - 1
+
+    def path_for(self, rows: int) -> str:
+        return self.paths[self.bucket(rows)]
 
     def uses(self, path: str) -> bool:
         return path in self.paths
@@ -317,9 +322,25 @@ class Linear(nn.Linear):
             self.packed = pack_for_kernel(weight, bias, silu_and_mul=self.fuse_silu_and_mul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plan is None:
-            return F.linear(x, self.weight, self.bias)
-        return self._run(self.plan.path_for(x.shape[0]), x)
+        return self.bind(x.shape[0])(x)
+
+    def bind(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``self(x)`` for inputs of ``rows`` rows as one function of x, the path already chosen. A
+        model binds its Linears once per row range, so a step pays no per-call choice. The function
+        reads the layer's weights when called: it stays right when they move (``move_to_huge_pages``)
+        but not when the plan changes (bind again then)."""
+        path = "torch" if self.plan is None else self.plan.path_for(rows)
+        if path == "packed":
+            if self.packed.silu_and_mul:
+                raise ValueError("this layer is packed to compute SiLU(gate) * up: bind_silu_and_mul")
+            return self._packed_kernel()
+        if path == "onednn":
+            return lambda x: onednn_linear(x, self.onednn_weight, self.bias)
+        if path == "torch_int8":
+            return lambda x: torch_int8_linear(x, self.int8[0], self.int8[2], self.bias)
+        if path == "dequant":
+            return lambda x: dequant_linear(x, self.int8[0], self.int8[1], self.bias)
+        return lambda x: F.linear(x, self.weight, self.bias)
 
     def fuses_silu_and_mul(self, rows: int) -> bool:
         """Whether ``silu_and_mul`` runs for ``rows`` rows: the plan gives them to the packed
@@ -329,22 +350,28 @@ class Linear(nn.Linear):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of this fused [gate; up] projection in one packed-kernel call (where
         ``fuses_silu_and_mul``; elsewhere the caller runs the GEMM, then its SiLU·up op)."""
-        if not self.fuses_silu_and_mul(x.shape[0]):
-            raise ValueError(f"this layer does not fuse SiLU(gate) * up for {x.shape[0]} rows")
-        return packed_linear(x, self.packed)
+        return self.bind_silu_and_mul(x.shape[0])(x)
 
-    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        if path == "packed":
-            if self.packed.silu_and_mul:
-                raise ValueError("this layer is packed to compute SiLU(gate) * up: call silu_and_mul")
-            return packed_linear(x, self.packed)
-        if path == "onednn":
-            return onednn_linear(x, self.onednn_weight, self.bias)
-        if path == "torch_int8":
-            return torch_int8_linear(x, self.int8[0], self.int8[2], self.bias)
-        if path == "dequant":
-            return dequant_linear(x, self.int8[0], self.int8[1], self.bias)
-        return F.linear(x, self.weight, self.bias)
+    def bind_silu_and_mul(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``silu_and_mul`` for inputs of ``rows`` rows as one function of x (see ``bind``)."""
+        if not self.fuses_silu_and_mul(rows):
+            raise ValueError(f"this layer does not fuse SiLU(gate) * up for {rows} rows")
+        return self._packed_kernel()
+
+    def _packed_kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        run = cpu_extension.load().packed_linear.default  # the overload itself: no per-call overload lookup
+
+        def packed(x: torch.Tensor) -> torch.Tensor:
+            weight = self.packed
+            return run(x, weight.data, weight.out_features, weight.bias, weight.scales, weight.silu_and_mul, "auto")
+        return packed
+
+
+def bind_linear(module: nn.Module, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module(x)`` for inputs of ``rows`` rows as one function of x: ``module.bind(rows)`` where
+    the module has it (``Linear``, a tensor-parallel wrapper), else the module itself."""
+    bind = getattr(module, "bind", None)
+    return module if bind is None else bind(rows)
 
 
 # ---- the probe ----------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ replaces, so it only pays on enough tokens: ``compile_dense_ops`` compiles and w
 when the model loads, then times each against its eager ops at a few token counts and keeps the
 compiled one only where it wins (``DensePlan``).
 
-The model binds ops once per step: ``DensePlan.ops_for(num_tokens)``, or ``TimedOps`` (all eager,
-charging GEMMs and attention to a ``StepTimer``) when a timer is on.
+The model binds its layers to the ops of a row range once (``DensePlan.ops_for(num_tokens)``, or
+``TimedOps``: all eager, charging GEMMs and attention to a ``StepTimer``, when a timer is on) and
+reuses the bound layers for every step in that range.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class DenseOps:
-    """Eager GEMM and attention calls; dense regions as given (plain functions or compiled)."""
+    """The dense regions (plain functions or compiled) and the attention call a layer binds.
+    ``gemm`` and ``attention`` are where a subclass hooks in (``TimedOps``)."""
 
     def __init__(self, add_norm=add_rms_norm, rotary=rotary_qkv, silu_mul=silu_and_mul, compiled: bool = False):
         self.add_norm = add_norm
@@ -136,16 +138,9 @@ class DenseOps:
         self.silu_mul = silu_mul
         self.compiled = compiled
 
-    @staticmethod
-    def linear(layer, x: torch.Tensor) -> torch.Tensor:
-        return layer(x)
-
-    def linear_silu_mul(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up of the fused gate_up projection ``layer``: one kernel where its GEMM path
-        fuses it (``paged_kernels.linear.Linear.silu_and_mul``), else the GEMM, then ``silu_mul``."""
-        if layer.fuses_silu_and_mul(x.shape[0]):
-            return self.linear(layer.silu_and_mul, x)
-        return self.silu_mul(self.linear(layer, x))
+    def gemm(self, linear):
+        """A bound GEMM (``paged_kernels.linear.bind_linear``) as the layer runs it."""
+        return linear
 
     @staticmethod
     def attention(q, k, v, kv_cache, meta, scale: float) -> torch.Tensor:
@@ -171,9 +166,13 @@ class TimedOps(DenseOps):
         super().__init__()
         self.timer = timer
 
-    def linear(self, layer, x):
-        with self.timer.phase("gemm"):
-            return layer(x)
+    def gemm(self, linear):
+        phase = self.timer.phase
+
+        def timed(x):
+            with phase("gemm"):
+                return linear(x)
+        return timed
 
     def attention(self, q, k, v, kv_cache, meta, scale):
         with self.timer.phase("attention"):

@@ -14,10 +14,13 @@ and its output feeds this rank's heads or MLP columns directly. What needs commu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paged_kernels.linear import bind_linear
 from paged.parallel.context import ParallelContext, all_reduce
 from paged.parallel.partition import ShardLayout
 
@@ -42,6 +45,11 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self.linear(x), self.ctx)
+
+    def bind(self, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``self(x)`` for inputs of ``rows`` rows as one function of x (see ``paged_kernels.linear.bind_linear``)."""
+        linear, ctx = bind_linear(self.linear, rows), self.ctx
+        return lambda x: all_reduce(linear(x), ctx)
 
 
 class VocabParallelEmbedding(nn.Module):

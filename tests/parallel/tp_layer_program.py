@@ -66,7 +66,7 @@ def check_mlp(ctx: ParallelContext) -> dict:
         shard.down_proj.weight.copy_(full.down_proj.weight[:, rows])
     shard.down_proj = RowParallelLinear(shard.down_proj, ctx)
     x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(2))
-    return result(shard(x, EAGER_OPS), full(x, EAGER_OPS))
+    return result(shard.bind(TOKENS, EAGER_OPS)(x), full.bind(TOKENS, EAGER_OPS)(x))
 
 
 def check_attention(ctx: ParallelContext, num_heads: int, num_kv_heads: int, bias: bool) -> dict:
@@ -98,7 +98,7 @@ def check_attention(ctx: ParallelContext, num_heads: int, num_kv_heads: int, bia
     def run(module, heads):
         shape = (num_blocks, block_size, heads, HEAD_DIM)
         cache = (torch.zeros(shape), torch.zeros(shape))
-        return module(x, cos, sin, cache, meta, EAGER_OPS)
+        return module.bind(TOKENS, EAGER_OPS)(x, cos, sin, cache, meta)
 
     return result(run(shard, layout.num_kv_heads), run(full, num_kv_heads))
 
