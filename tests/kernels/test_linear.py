@@ -4,6 +4,7 @@ the int8 paths); the probe picks per row bucket from its measurements and drops,
 reason, a path that is missing or fails. (The packed kernel's arithmetic: test_packed_linear.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -108,6 +109,19 @@ def test_linear_module_runs_each_row_count_on_its_planned_path(compiled_ops):
             x = random_rows(rows, 64, torch.float32)
             assert torch.equal(layer(x), expected(x))
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), **TOLERANCE[torch.float32])
+
+
+def test_a_bound_linear_reads_the_weights_it_has_when_called(compiled_ops):
+    layer = random_linear(64, 48, torch.float32)
+    layer.apply_plan(kl.LinearPlan.everywhere("packed", torch.float32))
+    bound = layer.bind(3)
+    x = random_rows(3, 64, torch.float32)
+    with torch.inference_mode():
+        before = bound(x)
+        # what move_to_huge_pages does: the packed copy is replaced by one elsewhere in memory
+        layer.packed = dataclasses.replace(layer.packed, data=layer.packed.data * 2)
+        assert torch.equal(bound(x), layer(x))
+        torch.testing.assert_close(bound(x), 2 * before, rtol=1e-6, atol=1e-6)
 
 
 def test_linear_without_plan_or_with_torch_plan_is_f_linear():

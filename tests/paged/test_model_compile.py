@@ -4,11 +4,13 @@ with one warning, and the step timer sees GEMMs and attention without changing t
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from paged_kernels.linear import onednn_unavailable_reason
+from paged_kernels.linear import LinearPlan, onednn_unavailable_reason
 from paged.models import forward_ops
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM
 from paged.step_timer import StepTimer
@@ -157,3 +159,28 @@ def test_disabled_step_timer_records_nothing(compiled_model):
     finally:
         compiled_model.step_timer = None
     assert all(value == 0 for key, value in timer.report().items() if key != "num_steps")
+
+
+def test_steps_in_one_row_range_reuse_the_layers_bound_for_it(tiny_llama_dir):
+    model = load(tiny_llama_dir, compile=False, linear_backend="torch")
+    plan = LinearPlan(torch.float32, limits=(4, math.inf), paths=("torch", "torch"))  # two row ranges
+    for linear in model.linears():
+        linear.apply_plan(plan)
+    model.linear_plan, model.bound = plan, {}
+    ops, layers = model.bound_layers(2)
+    assert model.bound_layers(4)[1] is layers and model.bound_layers(1)[1] is layers
+    assert model.bound_layers(5)[1] is not layers
+    assert len(layers) == model.args.num_layers and ops is model.dense_plan.ops_for(2)
+
+
+def test_a_new_gemm_plan_is_bound_at_the_next_step(tiny_llama_dir):
+    model = load(tiny_llama_dir, compile=False)
+    greedy(model, PROMPTS[:1], 2)
+    before = model.bound_layers(1)[1]
+    model.choose_linear_backend("torch", torch.float32, "cpu")
+    after = model.bound_layers(1)[1]
+    assert after is not before
+    qkv = model.layers[0].self_attn.qkv_proj
+    x = torch.randn(3, model.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(after[0].attention.qkv_proj(x), F.linear(x, qkv.weight, qkv.bias))
