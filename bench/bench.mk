@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-quality bench-matrix bench-decode bench-tp bench-sharing bench-gemm bench-memory venv-vllm
+.PHONY: bench bench-quick bench-quality bench-matrix bench-decode bench-int8 bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -64,6 +64,21 @@ bench-matrix: $(BENCH_STAMP)
 bench-decode: $(STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/decode_bound.py $(BENCH_ARGS)
+
+# Our weight-only int8 against vLLM's own int8 (W8A8: int8 weights and per-token int8 activations, its
+# oneDNN int8 kernel) on the same int8 weights: bench/w8a8_checkpoint.py writes a compressed-tensors copy
+# of each checkpoint, rounded as ours rounds, and bench/throughput.py runs ours with --quantization int8
+# and vLLM on that copy. SmolLM2-135M and the Qwen2-0.5B shape in bf16; ~20 min on 2 quiet cores.
+INT8_MODELS ?= $(MODEL_DIR) model-store/bench-qwen2-0.5b
+bench-int8: $(BENCH_STAMP)
+	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
+	test -f model-store/bench-qwen2-0.5b/config.json || $(PY) scripts/make_model.py --out model-store/bench-qwen2-0.5b --preset qwen2-0.5b
+	-$(MAKE) --no-print-directory venv-vllm
+	for model in $(INT8_MODELS); do \
+	  $(PY) bench/w8a8_checkpoint.py --model $$model --out $$model-w8a8 --dtype bfloat16 && \
+	  $(PY) bench/throughput.py --model $$model --dtype bfloat16 --quantization int8 --vllm-model $$model-w8a8 \
+	    --engines ours,vllm --repeats 1 --no-tie-check --name throughput-int8-$$(basename $$model) $(BENCH_ARGS) || exit 1; \
+	done
 
 # A few minutes: small workloads, our engine and the two HF peers, one repeat.
 bench-quick: $(BENCH_STAMP)

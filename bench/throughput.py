@@ -148,7 +148,8 @@ def last_error_line(log_path: str) -> str:
 def run_engine(engine: str, args, wl_paths: list[str], out_path: str, log_path: str,
                hf_sizes: dict[str, int] | None) -> tuple[dict | None, str | None]:
     py = args.vllm_python if engine in VLLM_ENGINES else sys.executable
-    cmd = [py, os.path.join(BENCH, "peers", SCRIPTS[engine]), "--model", args.model,
+    model = args.vllm_model if engine in VLLM_ENGINES and args.vllm_model else args.model
+    cmd = [py, os.path.join(BENCH, "peers", SCRIPTS[engine]), "--model", model,
            "--workloads", *wl_paths, "--out", out_path, "--threads", str(args.threads),
            "--kv-bytes", str(args.kv_mib << 20), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--dtype", args.dtype]
@@ -269,7 +270,8 @@ def render(summary: dict, unavailable: dict[str, str], engines: list[str], meta:
     md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows_out]
     notes = [
         "",
-        f"Model `{meta['model']}`, {meta['dtype']}{' (ours: ' + meta['quantization'] + ' weights)' if meta.get('quantization') else ''}, greedy, EOS ignored (fixed output lengths), prefix caching off, "
+        f"Model `{meta['model']}`, {meta['dtype']}{' (ours: ' + meta['quantization'] + ' weights)' if meta.get('quantization') else ''}"
+        f"{'; vLLM loads `' + meta['vllm_model'] + '`' if meta.get('vllm_model') else ''}, greedy, EOS ignored (fixed output lengths), prefix caching off, "
         f"KV budget {meta['kv_mib']} MiB for every engine ({meta['kv_tokens']:,} token slots at "
         f"{meta['kv_bytes_per_token']} B/token), {meta['threads']} threads each, {meta['repeats']} interleaved "
         f"repeats, medians. Throughput excludes model load / compile (`load s`) and warm-up. "
@@ -359,6 +361,9 @@ def main() -> None:
                     help="every engine's weights, activations and KV cache")
     ap.add_argument("--quantization", default=None, choices=("int8",),
                     help="ours only: weight-only int8 GEMMs (the peers stay at --dtype)")
+    ap.add_argument("--vllm-model", default=None,
+                    help="the checkpoint vLLM loads instead of --model: its W8A8 copy (bench/w8a8_checkpoint.py) "
+                         "beside ours with --quantization int8")
     ap.add_argument("--kv-mib", type=int, default=256, help="KV cache budget for every engine (MiB)")
     ap.add_argument("--block-size", type=int, default=16, help="ours and HF CB page size")
     ap.add_argument("--vllm-block-size", type=int, default=0, help="0: vLLM's CPU default (128)")
@@ -426,7 +431,7 @@ def main() -> None:
     meta = {"model": os.path.relpath(args.model, ROOT), "kv_mib": args.kv_mib,
             "kv_bytes_per_token": per_tok, "kv_tokens": (args.kv_mib << 20) // per_tok,
             "threads": args.threads, "repeats": args.repeats, "cpu": cpu_model(),
-            "dtype": args.dtype, "quantization": args.quantization, "isa": isa_flags(),
+            "dtype": args.dtype, "quantization": args.quantization, "vllm_model": args.vllm_model, "isa": isa_flags(),
             "nproc": os.cpu_count(), "loadavg_start": load_avg(),
             "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT)
                                  else "python", os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
