@@ -60,7 +60,7 @@ bench-matrix: $(BENCH_STAMP)
 
 # Whole decode steps at batch 1, 4 and 16 against max(weight stream, arithmetic), each round held to
 # the DRAM bandwidth measured just before it (bench/decode_bound.py; bench/results/decode-bound.{md,json}):
-# SmolLM2 and the Qwen2-0.5B-shaped checkpoint, bf16 and fp32. ~15-20 min on 2 quiet cores.
+# SmolLM2 and the Qwen2-0.5B-shaped checkpoint, bf16 and fp32. ~5 min on 2 quiet cores.
 bench-decode: $(STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/decode_bound.py $(BENCH_ARGS)

@@ -17,7 +17,7 @@ of the round counts. Peak: the best GFLOP/s of the GEMM paths on a 2048-cube (be
     python bench/decode_bound.py                               # SmolLM2 and the 0.5 B, bf16 and fp32
     python bench/decode_bound.py --pairs model-store/tiny-llama:float32 --batches 1,16
 
-Writes bench/results/decode-bound.{json,md}. Needs the machine to itself (~5 min per pair).
+Writes bench/results/decode-bound.{json,md}. Needs the machine to itself (1-2 min per pair).
 """
 from __future__ import annotations
 
