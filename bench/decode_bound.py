@@ -42,11 +42,11 @@ DEFAULT_PAIRS = ",".join(["model-store/smollm2-135m-instruct:bfloat16", "model-s
 PROMPT_LEN = 16
 
 
-def decode_flops_per_token(model_dir: str) -> float:
-    """2 x the multiply-adds of one token through every Linear and the LM head (attention's are
-    small at these lengths and left out, so the compute bound is a floor)."""
-    weights = analysis.decode_weight_bytes(model_dir, "float32") / 4  # elements read = MACs per token
-    return 2.0 * weights
+def decode_flops_per_token(weight_bytes: int, dtype: str) -> float:
+    """2 x the multiply-adds of one token through every Linear and the LM head, from the bytes of
+    weights a step reads (one multiply-add per element; attention's are small at these lengths
+    and left out, so the compute bound is a floor)."""
+    return 2.0 * weight_bytes / analysis.DTYPE_BYTES[dtype]
 
 
 def time_decode_steps(llm, batch: int, steps: int, vocab: int, seed: int) -> list[float]:
@@ -78,7 +78,7 @@ def measure_pair(model_dir: str, dtype: str, batches: list[int], steps: int, rou
         vocab = json.load(f)["vocab_size"]
     time_decode_steps(llm, max(batches), 8, vocab, seed=10_000)  # warm-up: kernels, allocator
     weight_bytes = analysis.decode_weight_bytes(model_dir, dtype)
-    flops = decode_flops_per_token(model_dir)
+    flops = decode_flops_per_token(weight_bytes, dtype)
     from gemm import measure_peak
 
     peak = measure_peak(dtype, 2048, 3)["peak"] * 1e9
