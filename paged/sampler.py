@@ -3,7 +3,7 @@
 Each request draws from its own torch.Generator (seeded from the request's ``seed`` or from the
 engine seed and the request's arrival index), so a seeded request's tokens do not depend on what
 else is in the batch. Rows that are greedy without penalties or logprobs take one batched argmax
-and no softmax: their chosen logprob is not computed (None).
+and no softmax (``paged_kernels.sampling.greedy_tokens``): their chosen logprob is not computed (None).
 
 A row that yields no token (its logits are not finite, or the request's own parameters leave no
 token allowed) fails that request alone: its result carries a ``RequestFailedError``.
@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from paged_kernels.sampling import greedy_tokens
 
 from paged.errors import RequestFailedError
 from paged.sampling_params import SamplingParams
@@ -89,14 +91,11 @@ class Sampler:
                 results[row] = self._sample_row_safely(logits[row], seq, params, count)
             else:
                 greedy_rows.append(row)
-        if len(greedy_rows) == logits.shape[0]:
-            best, tokens = logits.max(dim=-1)
-        elif greedy_rows:
-            best, tokens = logits[torch.tensor(greedy_rows, dtype=torch.long)].max(dim=-1)
         if greedy_rows:
-            finite = torch.isfinite(best).tolist()
-            for row, token, ok in zip(greedy_rows, tokens.tolist(), finite):
-                results[row] = SampleResult([token], None, None) if ok else \
+            rows = logits if len(greedy_rows) == logits.shape[0] else \
+                logits[torch.tensor(greedy_rows, dtype=torch.long)]
+            for row, token in zip(greedy_rows, greedy_tokens(rows).tolist()):
+                results[row] = SampleResult([token], None, None) if token >= 0 else \
                     _failed("the model produced non-finite logits for this request", 500)
         return results
 

@@ -65,6 +65,25 @@ def test_greedy_picks_the_argmax_of_every_row():
     assert [r.token_ids for r in results] == [[t] for t in logits.argmax(dim=-1).tolist()]
 
 
+def test_a_greedy_row_without_a_finite_maximum_fails_alone():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(7))
+    logits[1, 20] = float("nan")
+    params = SamplingParams(temperature=0.0)
+    seqs = [make_seq(params, seed=None, seq_id=i) for i in range(3)]
+    results = Sampler([EOS]).sample(logits.clone(), seqs, [1] * 3)
+    assert results[1].token_ids == [] and results[1].error.status == 500
+    assert [results[0].token_ids, results[2].token_ids] == [[int(logits[0].argmax())], [int(logits[2].argmax())]]
+
+
+def test_greedy_rows_beside_rows_that_need_processing_get_their_own_argmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(8))
+    greedy, with_logprobs = SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logprobs=2)
+    seqs = [make_seq(p, seed=None, seq_id=i) for i, p in enumerate([with_logprobs, greedy, with_logprobs, greedy])]
+    results = Sampler([EOS]).sample(logits.clone(), seqs, [1] * 4)
+    assert [r.token_ids for r in results] == [[t] for t in logits.argmax(dim=-1).tolist()]
+    assert results[1].logprobs is None and results[0].logprobs is not None
+
+
 def test_top_k_1_is_greedy_whatever_the_temperature():
     gen = torch.Generator().manual_seed(8)
     logits = torch.randn(50, generator=gen)
