@@ -31,7 +31,7 @@ class Executor(Protocol):
 
     def execute(self, plan: "SchedulerOutput") -> "torch.Tensor":
         """Apply the plan's block moves and run it: fp32 logits [sampling rows, vocab] on the CPU,
-        in plan order."""
+        in plan order, valid until the next call (their memory may be reused)."""
 
     def check_health(self) -> None:
         """Between steps: raise ExecutorFailedError if the executor failed since the last step."""

@@ -25,6 +25,7 @@ from paged.backends import resolve_backends
 from paged.config import EngineConfig
 from paged.dtype_choice import choose_dtype
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
+from paged.models.logits_buffers import LogitsBuffers
 from paged.scheduler_output import SchedulerOutput
 from paged.step_timer import StepTimer
 from paged.virtual_kv import VirtualKVCache
@@ -145,6 +146,7 @@ class ModelRunner:
                                              linear_backend=config.linear_backend,
                                              quantization=config.quantization)
         self.model.step_timer = self.timer
+        self.logits_buffers = LogitsBuffers(config.max_num_seqs)
         self.contiguous = kv_memory is not None
         if self.contiguous:
             self.kv_cache = None   # the KV manager's: no pools here, no block moves to apply
@@ -173,7 +175,9 @@ class ModelRunner:
         """Holds no process or connection: nothing to stop."""
 
     def execute(self, plan: SchedulerOutput) -> torch.Tensor:
-        """Run the plan; returns fp32 logits [num sampling sequences, vocab] in plan order."""
+        """Run the plan; returns fp32 logits [num sampling sequences, vocab] in plan order, valid
+        until the next call (``execute_model_input`` reuses their memory, see
+        paged/models/logits_buffers.py)."""
         with self.timer.phase("prepare"):
             model_input = build_model_input(plan, self.block_size)
         return self.execute_model_input(model_input)
@@ -202,4 +206,4 @@ class ModelRunner:
                 return torch.empty(0, self.args.vocab_size)
             if len(inp.logits_indices) != hidden.shape[0]:
                 hidden = hidden[logits_indices]
-            return self.model.compute_logits(hidden).to("cpu")
+            return self.model.compute_logits(hidden, self.logits_buffers).to("cpu")

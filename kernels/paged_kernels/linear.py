@@ -342,6 +342,18 @@ class Linear(nn.Linear):
             return lambda x: dequant_linear(x, self.int8[0], self.int8[1], self.bias)
         return lambda x: F.linear(x, self.weight, self.bias)
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` written into ``out`` [rows, out_features] (x's dtype, contiguous rows), which
+        it returns: memory the caller reuses from call to call. The packed kernel writes there
+        directly; the other paths compute as ``forward`` and copy (same values)."""
+        rows = x.shape[0]
+        if self.plan is not None and self.plan.path_for(rows) == "packed" and not self.packed.silu_and_mul:
+            weight = self.packed
+            cpu_extension.load().packed_linear_out(x, weight.data, weight.out_features, weight.bias, weight.scales,
+                                                   False, "auto", out)
+            return out
+        return out.copy_(self.bind(rows)(x))
+
     def fuses_silu_and_mul(self, rows: int) -> bool:
         """Whether ``silu_and_mul`` runs for ``rows`` rows: the plan gives them to the packed
         kernel and the layer was packed with ``fuse_silu_and_mul``."""

@@ -29,6 +29,7 @@ from torch import nn
 from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
 from paged_kernels.linear import Linear, LinearPlan, bind_linear, path_unavailable_reason, probe_linear_plan
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
+from paged.models.logits_buffers import LogitsBuffers
 from paged.models.weight_memory import HugePageWeights, move_to_huge_pages
 
 if TYPE_CHECKING:
@@ -319,12 +320,28 @@ class LlamaForCausalLM(nn.Module):
             layers = self.bound[key] = [layer.bind(rows, ops) for layer in self.layers]
         return ops, layers
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None = None) -> torch.Tensor:
+        """fp32 logits [rows, vocab] of the final hidden states [rows, hidden_size]. With
+        ``buffers`` they are written into memory reused from call to call (the LM head's own
+        output too, where its path writes in place): valid until the next call with them."""
         timer = self.step_timer
         if timer is not None and timer.enabled:
             with timer.phase("gemm"):
-                return self.lm_head(hidden).float()
-        return self.lm_head(hidden).float()
+                return self._logits(hidden, buffers)
+        return self._logits(hidden, buffers)
+
+    def _logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None) -> torch.Tensor:
+        head = self.lm_head
+        rows, vocab = hidden.shape[0], self.args.vocab_size
+        head_out = None
+        if buffers is not None and isinstance(head, Linear) and head.out_features == vocab:
+            head_out = buffers.rows(rows, vocab, hidden.dtype, hidden.device)
+        if head_out is None:
+            return head(hidden).float()
+        head.forward_into(hidden, head_out)
+        if head_out.dtype == torch.float32:
+            return head_out
+        return buffers.rows(rows, vocab, torch.float32, hidden.device).copy_(head_out)
 
     # ---- loading ------------------------------------------------------------------------------
     @classmethod

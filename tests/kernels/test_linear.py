@@ -124,6 +124,17 @@ def test_a_bound_linear_reads_the_weights_it_has_when_called(compiled_ops):
         torch.testing.assert_close(bound(x), 2 * before, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["packed", "torch"])
+def test_forward_into_writes_the_forward_result_into_the_callers_memory(compiled_ops, path):
+    layer = random_linear(64, 48, torch.bfloat16, bias=True)
+    layer.apply_plan(kl.LinearPlan.everywhere(path, torch.bfloat16))
+    x = random_rows(5, 64, torch.bfloat16)
+    out = torch.empty(5, 48, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        written = layer.forward_into(x, out)
+        assert written.data_ptr() == out.data_ptr() and torch.equal(out, layer(x))
+
+
 def test_linear_without_plan_or_with_torch_plan_is_f_linear():
     layer = random_linear(32, 16, torch.float32)
     x = random_rows(5, 32, torch.float32)

@@ -165,6 +165,33 @@ def test_zero_rows_give_an_empty_result():
     assert kl.packed_linear(torch.empty(0, 32), packed).shape == (0, 40)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_the_out_variant_writes_the_same_result_into_the_given_rows(dtype, int8):
+    weight = random(200, 96, dtype=dtype)
+    bias = random(200, dtype=dtype, seed=1)
+    if int8:
+        q, scales = kl.quantize_int8(weight)
+        packed = kl.pack_for_kernel(q, bias, scales)
+    else:
+        packed = kl.pack_for_kernel(weight, bias)
+    x = random(9, 96, dtype=dtype, seed=2)
+    buffer = torch.full((12, 200), float("nan"), dtype=dtype)
+    out = buffer[:9]
+    ops = cpu_extension.load()
+    ops.packed_linear_out(x, packed.data, 200, packed.bias, packed.scales, False, "auto", out)
+    assert torch.equal(out, kl.packed_linear(x, packed))
+    assert buffer[9:].isnan().all()  # rows past the view untouched
+
+
+@pytest.mark.parametrize("out", [torch.empty(3, 40), torch.empty(2, 41), torch.empty(2, 40, dtype=torch.bfloat16),
+                                 torch.empty(40, 2).t()], ids=["rows", "columns", "dtype", "strided"])
+def test_the_out_variant_refuses_an_output_of_another_shape_dtype_or_layout(out):
+    packed = kl.pack_for_kernel(random(40, 32))
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_extension.load().packed_linear_out(random(2, 32), packed.data, 40, None, None, False, "auto", out)
+
+
 @pytest.mark.parametrize("case, message", [
     ("float16 rows", "float32 or bfloat16"),
     ("rows of another dtype", "does not take"),

@@ -27,7 +27,8 @@ def run_scenario(executor, reference) -> list[tuple[torch.Tensor, torch.Tensor]]
     steps = []
 
     def run(plan):
-        pair = executor.execute_model_input(plan), reference.execute_model_input(plan)
+        # a runner's logits are valid until its next call (it reuses their memory): keep copies
+        pair = executor.execute_model_input(plan).clone(), reference.execute_model_input(plan).clone()
         steps.append(pair)
         b.append_sampled(pair[1].argmax(-1).tolist())
 

@@ -1,6 +1,7 @@
 // The small-M GEMM of decode: y = x @ W^T (+ bias) for a few rows x [M, K] against a weight W [N, K]
 // that paged_kernels/linear.py packed once at load (pack_for_kernel), as one torch operator:
 //   torch.ops.paged_cpu.packed_linear(x, packed, out_features, bias, scales, silu_and_mul, isa) -> y
+//   torch.ops.paged_cpu.packed_linear_out(..., out): the same y written into out (reused memory)
 //
 // At decode a step multiplies a handful of rows by every weight of the model, so the time is the
 // time to stream the weights from DRAM: the kernel reads each weight byte once per call, in the
@@ -409,9 +410,10 @@ std::string packed_linear_isa() {
 }
 
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
-                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales,
-                         bool silu_and_mul, c10::string_view isa) {
+// x @ W.T (+ bias, SiLU(gate) * up) into `out` [rows, out_features] of x's dtype, rows contiguous.
+void packed_linear_into(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales,
+                        bool silu_and_mul, c10::string_view isa, const at::Tensor& out) {
   TORCH_CHECK_VALUE(x.dim() == 2, "packed_linear: x must be [rows, in_features], got ", x.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu() && packed.device().is_cpu(), "packed_linear: CPU tensors only");
   const at::ScalarType dtype = x.scalar_type(), wtype = packed.scalar_type();
@@ -448,8 +450,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   TORCH_CHECK_VALUE((scale_data != nullptr) == (wtype == at::kChar), "packed_linear: int8 weights need scales, ",
                     "others take none");
 
-  at::Tensor out = at::empty({rows, out_features}, x.options());
-  if (rows == 0) return out;
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows && out.size(1) == out_features &&
+                        out.scalar_type() == dtype && out.device().is_cpu() && out.stride(1) == 1,
+                    "packed_linear: out must be ", dtype, " [", rows, ", ", out_features,
+                    "] on the CPU with contiguous rows, got ", out.scalar_type(), " ", out.sizes());
+  if (rows == 0) return;
   const int64_t panel_elements = k_steps * kPanel * (pairs ? 2 : 1);
   const int64_t panel_bytes = panel_elements * static_cast<int64_t>(packed.element_size());
   const bool bf16_rows = pairs && dtype == at::kBFloat16;
@@ -513,7 +518,22 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
   } else {
     if (wtype == at::kChar) run(int8_t{}, c10::BFloat16{}); else run(c10::BFloat16{}, c10::BFloat16{});
   }
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales,
+                         bool silu_and_mul, c10::string_view isa) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "packed_linear: x must be [rows, in_features], got ", x.sizes());
+  at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+  packed_linear_into(x, packed, out_features, bias, scales, silu_and_mul, isa, out);
   return out;
+}
+
+// The same product written into a caller's tensor (memory it reuses from call to call).
+void packed_linear_out(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scales,
+                       bool silu_and_mul, c10::string_view isa, const at::Tensor& out) {
+  packed_linear_into(x, packed, out_features, bias, scales, silu_and_mul, isa, out);
 }
 
 }  // namespace
@@ -521,10 +541,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 TORCH_LIBRARY_FRAGMENT(paged_cpu, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias=None, Tensor? scales=None, "
         "bool silu_and_mul=False, str isa=\"auto\") -> Tensor");
+  m.def("packed_linear_out(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor? scales, "
+        "bool silu_and_mul, str isa, Tensor(a!) out) -> ()");
   m.def("packed_linear_isa() -> str", &packed_linear_isa);
 }
 
-TORCH_LIBRARY_IMPL(paged_cpu, CPU, m) { m.impl("packed_linear", &packed_linear); }
+TORCH_LIBRARY_IMPL(paged_cpu, CPU, m) {
+  m.impl("packed_linear", &packed_linear);
+  m.impl("packed_linear_out", &packed_linear_out);
+}
 
 // Shapes only, for tracing (meta and fake tensors).
 TORCH_LIBRARY_IMPL(paged_cpu, Meta, m) {

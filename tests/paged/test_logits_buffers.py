@@ -1,0 +1,58 @@
+"""LogitsBuffers: one reused buffer per dtype, grown on demand up to max_rows, nothing above it;
+and the model's logits written through them equal the logits computed without them."""
+import pytest
+import torch
+
+from paged.models.logits_buffers import LogitsBuffers
+
+
+def test_a_view_of_the_requested_rows_reuses_the_same_memory():
+    buffers = LogitsBuffers(max_rows=8)
+    first = buffers.rows(4, 10, torch.float32)
+    again = buffers.rows(3, 10, torch.float32)
+    assert first.shape == (4, 10) and again.shape == (3, 10)
+    assert again.data_ptr() == first.data_ptr()
+
+
+def test_a_buffer_grows_to_twice_its_rows_but_never_past_max_rows():
+    buffers = LogitsBuffers(max_rows=10)
+    buffers.rows(3, 5, torch.float32)
+    assert buffers.num_bytes == 3 * 5 * 4
+    buffers.rows(4, 5, torch.float32)
+    assert buffers.num_bytes == 6 * 5 * 4
+    buffers.rows(7, 5, torch.float32)
+    assert buffers.num_bytes == 10 * 5 * 4
+
+
+def test_dtypes_have_separate_buffers():
+    buffers = LogitsBuffers(max_rows=4)
+    half = buffers.rows(2, 6, torch.bfloat16)
+    full = buffers.rows(2, 6, torch.float32)
+    assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert buffers.num_bytes == 2 * 6 * 2 + 2 * 6 * 4
+
+
+def test_more_rows_than_max_rows_get_no_buffer():
+    buffers = LogitsBuffers(max_rows=4)
+    assert buffers.rows(5, 6, torch.float32) is None
+    assert buffers.num_bytes == 0
+
+
+def test_max_rows_must_be_positive():
+    with pytest.raises(ValueError, match="max_rows"):
+        LogitsBuffers(max_rows=0)
+
+
+@pytest.mark.parametrize("backend", ["packed", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_through_the_buffers_equal_logits_without_them(tiny_llama_dir, dtype, backend):
+    from paged.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), dtype, linear_backend=backend)
+    hidden = torch.randn(5, model.args.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    buffers = LogitsBuffers(max_rows=8)
+    with torch.inference_mode():
+        expected = model.compute_logits(hidden)
+        got = model.compute_logits(hidden, buffers)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert got.data_ptr() == buffers.rows(5, model.args.vocab_size, torch.float32).data_ptr()
