@@ -331,10 +331,11 @@ class LlamaForCausalLM(nn.Module):
         return self._logits(hidden, buffers)
 
     def _logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None) -> torch.Tensor:
-        head = self.lm_head
-        rows, vocab = hidden.shape[0], self.args.vocab_size
+        head = self.lm_head  # a Linear, or a tensor-parallel rank's vocabulary shard
+        rows = hidden.shape[0]
         head_out = None
-        if buffers is not None and isinstance(head, Linear) and head.out_features == vocab:
+        if buffers is not None and hasattr(head, "forward_into"):
+            vocab = head.out_features
             head_out = buffers.rows(rows, vocab, hidden.dtype, hidden.device)
         if head_out is None:
             return head(hidden).float()

@@ -165,7 +165,7 @@ class TensorParallelExecutor:
 
         group.collect(on_answer, deadline=None, use_heartbeats=True)
         answered = time.perf_counter()
-        logits = staging[:rows, :self.vocab_size].clone()
+        logits = staging[:rows, :self.vocab_size]  # the Executor contract: valid until the next step
         done = time.perf_counter()
         stats = self.stats
         stats.steps += 1

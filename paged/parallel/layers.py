@@ -84,5 +84,14 @@ class ParallelLMHead(nn.Module):
         self.weight = tied.weight if tied is not None else nn.Parameter(
             torch.empty(layout.vocab_per_rank, hidden_size))
 
+    @property
+    def out_features(self) -> int:
+        return self.layout.vocab_per_rank
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight)
+
+    def forward_into(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``self(hidden)`` written into ``out`` [rows, vocab_per_rank] (hidden's dtype), which it
+        returns: memory the caller reuses from step to step."""
+        return torch.mm(hidden, self.weight.t(), out=out)

@@ -1,10 +1,11 @@
 """The shared buffer the ranks on the engine's host write their logits shards into.
 
 Layout: ``[max_rows, padded_vocab]`` fp32, row major. Rank r writes columns
-``[r * vocab_per_rank, (r+1) * vocab_per_rank)`` of the step's first rows; the engine copies out
-``[:rows, :vocab_size]`` once every rank said ``Done``. So the vocabulary shards are gathered where
-sampling happens without a collective and without a socket copy. A rank that cannot map the buffer
-(on another host) sends its shard over its connection instead.
+``[r * vocab_per_rank, (r+1) * vocab_per_rank)`` of the step's first rows; once every rank said
+``Done`` the engine samples from ``[:rows, :vocab_size]`` in place (valid until the next step). So
+the vocabulary shards are gathered where sampling happens without a collective and without a
+socket copy. A rank that cannot map the buffer (on another host) sends its shard over its
+connection instead.
 """
 from __future__ import annotations
 
@@ -32,7 +33,3 @@ class LogitsBuffer:
     def write_shard(self, shard: torch.Tensor, column_start: int) -> None:
         rows, cols = shard.shape
         self.logits[:rows, column_start:column_start + cols].copy_(shard)
-
-    def read(self, rows: int, vocab_size: int) -> torch.Tensor:
-        """A fresh ``[rows, vocab_size]`` tensor: the buffer is overwritten by the next step."""
-        return self.logits[:rows, :vocab_size].clone()
