@@ -34,7 +34,8 @@
 // contiguous run of panels (one linear stream of memory); a call with little weight per thread
 // stays on the calling thread. Rows go in tiles of at most kMaxTileRows (2 accumulators per row
 // stay in the 32 vector registers) or kAmxRows (AMX); a panel is read from DRAM by its first tile
-// and from L2 by the others. The result does not depend on the number of threads.
+// and from L2 by the others, which meanwhile prefetch the next panel (NextPanel). The result does
+// not depend on the number of threads.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -119,14 +120,35 @@ struct Epilogue {
   }
 };
 
+// Pulls the next panel toward the cache while the row tiles of this one compute. Only the first
+// tile of a panel reads it from DRAM; without prefetches the memory bus idles while the later
+// tiles run from L2, then the compute waits on the next panel's first tile. The tiles of a panel
+// share the next panel's cache lines out, each issuing its share evenly over its k loop.
+struct NextPanel {
+  const char* line = nullptr;  // the next line to prefetch
+  int64_t lines = 0;           // lines this tile prefetches
+  int64_t k_steps = 1;         // steps of the tile's k loop
+  int64_t credit = 0;
+
+  inline void step() {  // once per k step
+    credit += lines;
+    while (credit >= k_steps) {
+      __builtin_prefetch(line, 0, 3);
+      line += 64;
+      credit -= k_steps;
+    }
+  }
+};
+
 // ---- the tiles: MT rows x one panel, over all of K ---------------------------------------------
 
 // fp32 weights [K, 32], fp32 rows.
 template <int MT, typename T>
 void tile_fp32(const float* x, int64_t x_stride, const float* w, int64_t k_size, const Epilogue<T>& epi,
-               int64_t row0, int64_t panel) {
+               int64_t row0, int64_t panel, NextPanel next) {
   vfloat acc[MT][2] = {};
   for (int64_t k = 0; k < k_size; ++k, w += kPanel) {
+    next.step();
     const vfloat w0 = load(w), w1 = load(w + kLanes);
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
@@ -189,7 +211,7 @@ inline __m512bh pairs_bf16(const int8_t* w) {
 // Pair-layout weights (bf16 or int8), bf16 rows with K even: vdpbf16ps.
 template <int MT, typename W, typename T>
 void tile_pairs_dot(const c10::BFloat16* x, int64_t x_stride, const W* w, int64_t pairs, const Epilogue<T>& epi,
-                    int64_t row0, int64_t panel) {
+                    int64_t row0, int64_t panel, NextPanel next) {
   // Few rows leave the dot products' latency exposed: then two sets of sums, over even and odd
   // steps of the loop (pairs is a multiple of 16).
   constexpr int U = MT <= 3 ? 2 : 1;
@@ -202,6 +224,7 @@ void tile_pairs_dot(const c10::BFloat16* x, int64_t x_stride, const W* w, int64_
   for (int64_t j = 0; j < pairs; j += U) {
 #pragma GCC unroll 2
     for (int u = 0; u < U; ++u, w += 2 * kPanel) {
+      next.step();
       const __m512bh w0 = pairs_bf16(w), w1 = pairs_bf16(w + kPanel);
 #pragma GCC unroll 16
       for (int m = 0; m < MT; ++m) {
@@ -259,15 +282,15 @@ struct Problem {
 template <int MT>
 struct Fp32Tile {
   template <typename T>
-  static void run(const Problem<float, float, T>& p, int64_t row0, int64_t panel) {
-    tile_fp32<MT>(p.x + row0 * p.x_stride, p.x_stride, p.panel(panel), p.k_steps, p.epi, row0, panel);
+  static void run(const Problem<float, float, T>& p, int64_t row0, int64_t panel, NextPanel next) {
+    tile_fp32<MT>(p.x + row0 * p.x_stride, p.x_stride, p.panel(panel), p.k_steps, p.epi, row0, panel, next);
   }
 };
 
 template <int MT>
 struct PairsFmaTile {
   template <typename W, typename T>
-  static void run(const Problem<W, float, T>& p, int64_t row0, int64_t panel) {
+  static void run(const Problem<W, float, T>& p, int64_t row0, int64_t panel, NextPanel) {
     tile_pairs_fma<MT>(p.x + row0 * p.x_stride, p.x_stride, p.panel(panel), p.k_steps, p.epi, row0, panel);
   }
 };
@@ -276,8 +299,8 @@ struct PairsFmaTile {
 template <int MT>
 struct PairsDotTile {
   template <typename W, typename T>
-  static void run(const Problem<W, c10::BFloat16, T>& p, int64_t row0, int64_t panel) {
-    tile_pairs_dot<MT>(p.x + row0 * p.x_stride, p.x_stride, p.panel(panel), p.k_steps, p.epi, row0, panel);
+  static void run(const Problem<W, c10::BFloat16, T>& p, int64_t row0, int64_t panel, NextPanel next) {
+    tile_pairs_dot<MT>(p.x + row0 * p.x_stride, p.x_stride, p.panel(panel), p.k_steps, p.epi, row0, panel, next);
   }
 };
 #endif
@@ -287,9 +310,20 @@ template <template <int> class Tile, typename W, typename X, typename T>
 void vector_panels(const Problem<W, X, T>& p, int64_t rows, int64_t begin, int64_t end) {
   const int64_t tiles = (rows + kMaxTileRows - 1) / kMaxTileRows;
   const int64_t tile_rows = (rows + tiles - 1) / tiles;
+  const int64_t panel_lines = p.panel_elements * static_cast<int64_t>(sizeof(W)) / 64;
   for (int64_t panel = begin; panel < end; ++panel) {
-    for (int64_t row0 = 0; row0 < rows; row0 += tile_rows) {
-      with_rows<Tile>(static_cast<int>(std::min(tile_rows, rows - row0)), p, row0, panel);
+    const char* next_panel = reinterpret_cast<const char*>(p.panel(panel + 1));
+    int64_t tile = 0, line = 0;
+    for (int64_t row0 = 0; row0 < rows; row0 += tile_rows, ++tile) {
+      NextPanel next;  // one row tile streams from DRAM on its own: the hardware prefetcher keeps up
+      if (tiles > 1 && panel + 1 < end) {
+        const int64_t upto = panel_lines * (tile + 1) / tiles;
+        next.line = next_panel + 64 * line;
+        next.lines = upto - line;
+        next.k_steps = p.k_steps;
+        line = upto;
+      }
+      with_rows<Tile>(static_cast<int>(std::min(tile_rows, rows - row0)), p, row0, panel, next);
     }
   }
 }
