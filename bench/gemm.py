@@ -285,8 +285,8 @@ def probe_plan(shapes: list[dict], dtype: str) -> tuple[kl.LinearPlan, dict]:
     """What the load-time probe chooses for this model's shapes (random weights)."""
     float_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
     gen = torch.Generator().manual_seed(1)
-    weights = [((torch.randn(s["n"], s["k"], generator=gen) * s["k"] ** -0.5).to(float_dtype), s["calls"])
-               for s in shapes]
+    weights = [((torch.randn(s["n"], s["k"], generator=gen) * s["k"] ** -0.5).to(float_dtype), s["calls"],
+                s["name"] == "gate_up_proj") for s in shapes]  # timed with its SiLU·up, as the model probes it
     result = kl.probe_linear_plan(weights, float_dtype, quantization="int8" if dtype == "int8" else None)
     return result.plan, result.figures
 

@@ -147,6 +147,9 @@ class ModelRunner:
                                              quantization=config.quantization)
         self.model.step_timer = self.timer
         self.logits_buffers = LogitsBuffers(config.max_num_seqs)
+        # The LM head writes into those buffers; where it may write in place instead of copying, measure.
+        probe_into = getattr(self.model.lm_head, "probe_forward_into", None)
+        self.lm_head_into = probe_into(config.max_num_seqs) if probe_into is not None else {}
         self.contiguous = kv_memory is not None
         if self.contiguous:
             self.kv_cache = None   # the KV manager's: no pools here, no block moves to apply
@@ -161,7 +164,7 @@ class ModelRunner:
         """The fast paths this runner chose at load and runs (reported by describe and the benchmarks)."""
         model = self.model
         return {"linear_backend": model.linear_backend, "linear_probe": model.linear_probe,
-                "weights_huge_pages": model.weight_memory.describe(),
+                "weights_huge_pages": model.weight_memory.describe(), "lm_head_into": self.lm_head_into,
                 "compile": model.compile_status, **self.backends.describe(),
                 "threads": torch.get_num_threads()}
 

@@ -303,10 +303,14 @@ class Linear(nn.Linear):
     # (q [out, in], fp32 scales [out], scales in the model's dtype) for the torch_int8 / dequant paths
     int8: tuple | None = None
     fuse_silu_and_mul: bool = False
+    # Plan buckets (indices) whose rows ``forward_into`` gives the packed kernel although the plan
+    # gives them another path: measured by ``probe_forward_into``, cleared by a new plan.
+    into_packed_buckets: frozenset = frozenset()
 
     def apply_plan(self, plan: LinearPlan) -> None:
         """Prepare what the plan's paths read: the packed copies, the int8 weight."""
         self.plan = plan
+        self.into_packed_buckets = frozenset()
         weight, bias = self.weight.detach(), self.bias
         self.int8 = self.packed = self.onednn_weight = None
         if plan.quantization == "int8":
@@ -347,12 +351,54 @@ class Linear(nn.Linear):
         it returns: memory the caller reuses from call to call. The packed kernel writes there
         directly; the other paths compute as ``forward`` and copy (same values)."""
         rows = x.shape[0]
-        if self.plan is not None and self.plan.path_for(rows) == "packed" and not self.packed.silu_and_mul:
+        if self._into_packed(rows):
             weight = self.packed
             cpu_extension.load().packed_linear_out(x, weight.data, weight.out_features, weight.bias, weight.scales,
                                                    False, "auto", out)
             return out
         return out.copy_(self.bind(rows)(x))
+
+    def _into_packed(self, rows: int) -> bool:
+        if self.plan is None or self.packed is None or self.packed.silu_and_mul:
+            return False
+        return self.plan.path_for(rows) == "packed" or self.plan.bucket(rows) in self.into_packed_buckets
+
+    def probe_forward_into(self, max_rows: int, repeats: int = 2) -> dict:
+        """Decide, by timing, which row buckets ``forward_into`` runs on the packed kernel where the
+        plan gives their rows another path; returns the figures (empty: nothing to decide).
+
+        The plan's probe times every shape on trimmed weights with fresh outputs. ``forward_into``
+        differs: the packed kernel writes into the caller's memory, where the other paths allocate
+        rows x out_features and copy it there. At an LM head's width that output is 10-100+ MB, a
+        fresh mapping whose pages fault in on every call, which the trimmed probe never sees. So
+        each such bucket is timed here at its largest row count up to ``max_rows`` (the most rows
+        the caller writes at once), on this weight whole, both ways into one kept output."""
+        if self.plan is None or self.packed is None or self.packed.silu_and_mul or max_rows < 1:
+            return {}
+        figures, chosen, low = {}, set(), 1
+        weight = self.packed
+        packed_out = cpu_extension.load().packed_linear_out
+        for index, (limit, path) in enumerate(zip(self.plan.limits, self.plan.paths)):
+            if low > max_rows:
+                break
+            rows = int(min(limit, max_rows))
+            low = rows + 1
+            if path == "packed":
+                continue
+            generator = torch.Generator().manual_seed(rows)
+            x = torch.randn(rows, self.in_features, generator=generator).to(self.plan.dtype)
+            out = torch.zeros(rows, weight.out_features, dtype=x.dtype)
+            run_path = self.bind(rows)
+            with torch.inference_mode():
+                packed_s, other_s = best_of_interleaved([
+                    lambda: packed_out(x, weight.data, weight.out_features, weight.bias, weight.scales, False, "auto",
+                                       out),
+                    lambda: out.copy_(run_path(x))], repeats)
+            figures[rows] = {"packed_us": round(packed_s * 1e6, 1), f"{path}_then_copy_us": round(other_s * 1e6, 1)}
+            if packed_s < other_s:
+                chosen.add(index)
+        self.into_packed_buckets = frozenset(chosen)
+        return {"rows": figures, "packed_rows": [rows for rows in figures if self.plan.bucket(rows) in chosen]}
 
     def fuses_silu_and_mul(self, rows: int) -> bool:
         """Whether ``silu_and_mul`` runs for ``rows`` rows: the plan gives them to the packed
@@ -408,33 +454,49 @@ def best_of_interleaved(calls, repeats: int) -> list[float]:
     return best
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a [rows, 2 * intermediate] GEMM output: the compiled dense kernel where
+    it loads (what a model runs after a GEMM that did not fuse it), else torch ops."""
+    ops = cpu_extension.load() if gate_up.device.type == "cpu" else None
+    if ops is not None:
+        return ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def path_runners(weight: torch.Tensor, paths: tuple[str, ...], quantization: str | None = None,
-                 max_rows: int = PROBE_ROWS[-1], bias: torch.Tensor | None = None) -> dict:
+                 max_rows: int = PROBE_ROWS[-1], bias: torch.Tensor | None = None,
+                 silu_and_mul_after: bool = False) -> dict:
     """For each path, a function of x that runs ``weight`` (and ``bias``) on it the way Linear
-    would; the packing and quantizing happen here, once."""
-    runners = {}
+    would; the packing and quantizing happen here, once. ``silu_and_mul_after``: ``weight`` is a
+    fused [gate; up] projection and each runner also computes SiLU(gate) * up, as the model does:
+    the packed kernel in its epilogue, the other paths by a pass of ``silu_and_mul`` after them."""
+    gemms = {}
+    fused = silu_and_mul_after and weight.shape[0] % 2 == 0
     if quantization == "int8":
         q, scales = quantize_int8(weight)
         low = scales.to(weight.dtype)
         for path in paths:
             if path == "packed":
-                packed = pack_for_kernel(q, bias, scales)
-                runners[path] = lambda x, p=packed: packed_linear(x, p)
+                packed = pack_for_kernel(q, bias, scales, silu_and_mul=fused)
+                gemms[path] = lambda x, p=packed: packed_linear(x, p)
             elif path == "torch_int8":
-                runners[path] = lambda x: torch_int8_linear(x, q, low, bias)
+                gemms[path] = lambda x: torch_int8_linear(x, q, low, bias)
             else:
-                runners[path] = lambda x: dequant_linear(x, q, scales, bias)
-        return runners
-    for path in paths:
-        if path == "packed":
-            packed = pack_for_kernel(weight, bias)
-            runners[path] = lambda x, p=packed: packed_linear(x, p)
-        elif path == "onednn":
-            reordered = pack_weight(weight, max_rows)
-            runners[path] = lambda x, p=reordered: onednn_linear(x, p, bias)
-        else:
-            runners[path] = lambda x: F.linear(x, weight, bias)
-    return runners
+                gemms[path] = lambda x: dequant_linear(x, q, scales, bias)
+    else:
+        for path in paths:
+            if path == "packed":
+                packed = pack_for_kernel(weight, bias, silu_and_mul=fused)
+                gemms[path] = lambda x, p=packed: packed_linear(x, p)
+            elif path == "onednn":
+                reordered = pack_weight(weight, max_rows)
+                gemms[path] = lambda x, p=reordered: onednn_linear(x, p, bias)
+            else:
+                gemms[path] = lambda x: F.linear(x, weight, bias)
+    if not fused:
+        return gemms
+    return {path: gemm if path == "packed" else (lambda x, g=gemm: silu_and_mul(g(x))) for path, gemm in gemms.items()}
 
 
 def _time_paths(x: torch.Tensor, runners: dict, repeats: int) -> dict:
@@ -448,8 +510,10 @@ def probe_linear_plan(weights: list[tuple[torch.Tensor, int]], dtype: torch.dtyp
                       quantization: str | None = None) -> ProbeResult:
     """Time the available paths on ``weights`` and decide per row bucket.
 
-    ``weights``: (weight [out, in], calls per step) for each distinct shape of the model; a
-    bucket's cost is the calls-weighted sum over shapes. Tall weights are trimmed to
+    ``weights``: (weight [out, in], calls per step[, silu_and_mul]) for each distinct shape of the
+    model, the optional third item True for a fused [gate; up] projection whose SiLU(gate) * up the
+    model computes from it (timed with it: see ``path_runners``); a bucket's cost is the
+    calls-weighted sum over shapes. Tall weights are trimmed to
     ``PROBE_MAX_MACS`` and their time scaled back up. Calls of the paths are interleaved and the
     minimum of ``repeats`` is kept, so a noisy neighbour rarely flips the decision; for float
     weights a path must beat F.linear by ``MIN_SPEEDUP_OVER_TORCH``. Run it on the thread that
@@ -461,9 +525,9 @@ def probe_linear_plan(weights: list[tuple[torch.Tensor, int]], dtype: torch.dtyp
     candidates = INT8_PATHS if quantization == "int8" else FLOAT_PATHS
     fallback = "dequant" if quantization == "int8" else "torch"
     figures: dict = {"dtype": str(dtype).removeprefix("torch."), "quantization": quantization, "rows": list(rows),
-                     "threads": torch.get_num_threads(), "shapes": [list(w.shape) for w, _ in weights]}
+                     "threads": torch.get_num_threads(), "shapes": [list(w.shape) for w, *_ in weights]}
     unavailable = {p: r for p in candidates if (r := path_unavailable_reason(p, dtype, quantization)) is not None}
-    if "torch_int8" in candidates and any(w.shape[1] % TORCH_INT8_K_MULTIPLE for w, _ in weights):
+    if "torch_int8" in candidates and any(w.shape[1] % TORCH_INT8_K_MULTIPLE for w, *_ in weights):
         unavailable["torch_int8"] = f"in_features not all divisible by {TORCH_INT8_K_MULTIPLE}"
     paths = tuple(p for p in candidates if p not in unavailable)
     if "packed" in paths:
@@ -501,11 +565,12 @@ def _failing_path(exc: RuntimeError, paths: tuple[str, ...], weight: torch.Tenso
 def _timed_probe(weights, dtype, rows, repeats, paths, quantization, figures) -> LinearPlan:
     max_rows = max(rows)
     cases = []
-    for weight, calls in weights:
+    for weight, calls, *fused in weights:
         out_features, in_features = weight.shape
         keep = min(out_features, max(64, PROBE_MAX_MACS // (max_rows * in_features) // 64 * 64))
         w = weight.detach()[:keep].contiguous()
-        cases.append((path_runners(w, paths, quantization, max_rows), in_features, calls * out_features / keep))
+        runners = path_runners(w, paths, quantization, max_rows, silu_and_mul_after=bool(fused and fused[0]))
+        cases.append((runners, in_features, calls * out_features / keep))
     generator = torch.Generator().manual_seed(0)
     # The smallest and the largest row counts first: if the budget runs out, the ones between take
     # the decision of the nearest measured one, and decode and prefill sizes are both measured.

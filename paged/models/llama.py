@@ -402,15 +402,17 @@ class LlamaForCausalLM(nn.Module):
         if torch.device(device).type != "cpu":
             plan, self.linear_probe = LinearPlan.everywhere("torch", dtype), {"reason": f"device {device}"}
         elif backend is None:
-            calls: dict[tuple[int, int], int] = {}
-            weights: dict[tuple[int, int], torch.Tensor] = {}
+            # Per distinct (shape, SiLU·up after it): calls per step; the probe times the fused
+            # gate_up with its SiLU·up, as each path runs it in the model.
+            calls: dict[tuple[int, int, bool], int] = {}
+            weights: dict[tuple[int, int, bool], torch.Tensor] = {}
             for linear in self.linears():
-                shape = tuple(linear.weight.shape)
+                shape = (*linear.weight.shape, linear.fuse_silu_and_mul)
                 calls[shape] = calls.get(shape, 0) + 1
                 weights[shape] = linear.weight
             key = (tuple(calls.items()), dtype, quantization, threading.get_ident(), torch.get_num_threads())
             if key not in _LINEAR_PROBES:
-                _LINEAR_PROBES[key] = probe_linear_plan([(weights[s], calls[s]) for s in weights], dtype,
+                _LINEAR_PROBES[key] = probe_linear_plan([(weights[s], calls[s], s[2]) for s in weights], dtype,
                                                         quantization=quantization)
             plan, self.linear_probe = _LINEAR_PROBES[key].plan, dict(_LINEAR_PROBES[key].figures)
         else:

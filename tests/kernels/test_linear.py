@@ -135,6 +135,75 @@ def test_forward_into_writes_the_forward_result_into_the_callers_memory(compiled
         assert written.data_ptr() == out.data_ptr() and torch.equal(out, layer(x))
 
 
+MIXED_PATHS = ("packed", "packed", "packed", "packed", "torch")  # another path for the largest bucket
+
+
+def mixed_plan(dtype: torch.dtype) -> kl.LinearPlan:
+    return kl.LinearPlan(dtype, limits=kl.bucket_limits(kl.PROBE_ROWS), paths=MIXED_PATHS, source="probe")
+
+
+def test_probe_forward_into_times_only_the_buckets_the_plan_gives_another_path(compiled_ops):
+    layer = random_linear(64, 96, torch.float32, bias=True)
+    layer.apply_plan(mixed_plan(torch.float32))
+    figures = layer.probe_forward_into(max_rows=200, repeats=1)
+    assert list(figures["rows"]) == [200]  # the torch bucket, at the most rows the caller writes
+    assert set(figures["rows"][200]) == {"packed_us", "torch_then_copy_us"}
+    assert figures["packed_rows"] == ([200] if layer.into_packed_buckets else [])
+    assert layer.probe_forward_into(max_rows=100, repeats=1) == {"rows": {}, "packed_rows": []}
+
+
+def test_probe_forward_into_has_nothing_to_decide_without_a_packed_copy(compiled_ops):
+    layer = random_linear(64, 96, torch.float32)
+    layer.apply_plan(kl.LinearPlan.everywhere("torch", torch.float32))
+    assert layer.probe_forward_into(max_rows=256) == {} and layer.into_packed_buckets == frozenset()
+
+
+def test_forward_into_runs_the_packed_kernel_on_the_buckets_the_probe_gave_it(compiled_ops):
+    layer = random_linear(64, 96, torch.float32, bias=True)
+    layer.apply_plan(mixed_plan(torch.float32))
+    x = random_rows(150, 64, torch.float32)
+    out = torch.empty(150, 96)
+    with torch.inference_mode():
+        assert torch.equal(layer.forward_into(x, out), F.linear(x, layer.weight, layer.bias))  # the plan's path
+        layer.into_packed_buckets = frozenset({len(MIXED_PATHS) - 1})
+        assert torch.equal(layer.forward_into(x, out), kl.packed_linear(x, layer.packed))
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), **TOLERANCE[torch.float32])
+
+
+def test_a_new_plan_forgets_the_forward_into_choice(compiled_ops):
+    layer = random_linear(64, 96, torch.float32)
+    layer.apply_plan(mixed_plan(torch.float32))
+    layer.into_packed_buckets = frozenset({len(MIXED_PATHS) - 1})
+    layer.apply_plan(mixed_plan(torch.float32))
+    assert layer.into_packed_buckets == frozenset()
+
+
+@pytest.mark.parametrize("path", ["packed", "onednn", "torch"])
+def test_path_runners_of_a_fused_gate_up_compute_silu_and_mul(compiled_ops, path):
+    if path == "onednn":
+        requires_onednn(torch.float32)
+    layer = random_linear(64, 2 * 48, torch.float32, bias=True)
+    runner = kl.path_runners(layer.weight, (path,), bias=layer.bias, silu_and_mul_after=True)[path]
+    x = random_rows(7, 64, torch.float32)
+    gate, up = F.linear(x, layer.weight, layer.bias).chunk(2, dim=-1)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(x), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_times_a_fused_gate_up_with_its_silu_and_mul(compiled_ops, monkeypatch):
+    seen = []
+
+    def record(x, runners, repeats):
+        seen.append({path: runner(x).shape[1] for path, runner in runners.items()})
+        return dict.fromkeys(runners, 1.0)
+    monkeypatch.setattr(kl, "_time_paths", record)
+    gate_up, down = random_linear(32, 2 * 64, torch.float32).weight, random_linear(64, 32, torch.float32).weight
+    with torch.inference_mode():
+        result = kl.probe_linear_plan([(gate_up, 1, True), (down, 1)], torch.float32, repeats=1)
+    assert result.figures["shapes"] == [[128, 32], [32, 64]]
+    assert seen[0] == dict.fromkeys(seen[0], 64) and seen[1] == dict.fromkeys(seen[1], 32)  # SiLU·up halves
+
+
 def test_linear_without_plan_or_with_torch_plan_is_f_linear():
     layer = random_linear(32, 16, torch.float32)
     x = random_rows(5, 32, torch.float32)

@@ -56,3 +56,24 @@ def test_logits_through_the_buffers_equal_logits_without_them(tiny_llama_dir, dt
         got = model.compute_logits(hidden, buffers)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert got.data_ptr() == buffers.rows(5, model.args.vocab_size, torch.float32).data_ptr()
+
+
+def test_the_runner_measures_where_the_lm_head_writes_its_logits_in_place(tiny_llama_dir, monkeypatch):
+    # A plan that gives the largest bucket another path: the runner times the LM head there both
+    # ways into kept memory at load (Linear.probe_forward_into) and reports what it measured.
+    import paged.models.llama as llama
+    from paged import LLM
+    from paged_kernels import linear as kl
+
+    mixed = kl.LinearPlan(torch.float32, limits=kl.bucket_limits(kl.PROBE_ROWS),
+                          paths=("packed",) * (len(kl.PROBE_ROWS) - 1) + ("torch",), source="probe")
+    monkeypatch.setattr(llama, "probe_linear_plan", lambda *args, **kwargs: kl.ProbeResult(mixed, {}))
+    monkeypatch.setattr(llama, "_LINEAR_PROBES", {})
+    llm = LLM(str(tiny_llama_dir), dtype="float32", max_num_seqs=200, num_kv_blocks=64, seed=0)
+    try:
+        into = llm.engine.performance_info()["lm_head_into"]
+        assert list(into["rows"]) == [200] and set(into["rows"][200]) == {"packed_us", "torch_then_copy_us"}
+        head = llm.engine.executor.model.lm_head
+        assert into["packed_rows"] == ([200] if head.into_packed_buckets else [])
+    finally:
+        llm.close()
