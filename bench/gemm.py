@@ -5,9 +5,10 @@ bfloat16, int8 = weight-only int8 with bf16 rows) and row count M, each path of
 paged_kernels/linear.py runs each weight shape of the model: the packed kernel, oneDNN and F.linear
 (int8: packed, torch's _weight_int8pack_mm, dequant + F.linear). A call reads its weight from DRAM
 as in a model step: each shape has enough distinct copies (--cold-mib in all) that the last-level
-cache never holds the one being read. Timings are the minimum over --repeats rounds that
-interleave the paths. Reported per shape, M and path: microseconds, GFLOP/s and GB/s of weights
-streamed; the difference from F.linear (max |error| over max |result|).
+cache never holds the one being read; the LM head writes into one kept output, as the engine's
+does (the packed kernel in place, the other paths by a copy). Timings are the minimum over
+--repeats rounds that interleave the paths. Reported per shape, M and path: microseconds, GFLOP/s
+and GB/s of weights streamed; the difference from F.linear (max |error| over max |result|).
 
 Against the limits:
 - the measured DRAM read bandwidth (a streaming sum over a 2 GiB buffer, bench/analysis.py) gives
@@ -135,16 +136,21 @@ def available_paths(dtype: torch.dtype, quantization: str | None, in_features: i
 
 
 def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_paths: bool = False,
-               huge_pages: bool = False) -> dict:
+               huge_pages: bool = False, out: torch.Tensor | None = None) -> dict:
     """Per path, a function (x -> y) over this weight, built once (the packing is not timed).
     ``huge_pages``: the packed copy on transparent huge pages, as the engine keeps it.
     ``isa_paths``: also the packed kernel forced onto each instruction path the host has
-    ("packed_amx", "packed_avx512_bf16", "packed_fma"), for bf16 rows."""
+    ("packed_amx", "packed_avx512_bf16", "packed_fma"), for bf16 rows.
+    ``out`` [max rows, out_features]: y lands in its first rows, as the engine's LM head writes its
+    logits (``Linear.forward_into``): the packed kernel in place, the other paths by a copy."""
     quantization = "int8" if dtype == "int8" else None
     paths = available_paths(weight.dtype, quantization, weight.shape[1])
     isa_paths = isa_paths and "packed" in paths and weight.dtype == torch.bfloat16
-    if not (huge_pages or isa_paths) or "packed" not in paths:
-        return kl.path_runners(weight, paths, quantization, bias=bias)
+
+    def copied(fn):
+        return fn if out is None else (lambda x: out[:x.shape[0]].copy_(fn(x)))
+    if not (huge_pages or isa_paths or out is not None) or "packed" not in paths:
+        return {p: copied(fn) for p, fn in kl.path_runners(weight, paths, quantization, bias=bias).items()}
     # The packed copy is made here, once, for the packed path and the forced instruction paths.
     others = kl.path_runners(weight, tuple(p for p in paths if p != "packed"), quantization, bias=bias)
     q, scales = kl.quantize_int8(weight) if quantization else (weight, None)
@@ -152,7 +158,15 @@ def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_
     if huge_pages:  # as the engine holds it (paged/models/weight_memory.py)
         (data,), _ = copy_to_huge_pages([packed.data])
         packed = dataclasses.replace(packed, data=data)
-    calls = {p: (lambda x: kl.packed_linear(x, packed)) if p == "packed" else others[p] for p in paths}
+
+    def packed_call(x: torch.Tensor) -> torch.Tensor:
+        if out is None:
+            return kl.packed_linear(x, packed)
+        rows = out[:x.shape[0]]
+        cpu_extension.load().packed_linear_out(x, packed.data, packed.out_features, packed.bias, packed.scales, False,
+                                               "auto", rows)
+        return rows
+    calls = {p: packed_call if p == "packed" else copied(others[p]) for p in paths}
     if isa_paths:
         for isa in kl.packed_isa().split(","):
             calls[f"packed_{isa}"] = lambda x, isa=isa: kl.packed_linear(x, packed, isa)
@@ -169,8 +183,11 @@ def bench_shape(shape: dict, dtype: str, rows: list[int], repeats: int, cold_byt
     bias = torch.randn(n, generator=gen).to(float_dtype) if shape["bias"] else None
     nbytes = weight_bytes(shape, dtype)
     copies = max(1, math.ceil(cold_bytes / nbytes))
+    # The engine's LM head writes into logits buffers it keeps (paged/models/logits_buffers.py); a
+    # fresh output of rows x vocabulary per call would fault in new pages every time.
+    kept = torch.zeros(max(rows), n, dtype=float_dtype) if shape["name"] == "lm_head" else None
     # Every copy is its own memory with its own packing; the values need not differ.
-    per_copy = [path_calls(weight if i == 0 else weight.clone(), bias, dtype, isa_paths, huge_pages)
+    per_copy = [path_calls(weight if i == 0 else weight.clone(), bias, dtype, isa_paths, huge_pages, kept)
                 for i in range(copies)]
     paths = list(per_copy[0])
     fused = None
