@@ -10,7 +10,7 @@ BENCH_ARGS ?=
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: bench bench-quick bench-quality bench-matrix bench-decode bench-int8 bench-tp bench-sharing bench-gemm bench-memory venv-vllm
+.PHONY: bench bench-quick bench-quality bench-matrix bench-decode bench-steps bench-int8 bench-tp bench-sharing bench-gemm bench-memory venv-vllm
 
 # matplotlib (charts) and py-spy: the `bench` extra, on top of the test install.
 $(BENCH_STAMP): $(STAMP)
@@ -64,6 +64,12 @@ bench-matrix: $(BENCH_STAMP)
 bench-decode: $(STAMP)
 	test -f $(MODEL_DIR)/config.json || $(MAKE) --no-print-directory model
 	$(PY) bench/decode_bound.py $(BENCH_ARGS)
+
+# Where the 0.5 B workloads spend their time, by tokens per step, each bucket against its arithmetic
+# floor (bench/step_sizes.py; bench/results/step-sizes-*.json), fp32 then bf16. ~5 min on 2 quiet cores.
+bench-steps: $(STAMP)
+	$(PY) bench/step_sizes.py --dtype float32 $(BENCH_ARGS)
+	$(PY) bench/step_sizes.py --dtype bfloat16 $(BENCH_ARGS)
 
 # Our weight-only int8 against vLLM's own int8 (W8A8: int8 weights and per-token int8 activations, its
 # oneDNN int8 kernel) on the same int8 weights: bench/w8a8_checkpoint.py writes a compressed-tensors copy
