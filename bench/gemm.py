@@ -160,12 +160,7 @@ def path_calls(weight: torch.Tensor, bias: torch.Tensor | None, dtype: str, isa_
         packed = dataclasses.replace(packed, data=data)
 
     def packed_call(x: torch.Tensor) -> torch.Tensor:
-        if out is None:
-            return kl.packed_linear(x, packed)
-        rows = out[:x.shape[0]]
-        cpu_extension.load().packed_linear_out(x, packed.data, packed.out_features, packed.bias, packed.scales, False,
-                                               "auto", rows)
-        return rows
+        return kl.packed_linear(x, packed) if out is None else kl.packed_linear_into(x, packed, out[:x.shape[0]])
     calls = {p: packed_call if p == "packed" else copied(others[p]) for p in paths}
     if isa_paths:
         for isa in kl.packed_isa().split(","):

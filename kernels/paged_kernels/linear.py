@@ -231,6 +231,14 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, isa: str = "auto") -> t
                                               packed.silu_and_mul, isa)
 
 
+def packed_linear_into(x: torch.Tensor, packed: PackedWeight, out: torch.Tensor) -> torch.Tensor:
+    """``packed_linear`` written into ``out`` [rows, out_features] (memory the caller reuses), which
+    it returns. Not for a ``silu_and_mul`` weight."""
+    cpu_extension.load().packed_linear_out(x, packed.data, packed.out_features, packed.bias, packed.scales, False,
+                                           "auto", out)
+    return out
+
+
 # ---- the plan -----------------------------------------------------------------------------------
 
 def bucket_limits(rows: tuple[int, ...]) -> tuple[int, ...]:
@@ -352,14 +360,14 @@ class Linear(nn.Linear):
         directly; the other paths compute as ``forward`` and copy (same values)."""
         rows = x.shape[0]
         if self._into_packed(rows):
-            weight = self.packed
-            cpu_extension.load().packed_linear_out(x, weight.data, weight.out_features, weight.bias, weight.scales,
-                                                   False, "auto", out)
-            return out
+            return packed_linear_into(x, self.packed, out)
         return out.copy_(self.bind(rows)(x))
 
+    def _can_write_in_place(self) -> bool:
+        return self.plan is not None and self.packed is not None and not self.packed.silu_and_mul
+
     def _into_packed(self, rows: int) -> bool:
-        if self.plan is None or self.packed is None or self.packed.silu_and_mul:
+        if not self._can_write_in_place():
             return False
         return self.plan.path_for(rows) == "packed" or self.plan.bucket(rows) in self.into_packed_buckets
 
@@ -373,11 +381,9 @@ class Linear(nn.Linear):
         fresh mapping whose pages fault in on every call, which the trimmed probe never sees. So
         each such bucket is timed here at its largest row count up to ``max_rows`` (the most rows
         the caller writes at once), on this weight whole, both ways into one kept output."""
-        if self.plan is None or self.packed is None or self.packed.silu_and_mul or max_rows < 1:
+        if not self._can_write_in_place() or max_rows < 1:
             return {}
         figures, chosen, low = {}, set(), 1
-        weight = self.packed
-        packed_out = cpu_extension.load().packed_linear_out
         for index, (limit, path) in enumerate(zip(self.plan.limits, self.plan.paths)):
             if low > max_rows:
                 break
@@ -387,13 +393,11 @@ class Linear(nn.Linear):
                 continue
             generator = torch.Generator().manual_seed(rows)
             x = torch.randn(rows, self.in_features, generator=generator).to(self.plan.dtype)
-            out = torch.zeros(rows, weight.out_features, dtype=x.dtype)
+            out = torch.zeros(rows, self.packed.out_features, dtype=x.dtype)
             run_path = self.bind(rows)
             with torch.inference_mode():
-                packed_s, other_s = best_of_interleaved([
-                    lambda: packed_out(x, weight.data, weight.out_features, weight.bias, weight.scales, False, "auto",
-                                       out),
-                    lambda: out.copy_(run_path(x))], repeats)
+                packed_s, other_s = best_of_interleaved([lambda: packed_linear_into(x, self.packed, out),
+                                                         lambda: out.copy_(run_path(x))], repeats)
             figures[rows] = {"packed_us": round(packed_s * 1e6, 1), f"{path}_then_copy_us": round(other_s * 1e6, 1)}
             if packed_s < other_s:
                 chosen.add(index)
