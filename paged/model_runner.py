@@ -24,6 +24,7 @@ import torch
 from paged.backends import resolve_backends
 from paged.config import EngineConfig
 from paged.dtype_choice import choose_dtype
+from paged.models.decoder_stack import describe_stack
 from paged.models.llama import AttentionMetadata, LlamaForCausalLM, ModelArgs
 from paged.models.logits_buffers import LogitsBuffers
 from paged.scheduler_output import SchedulerOutput
@@ -165,7 +166,7 @@ class ModelRunner:
         model = self.model
         return {"linear_backend": model.linear_backend, "linear_probe": model.linear_probe,
                 "weights_huge_pages": model.weight_memory.describe(), "lm_head_into": self.lm_head_into,
-                "compile": model.compile_status, **self.backends.describe(),
+                "compile": model.compile_status, "decoder_stack": describe_stack(model), **self.backends.describe(),
                 "threads": torch.get_num_threads()}
 
     def check_health(self) -> None:

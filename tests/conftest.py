@@ -94,3 +94,19 @@ def tiny_odd_vocab_dir(tmp_path_factory, make_model, tiny_llama_dir) -> Path:
     return make_model.build_checkpoint(
         tmp_path_factory.mktemp("tiny-odd-vocab"), "tiny-odd-vocab", tokenizer_dir=tiny_llama_dir
     )
+
+
+@pytest.fixture(scope="session")
+def compiled_ops():
+    """``torch.ops.paged_cpu``, built or loaded once per session (the first build takes tens of
+    seconds). Skipped only where no C++ compiler exists; a compiler that fails to build it fails."""
+    import shutil
+
+    from paged_kernels import cpu_extension
+
+    ops = cpu_extension.load()
+    if ops is None:
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            pytest.skip("no C++ compiler here: the compiled CPU kernels cannot be built")
+        pytest.fail("a C++ compiler is present but the compiled CPU kernels did not load (see the log line)")
+    return ops

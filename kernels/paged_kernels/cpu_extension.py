@@ -4,7 +4,8 @@
 ``write_kv_cache``, from paged_attention_cpu.cpp; the dense layer work: ``rms_norm``,
 ``add_rms_norm``, ``silu_and_mul``, ``rotary_qkv``, from dense_cpu.cpp; the small-M GEMM
 ``packed_linear`` and ``packed_linear_out``, from packed_linear_cpu.cpp; greedy decoding's
-``greedy_tokens``, from greedy_cpu.cpp) or None when the kernels cannot be had; callers
+``greedy_tokens``, from greedy_cpu.cpp; every decoder layer of a step in one call,
+``decoder_layers``, from decoder_cpu.cpp) or None when the kernels cannot be had; callers
 then keep the plain-torch path. The first call in a process builds (tens of seconds, once per set
 of sources and headers, compiler flags, torch version and host CPU) or loads the cached library
 (milliseconds): an engine calls it while loading, never inside a request.

@@ -28,6 +28,7 @@ from torch import nn
 
 from paged_kernels.linear import BACKENDS as LINEAR_BACKENDS
 from paged_kernels.linear import Linear, LinearPlan, bind_linear, path_unavailable_reason, probe_linear_plan
+from paged.models.decoder_stack import DecoderStack
 from paged.models.forward_ops import EAGER_PLAN, DenseOps, TimedOps, compile_dense_ops, rms_norm
 from paged.models.logits_buffers import LogitsBuffers
 from paged.models.weight_memory import HugePageWeights, move_to_huge_pages
@@ -282,7 +283,8 @@ class LlamaForCausalLM(nn.Module):
         self.step_timer = None
         self.timed_ops: TimedOps | None = None
         self.linear_plan: LinearPlan | None = None
-        self.bound: dict = {}  # (GEMM plan's row range, ops) -> the bound layers (``bound_layers``)
+        self.bound: dict = {}  # (GEMM plan's row range, ops) -> the bound layers and stack (``bound_layers``)
+        self.fuse_layers = True  # one decoder_layers call per step where every GEMM is packed (decoder_stack)
         self.linear_backend = "torch"
         self.linear_probe: dict = {}
         self.weight_memory = HugePageWeights(reason="no plan applied yet")
@@ -295,18 +297,21 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm for every token of the flat batch."""
-        ops, layers = self.bound_layers(input_ids.shape[0])
+        ops, layers, stack = self.bound_layers(input_ids.shape[0])
         residual = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, residual.dtype)
+        if stack is not None and stack.takes(residual, kv_caches, meta):
+            return stack(residual, cos, sin, kv_caches, meta)
         delta = None
         for layer, kv_cache in zip(layers, kv_caches):
             delta, residual = layer(delta, residual, cos, sin, kv_cache, meta)
         return ops.add_norm(delta, residual, self.norm.weight, self.norm.eps)[0]
 
-    def bound_layers(self, rows: int) -> tuple[DenseOps, list[BoundDecoderLayer]]:
-        """The ops and the bound layers a step of ``rows`` tokens runs. Bound once per row range of
-        the GEMM plan and of the dense ops (or of the step timer's ops), then reused; choosing a
-        GEMM plan or compiling the dense regions starts over."""
+    def bound_layers(self, rows: int) -> tuple[DenseOps, list[BoundDecoderLayer], DecoderStack | None]:
+        """The ops, the bound layers and, where every GEMM of the row range is packed, the whole
+        stack as one compiled call (``decoder_stack``), for a step of ``rows`` tokens. Bound once
+        per row range of the GEMM plan and of the dense ops (or of the step timer's ops), then
+        reused; choosing a GEMM plan or compiling the dense regions starts over."""
         timer = self.step_timer
         if timer is not None and timer.enabled:
             if self.timed_ops is None or self.timed_ops.timer is not timer:
@@ -315,10 +320,11 @@ class LlamaForCausalLM(nn.Module):
         else:
             ops = self.dense_plan.ops_for(rows)
         key = (0 if self.linear_plan is None else self.linear_plan.bucket(rows), ops)
-        layers = self.bound.get(key)
-        if layers is None:
-            layers = self.bound[key] = [layer.bind(rows, ops) for layer in self.layers]
-        return ops, layers
+        bound = self.bound.get(key)
+        if bound is None:
+            stack = DecoderStack.bind(self, rows, ops) if self.fuse_layers else None
+            bound = self.bound[key] = ([layer.bind(rows, ops) for layer in self.layers], stack)
+        return ops, *bound
 
     def compute_logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None = None) -> torch.Tensor:
         """fp32 logits [rows, vocab] of the final hidden states [rows, hidden_size]. With

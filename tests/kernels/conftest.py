@@ -18,22 +18,6 @@ def _seed_torch():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def compiled_ops():
-    """``torch.ops.paged_cpu``, built or loaded once per session (the first build takes tens of
-    seconds). Skipped only where no C++ compiler exists; a compiler that fails to build it fails."""
-    import shutil
-
-    from paged_kernels import cpu_extension
-
-    ops = cpu_extension.load()
-    if ops is None:
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            pytest.skip("no C++ compiler here: the compiled CPU kernels cannot be built")
-        pytest.fail("a C++ compiler is present but the compiled CPU kernels did not load (see the log line)")
-    return ops
-
-
 @pytest.fixture(scope="module")
 def bench(request):
     """The bench/ script named by the test module's ``BENCH_SCRIPT``, imported as a module (its

@@ -104,8 +104,8 @@ def test_every_source_and_header_is_compiled_into_the_key(fresh, monkeypatch):
         (sources / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(cpu_extension, "SOURCE_DIR", sources)
     monkeypatch.setattr(cpu_extension, "_compile", FakeCompiler())
-    assert {p.name for p in cpu_extension._sources()} == {"dense_cpu.cpp", "greedy_cpu.cpp", "packed_linear_cpu.cpp",
-                                                               "paged_attention_cpu.cpp"}
+    assert {p.name for p in cpu_extension._sources()} == {"decoder_cpu.cpp", "dense_cpu.cpp", "greedy_cpu.cpp",
+                                                               "packed_linear_cpu.cpp", "paged_attention_cpu.cpp"}
     paths = {cpu_extension._library_path()}
     for name in ("vec.h", "dense_cpu.cpp"):
         (sources / name).write_text((sources / name).read_text() + "\n// edited\n")

@@ -167,7 +167,7 @@ def test_steps_in_one_row_range_reuse_the_layers_bound_for_it(tiny_llama_dir):
     for linear in model.linears():
         linear.apply_plan(plan)
     model.linear_plan, model.bound = plan, {}
-    ops, layers = model.bound_layers(2)
+    ops, layers, _ = model.bound_layers(2)
     assert model.bound_layers(4)[1] is layers and model.bound_layers(1)[1] is layers
     assert model.bound_layers(5)[1] is not layers
     assert len(layers) == model.args.num_layers and ops is model.dense_plan.ops_for(2)
