@@ -109,6 +109,7 @@ class Decoder:
         num_keep = params.beam_width - len(waiting_beams)
         end_tokens = set() if params.ignore_eos else set(self.eos_token_ids) | set(params.stop_token_ids)
         scores = torch.tensor([s.cumulative_logprob for s in beams], dtype=torch.float64)
+        logits = logits.float()  # the executor's may be in the model's dtype
         if not bool(torch.isfinite(logits).all()):
             decisions.failed[group.request_id] = (group, RequestFailedError(
                 "the model produced non-finite logits for this request", 500))

@@ -30,8 +30,10 @@ class Executor(Protocol):
     can_restart: bool   # False: a failure ends the engine (e.g. a group spanning several nodes)
 
     def execute(self, plan: "SchedulerOutput") -> "torch.Tensor":
-        """Apply the plan's block moves and run it: fp32 logits [sampling rows, vocab] on the CPU,
-        in plan order, valid until the next call (their memory may be reused)."""
+        """Apply the plan's block moves and run it: logits [sampling rows, vocab] on the CPU, in
+        plan order, valid until the next call (their memory may be reused). fp32, or the model's
+        dtype where its LM head computes in it: an fp32 copy of those values is exact, so a
+        consumer that computes in fp32 converts (``Decoder`` does), and an argmax needs no copy."""
 
     def check_health(self) -> None:
         """Between steps: raise ExecutorFailedError if the executor failed since the last step."""

@@ -179,15 +179,16 @@ class ModelRunner:
         """Holds no process or connection: nothing to stop."""
 
     def execute(self, plan: SchedulerOutput) -> torch.Tensor:
-        """Run the plan; returns fp32 logits [num sampling sequences, vocab] in plan order, valid
-        until the next call (``execute_model_input`` reuses their memory, see
-        paged/models/logits_buffers.py)."""
+        """Run the plan; returns logits [num sampling sequences, vocab] in plan order, in the LM
+        head's dtype (the ``Executor`` contract), valid until the next call (``execute_model_input``
+        reuses their memory, see paged/models/logits_buffers.py)."""
         with self.timer.phase("prepare"):
             model_input = build_model_input(plan, self.block_size)
-        return self.execute_model_input(model_input)
+        return self.execute_model_input(model_input, fp32=False)
 
     @torch.inference_mode()
-    def execute_model_input(self, inp: ModelInput) -> torch.Tensor:
+    def execute_model_input(self, inp: ModelInput, fp32: bool = True) -> torch.Tensor:
+        """The logits of ``inp.logits_indices``: fp32, or with ``fp32=False`` in the LM head's dtype."""
         with self.timer.phase("prepare"):
             if self.kv_cache is not None:
                 self.kv_cache.apply(inp.swap_out, inp.swap_in, inp.copies, inp.prefix_offload, inp.prefix_load)
@@ -210,4 +211,4 @@ class ModelRunner:
                 return torch.empty(0, self.args.vocab_size)
             if len(inp.logits_indices) != hidden.shape[0]:
                 hidden = hidden[logits_indices]
-            return self.model.compute_logits(hidden, self.logits_buffers).to("cpu")
+            return self.model.compute_logits(hidden, self.logits_buffers, fp32=fp32).to("cpu")

@@ -81,8 +81,9 @@ class Sampler:
                 or params.frequency_penalty != 0.0 or seq.num_output_tokens < params.min_tokens)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], num_samples: list[int]) -> list[SampleResult]:
-        """logits [len(seqs), vocab] fp32 -> one SampleResult per sequence (the caller's logits
-        are not modified)."""
+        """logits [len(seqs), vocab] (fp32, or the model's dtype: rows that need more than an
+        argmax compute on an fp32 copy) -> one SampleResult per sequence (the caller's logits are
+        not modified)."""
         results: list[SampleResult | None] = [None] * len(seqs)
         greedy_rows = []
         for row, (seq, count) in enumerate(zip(seqs, num_samples)):
@@ -104,7 +105,7 @@ class Sampler:
         if _no_usable_token(logits):
             return _failed("the model produced non-finite logits for this request", 500)
         try:
-            return self._sample_row(logits.clone(), seq, params, count)
+            return self._sample_row(logits.to(torch.float32, copy=True), seq, params, count)
         except Exception as exc:  # noqa: BLE001 - one request's sampling must not fail the batch
             return _failed(f"sampling failed: {type(exc).__name__}", 500)
 

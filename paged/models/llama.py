@@ -326,17 +326,20 @@ class LlamaForCausalLM(nn.Module):
             bound = self.bound[key] = ([layer.bind(rows, ops) for layer in self.layers], stack)
         return ops, *bound
 
-    def compute_logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None = None) -> torch.Tensor:
-        """fp32 logits [rows, vocab] of the final hidden states [rows, hidden_size]. With
-        ``buffers`` they are written into memory reused from call to call (the LM head's own
-        output too, where its path writes in place): valid until the next call with them."""
+    def compute_logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None = None,
+                       fp32: bool = True) -> torch.Tensor:
+        """Logits [rows, vocab] of the final hidden states [rows, hidden_size]: fp32, or with
+        ``fp32=False`` the LM head's own output (the model's dtype; an fp32 copy of bf16 values
+        is exact, so whoever needs fp32 converts them). With ``buffers`` they are written into
+        memory reused from call to call (the LM head's own output too, where its path writes in
+        place): valid until the next call with them."""
         timer = self.step_timer
         if timer is not None and timer.enabled:
             with timer.phase("gemm"):
-                return self._logits(hidden, buffers)
-        return self._logits(hidden, buffers)
+                return self._logits(hidden, buffers, fp32)
+        return self._logits(hidden, buffers, fp32)
 
-    def _logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, buffers: LogitsBuffers | None, fp32: bool) -> torch.Tensor:
         head = self.lm_head  # a Linear, or a tensor-parallel rank's vocabulary shard
         rows = hidden.shape[0]
         head_out = None
@@ -344,9 +347,9 @@ class LlamaForCausalLM(nn.Module):
             vocab = head.out_features
             head_out = buffers.rows(rows, vocab, hidden.dtype, hidden.device)
         if head_out is None:
-            return head(hidden).float()
+            return head(hidden).float() if fp32 else head(hidden)
         head.forward_into(hidden, head_out)
-        if head_out.dtype == torch.float32:
+        if head_out.dtype == torch.float32 or not fp32:
             return head_out
         return buffers.rows(rows, vocab, torch.float32, hidden.device).copy_(head_out)
 

@@ -41,6 +41,11 @@ class LogitsBuffers:
         return buffer[:rows]
 
     @property
+    def dtypes(self) -> set[torch.dtype]:
+        """The dtypes it holds a buffer for now."""
+        return {dtype for dtype, buffer in self._buffers.items() if buffer is not None}
+
+    @property
     def num_bytes(self) -> int:
         """Bytes held now."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values() if b is not None)

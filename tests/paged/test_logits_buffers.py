@@ -29,6 +29,7 @@ def test_dtypes_have_separate_buffers():
     half = buffers.rows(2, 6, torch.bfloat16)
     full = buffers.rows(2, 6, torch.float32)
     assert half.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert buffers.dtypes == {torch.bfloat16, torch.float32}
     assert buffers.num_bytes == 2 * 6 * 2 + 2 * 6 * 4
 
 
@@ -56,6 +57,33 @@ def test_logits_through_the_buffers_equal_logits_without_them(tiny_llama_dir, dt
         got = model.compute_logits(hidden, buffers)
     assert got.dtype == torch.float32 and torch.equal(got, expected)
     assert got.data_ptr() == buffers.rows(5, model.args.vocab_size, torch.float32).data_ptr()
+
+
+def test_the_lm_head_output_is_handed_over_in_the_model_dtype_when_asked(tiny_llama_dir):
+    from paged.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), torch.bfloat16, linear_backend="packed")
+    hidden = torch.randn(5, model.args.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    buffers = LogitsBuffers(max_rows=8)
+    with torch.inference_mode():
+        fp32 = model.compute_logits(hidden).clone()
+        native = model.compute_logits(hidden, buffers, fp32=False)
+    assert native.dtype == torch.bfloat16 and torch.equal(native.float(), fp32)
+    assert buffers.dtypes == {torch.bfloat16}
+
+
+def test_the_engine_decodes_bf16_logits_without_an_fp32_copy(tiny_llama_dir):
+    from paged import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16", num_kv_blocks=64, seed=0)
+    try:
+        runner = llm.engine.executor
+        outputs = llm.generate([[1, 5, 9, 300], [1, 77]], SamplingParams(max_tokens=6, temperature=0.0),
+                               use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in outputs)
+        assert runner.logits_buffers.dtypes == {torch.bfloat16}
+    finally:
+        llm.close()
 
 
 def test_the_runner_measures_where_the_lm_head_writes_its_logits_in_place(tiny_llama_dir, monkeypatch):

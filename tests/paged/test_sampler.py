@@ -337,3 +337,21 @@ def test_a_seeded_request_draws_the_same_tokens_whatever_else_is_in_the_batch():
     results = sampler.sample(logits.clone(), [others[0], batched, others[1]], [3, 4, 1])
     assert results[1].token_ids == alone_tokens
     assert [len(r.token_ids) for r in results] == [3, 4, 1]
+
+
+# ---- logits in the model's dtype ------------------------------------------------------------------
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.0, logprobs=3),
+    SamplingParams(temperature=0.8, top_p=0.9, logprobs=2),
+    SamplingParams(temperature=1.0, repetition_penalty=1.3, presence_penalty=0.5),
+], ids=["greedy", "greedy-logprobs", "top-p", "penalties"])
+def test_bf16_logits_give_what_their_fp32_copy_gives(params):
+    # The executor may hand over the LM head's bf16 output; its fp32 copy is exact.
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    results = []
+    for rows in (logits, logits.float()):
+        seqs = [make_seq(params, output=(5, 6), seed=11, seq_id=i) for i in range(3)]
+        results.append(Sampler([EOS]).sample(rows, seqs, [1, 1, 1]))
+    assert results[0] == results[1]
+    assert logits.dtype == torch.bfloat16  # the caller's logits are not modified or converted in place
