@@ -4,7 +4,9 @@ Variants are models loaded in this one process: GEMM path (oneDNN prepacked or F
 part (torch.compile'd everywhere; eager, which runs the compiled C++ kernels of
 kernels/paged_kernels/csrc/dense_cpu.cpp where they load; or "torchops", the plain torch reference ops of
 paged/models/forward_ops.py, i.e. eager before those kernels), and "probed" (from_pretrained(compile=True,
-linear_backend=None): both chosen by the load-time probes). Each case is a decode step of B
+linear_backend=None): both chosen by the load-time probes). "packed+eager" runs every GEMM on the packed
+kernel, so its decoder layers run as one compiled call per step (paged/models/decoder_stack.py);
+"packed+per-layer" is the same model with that call turned off (one Python call per op). Each case is a decode step of B
 sequences with a --context-token KV history each, or a prefill step of B new tokens in --prefill-seqs sequences; variants are
 interleaved round by round and the minimum over --repeats rounds is kept (the machine is noisy).
 Also prints the step-phase split (gemm / attention / other) of the eager oneDNN variant.
@@ -30,10 +32,12 @@ from paged.models.llama import AttentionMetadata, LlamaForCausalLM  # noqa: E402
 from paged.step_timer import StepTimer  # noqa: E402
 from throughput import cpu_model  # noqa: E402
 
-# name: (linear_backend, dense part: "eager", "torchops", "compiled" everywhere, or "probe")
+# name: (linear_backend, dense part: "eager", "per-layer" (eager, no one-call stack), "torchops", "compiled"
+# everywhere, or "probe")
 VARIANTS = {"onednn+compiled": ("onednn", "compiled"), "onednn+eager": ("onednn", "eager"),
             "onednn+torchops": ("onednn", "torchops"), "torch+compiled": ("torch", "compiled"),
-            "torch+eager": ("torch", "eager"), "probed": (None, "probe")}
+            "torch+eager": ("torch", "eager"), "probed": (None, "probe"), "packed+eager": ("packed", "eager"),
+            "packed+per-layer": ("packed", "per-layer")}
 TORCH_OPS = forward_ops.DenseOps(add_norm=forward_ops.torch_add_rms_norm, rotary=forward_ops.torch_rotary_qkv,
                                  silu_mul=forward_ops.torch_silu_and_mul)
 
@@ -44,7 +48,7 @@ def use_first_norm(dense: str) -> None:
     llama.rms_norm = forward_ops.torch_rms_norm if dense == "torchops" else forward_ops.rms_norm
 
 
-def make_step(args, batch: int, context: int, prefill_seqs: int, block_size: int = 16):
+def make_step(args, batch: int, context: int, prefill_seqs: int, dtype: torch.dtype, block_size: int = 16):
     """Flat inputs of one step: ``batch`` decode tokens, or (prefill_seqs > 0) ``batch`` new tokens
     split over ``prefill_seqs`` sequences with no history."""
     if prefill_seqs:
@@ -53,7 +57,8 @@ def make_step(args, batch: int, context: int, prefill_seqs: int, block_size: int
     else:
         q_lens, kv_lens = [1] * batch, [context + 1] * batch
     blocks = [-(-n // block_size) for n in kv_lens]
-    cache = torch.zeros(args.num_layers, 2, sum(blocks) + 1, block_size, args.num_kv_heads, args.head_dim)
+    cache = torch.zeros(args.num_layers, 2, sum(blocks) + 1, block_size, args.num_kv_heads, args.head_dim,
+                        dtype=dtype)
     tables = torch.zeros(len(q_lens), max(blocks), dtype=torch.int32)
     positions, slots, first = [], [], 0
     for i, (q, kv, nb) in enumerate(zip(q_lens, kv_lens, blocks)):
@@ -85,16 +90,19 @@ def main() -> None:
     ap.add_argument("--variants", default="onednn+compiled,onednn+eager,torch+eager,probed")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "model_step.json"))
     opts = ap.parse_args()
     torch.set_num_threads(opts.threads)
+    dtype = getattr(torch, opts.dtype)
 
     models = {}
     for name in opts.variants.split(","):
         backend, dense = VARIANTS[name]
         start = time.perf_counter()
-        model = LlamaForCausalLM.from_pretrained(opts.model, torch.float32, compile=dense == "probe",
+        model = LlamaForCausalLM.from_pretrained(opts.model, dtype, compile=dense == "probe",
                                                  linear_backend=backend)
+        model.fuse_layers = dense != "per-layer"
         if dense == "compiled":
             model.compile_dense(always=True)
         if dense == "torchops":
@@ -107,7 +115,7 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         for kind, size, seqs in cases:
-            inputs, last = make_step(next(iter(models.values())).args, size, opts.context, seqs)
+            inputs, last = make_step(next(iter(models.values())).args, size, opts.context, seqs, dtype)
 
             def step(name):
                 use_first_norm(VARIANTS[name][1])
@@ -139,7 +147,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w") as f:
-        json.dump({"cpu": cpu_model(),
+        json.dump({"cpu": cpu_model(), "dtype": opts.dtype,
                    "threads": opts.threads, "load_avg": os.getloadavg(), "rows": rows,
                    "linear_probe": {n: m.linear_probe for n, m in models.items()},
                    "compile_status": {n: m.compile_status for n, m in models.items()}}, f, indent=1)

@@ -15,6 +15,7 @@ contract (``DecoderStack.takes``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +67,10 @@ def unfused_reason(model, rows: int, ops) -> str | None:
 @dataclass(frozen=True)
 class DecoderStack:
     """The arguments of ``decoder_layers`` that do not change from step to step: the weights as
-    the packed kernel reads them (gathered at bind time: the model binds again after a new GEMM
-    plan or a move of its weights, see ``LlamaForCausalLM.bound_layers``)."""
-    run: object
+    the packed kernel reads them, gathered at bind time. That is safe because the model binds
+    lazily and starts over whenever its weights change place: ``choose_linear_backend`` applies
+    a plan, moves the weights to huge pages and drops the bound layers in one go."""
+    run: Callable[..., torch.Tensor]
     input_norms: list
     post_attention_norms: list
     final_norm: torch.Tensor
