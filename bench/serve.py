@@ -64,7 +64,8 @@ Workload, workload_for_model = _wl.Workload, _wl.workload_for_model
 def engine_settings(args) -> dict:
     return {"block_size": 16, "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": False,
-            "dtype": "float32", "seed": 0, "max_waiting_requests": 100000, "preemption_mode": "auto"}
+            "dtype": "float32", "seed": 0, "max_waiting_requests": 100000, "preemption_mode": "auto",
+            "fuse_decoder_layers": args.fuse_decoder_layers}
 
 
 def pct(xs, q):
@@ -370,6 +371,8 @@ def main() -> None:
     ap.add_argument("--warmup-rounds", type=int, default=2, help="untimed warm-up: how many times")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="the handler's stream_interval: a chunk every N generated tokens (default 1: every step)")
+    ap.add_argument("--per-layer", dest="fuse_decoder_layers", action="store_false",
+                    help="fuse_decoder_layers: false on both sides (one Python call per op, not one call per step)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     ap.add_argument("--inproc-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--client-worker", default=None, help=argparse.SUPPRESS)

@@ -77,6 +77,10 @@ class EngineConfig:
     # "packed" (our compiled kernel on weights packed once), "onednn" (weights prepacked once),
     # "torch" (F.linear) or None: chosen per host and range of rows by a short measured probe at load.
     linear_backend: str | None = None
+    # Every decoder layer of a step in one call into the compiled CPU library, where every GEMM of
+    # the step's row range is packed (paged/models/decoder_stack.py). False: one Python call per
+    # op (measured 1.6-2.4% faster served on 2 cores, 3-4% slower in process; docs/performance.md).
+    fuse_decoder_layers: bool = True
     # "int8": weight-only int8 linear layers (per output channel, symmetric; activations stay in
     # dtype), half the bytes of bf16 per step. None: off.
     quantization: str | None = None
@@ -155,7 +159,7 @@ class EngineConfig:
             raise ValueError(f"kv_memory must be one of {KV_MEMORY_MODELS}, got {self.kv_memory!r}")
         if self.enable_prefix_caching is None:
             self.enable_prefix_caching = self.kv_memory == "paged"
-        for name in ("enable_prefix_caching", "compile"):
+        for name in ("enable_prefix_caching", "compile", "fuse_decoder_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._check_kv_memory()

@@ -57,6 +57,8 @@ INVALID = [
     ("quantization", dict(quantization="int4")),
     ("quantization", dict(quantization=True)),
     ("linear_backend", dict(quantization="int8", linear_backend="onednn")),
+    ("fuse_decoder_layers", dict(fuse_decoder_layers=None)),
+    ("fuse_decoder_layers", dict(fuse_decoder_layers="false")),
 ]
 
 

@@ -112,3 +112,16 @@ def test_turned_off_is_reported(compiled_ops, tiny_llama_dir):
     assert describe_stack(model) == "one call"
     model.fuse_layers = False
     assert describe_stack(model) == "per layer (turned off)"
+
+
+def test_the_engine_setting_turns_the_one_call_off(compiled_ops, tiny_llama_dir):
+    from paged import LLM
+
+    for fuse in (True, False):
+        llm = LLM(str(tiny_llama_dir), dtype="float32", linear_backend="packed", num_kv_blocks=32,
+                  fuse_decoder_layers=fuse)
+        try:
+            expected = "one call" if fuse else "per layer (turned off)"
+            assert llm.engine.performance_info()["decoder_stack"] == expected
+        finally:
+            llm.close()
