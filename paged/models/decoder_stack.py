@@ -41,9 +41,6 @@ def unfused_reason(model, rows: int, ops) -> str | None:
     ``ops``: the dense ops the model binds for these rows (``forward_ops.DenseOps``)."""
     if ops is not EAGER_OPS:
         return "the dense ops are compiled or timed for these rows"
-    library = cpu_extension.load()
-    if library is None or not hasattr(library, "decoder_layers"):
-        return "the compiled CPU kernels are unavailable"
     args = model.args
     if args.head_dim % 2 or args.head_dim > MAX_COMPILED_HEAD_DIM:
         return f"head_dim {args.head_dim} is outside the compiled kernels' range"
@@ -61,6 +58,10 @@ def unfused_reason(model, rows: int, ops) -> str | None:
                 return f"the GEMM plan gives {rows} rows the {linear.plan.path_for(rows)} path"
             if linear.packed.silu_and_mul != (name == "mlp.gate_up_proj"):
                 return f"{name} is not packed as the layer runs it"
+    # Last: on a GPU host the checks above answer without building the CPU library.
+    library = cpu_extension.load()
+    if library is None or not hasattr(library, "decoder_layers"):
+        return "the compiled CPU kernels are unavailable"
     return None
 
 

@@ -125,3 +125,12 @@ def test_the_engine_setting_turns_the_one_call_off(compiled_ops, tiny_llama_dir)
             assert llm.engine.performance_info()["decoder_stack"] == expected
         finally:
             llm.close()
+
+
+def test_a_model_the_stack_cannot_run_never_builds_the_cpu_library_for_it(tiny_llama_dir, monkeypatch):
+    # A model on a GPU asks too: the answer must come before the (slow) CPU library build.
+    from paged_kernels import cpu_extension
+
+    model = LlamaForCausalLM.from_pretrained(str(tiny_llama_dir), torch.float32, linear_backend="torch")
+    monkeypatch.setattr(cpu_extension, "load", lambda: pytest.fail("the CPU library was asked for"))
+    assert unfused_reason(model, 1, EAGER_OPS) == "self_attn.qkv_proj is not a packed Linear"
