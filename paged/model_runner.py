@@ -147,7 +147,7 @@ class ModelRunner:
                                              linear_backend=config.linear_backend,
                                              quantization=config.quantization)
         self.model.step_timer = self.timer
-        self.model.fuse_layers, self.model.bound = config.fuse_decoder_layers, {}
+        self.model.fuse_layers = config.fuse_decoder_layers
         self.logits_buffers = LogitsBuffers(config.max_num_seqs)
         # The LM head writes into those buffers; where it may write in place instead of copying, measure.
         probe_into = getattr(self.model.lm_head, "probe_forward_into", None)

@@ -29,13 +29,6 @@ from paged_kernels.torch_impl import MAX_COMPILED_HEAD_DIM
 GEMMS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
-def _gemm(layer, name: str) -> Linear:
-    module = layer
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def unfused_reason(model, rows: int, ops) -> str | None:
     """Why steps of ``rows`` tokens cannot run as one ``decoder_layers`` call, or None when they can.
     ``ops``: the dense ops the model binds for these rows (``forward_ops.DenseOps``)."""
@@ -51,7 +44,7 @@ def unfused_reason(model, rows: int, ops) -> str | None:
         if layer.self_attn.num_heads != args.num_heads or layer.self_attn.num_kv_heads != args.num_kv_heads:
             return "the attention heads are sharded (tensor parallel)"
         for name in GEMMS:
-            linear = _gemm(layer, name)
+            linear = layer.get_submodule(name)
             if type(linear) is not Linear or linear.plan is None or linear.packed is None:
                 return f"{name} is not a packed Linear"
             if linear.plan.path_for(rows) != "packed":
@@ -95,7 +88,7 @@ class DecoderStack:
         if unfused_reason(model, rows, ops) is not None:
             return None
         layers, args = list(model.layers), model.args
-        packed = [[_gemm(layer, name).packed for name in GEMMS] for layer in layers]
+        packed = [[layer.get_submodule(name).packed for name in GEMMS] for layer in layers]
         has_bias = packed[0][0].bias is not None
         has_scales = packed[0][0].scales is not None
         return cls(

@@ -284,7 +284,7 @@ class LlamaForCausalLM(nn.Module):
         self.timed_ops: TimedOps | None = None
         self.linear_plan: LinearPlan | None = None
         self.bound: dict = {}  # (GEMM plan's row range, ops) -> the bound layers and stack (``bound_layers``)
-        self.fuse_layers = True  # one decoder_layers call per step where every GEMM is packed (decoder_stack)
+        self._fuse_layers = True
         self.linear_backend = "torch"
         self.linear_probe: dict = {}
         self.weight_memory = HugePageWeights(reason="no plan applied yet")
@@ -294,6 +294,16 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+
+    @property
+    def fuse_layers(self) -> bool:
+        """Whether a step runs its decoder layers as one ``decoder_layers`` call where every GEMM of
+        its row range is packed (paged/models/decoder_stack.py). Setting it binds the layers anew."""
+        return self._fuse_layers
+
+    @fuse_layers.setter
+    def fuse_layers(self, fuse: bool) -> None:
+        self._fuse_layers, self.bound = fuse, {}
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm for every token of the flat batch."""

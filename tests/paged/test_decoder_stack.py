@@ -28,7 +28,7 @@ def load(model_dir, dtype: torch.dtype, quantization: str | None = None) -> Llam
 def run_steps(model: LlamaForCausalLM, fused: bool, contiguous: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The hidden states of each step of ``STEPS`` and the KV cache after them, from an empty cache.
     Contiguous KV is one block of ``BLOCK_SIZE * BLOCKS_PER_SEQ`` slots per sequence."""
-    model.fuse_layers, model.bound = fused, {}
+    model.fuse_layers = fused
     args, num_seqs = model.args, len(STEPS[0])
     block_size, blocks_per_seq = (BLOCK_SIZE * BLOCKS_PER_SEQ, 1) if contiguous else (BLOCK_SIZE, BLOCKS_PER_SEQ)
     dtype = model.norm.weight.dtype
