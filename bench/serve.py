@@ -20,7 +20,9 @@ stream, TorchServe's socket and other threads) and of the client; and backend me
 frontend) per output token, from the worker's describe. The frontend's CPU is also split by JVM
 thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads); an untimed warm-up, the
 first workload's requests --warmup-rounds times (capped at --warmup-tokens tokens each), keeps
-most JIT compilation out of the timed runs: the figures are of a server in steady state.
+most JIT compilation out of the timed runs: the figures are of a server in steady state. And how
+long the engine's threads (and the event loop) sat runnable waiting for a core, with how often
+they were preempted (/proc schedstat and status), in process and served.
 
 Same engine settings on both sides (fp32, block 16, prefix caching off, the same KV bytes,
 max_num_seqs, max_num_batched_tokens). Prints a table and writes JSON. The machine has 2 cores
@@ -100,6 +102,7 @@ def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
         eng.add_request(f"w{i}", wl.prompts[i][:32], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     while eng.has_unfinished_requests():
         eng.step()
+    waits0 = _own_waits()
     cpu0 = _own_cpu_s()
     t0 = time.time()
     for i, (p, L) in enumerate(zip(wl.prompts, wl.output_lens)):
@@ -111,6 +114,7 @@ def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
                 done[out.request_id] = out
     elapsed = time.time() - t0
     cpu = _own_cpu_s() - cpu0
+    waits = _waits_delta(waits0, _own_waits())
     ntoks, ttfts, tpots = [], [], []
     for out in done.values():
         n = len(out.outputs[0].token_ids)
@@ -122,12 +126,27 @@ def inproc_worker(model: str, wl_path: str, settings: dict) -> None:
                 tpots.append((m.finished_time - m.first_token_time) / (n - 1))
     assert len(done) == wl.num_requests and ntoks and all(n == L for n, L in
                                                              zip([len(done[str(i)].outputs[0].token_ids) for i in range(wl.num_requests)], wl.output_lens))
-    print(json.dumps(dict(summarize(elapsed, ntoks, ttfts, tpots), cpu={"engine_process_s": round(cpu, 3)})))
+    print(json.dumps(dict(summarize(elapsed, ntoks, ttfts, tpots), cpu={"engine_process_s": round(cpu, 3)},
+                          waits=waits)))
 
 
 def _own_cpu_s() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def _own_waits() -> dict:
+    return proc_cpu.grouped_thread_waits(os.getpid(), lambda tid: "engine")
+
+
+def _waits_delta(before: dict, after: dict) -> dict:
+    """Per thread group: seconds waiting for a core and preemptions between two readings."""
+    out = {}
+    for group, now in after.items():
+        then = before.get(group, {"wait_s": 0.0, "preemptions": 0})
+        out[group] = {"wait_s": round(now["wait_s"] - then["wait_s"], 4),
+                      "preemptions": now["preemptions"] - then["preemptions"]}
+    return out
 
 
 def run_inproc(args, wl_path: str) -> dict:
@@ -242,6 +261,7 @@ def _served_counters(ts) -> dict:
                 java, lambda tid: frontend_thread_group(proc_cpu.thread_name(java, tid))) if java else {},
             "worker_s": proc_cpu.process_cpu_s(pid) if pid else None,
             "worker_threads": proc_cpu.grouped_thread_cpu_s(pid, group_of) if pid else {},
+            "worker_waits": proc_cpu.grouped_thread_waits(pid, group_of) if pid else {},
             "backend": worker.get("backend", {})}
 
 
@@ -254,6 +274,7 @@ def run_served(ts, wl_path: str) -> dict:
     after = _served_counters(ts)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     res["cpu"] = served_cpu_split(before, after, res.pop("client_cpu_s"))
+    res["waits"] = _waits_delta(before["worker_waits"], after["worker_waits"])
     for key in ("messages", "bytes"):  # the describe between the counters adds one message: noise
         if key in before["backend"] and key in after["backend"]:
             res[f"backend_{key}"] = after["backend"][key] - before["backend"][key]
@@ -321,6 +342,13 @@ def time_split(runs: dict[str, list]) -> dict:
     out["served_cores_busy"] = med([sum(v for k, v in r["cpu"].items() if k in ("frontend_s", "worker_s", "client_s")
                                         and v is not None) / r["elapsed_s"] for r in served])
     out["inproc_cores_busy"] = med([r["cpu"]["engine_process_s"] / r["elapsed_s"] for r in runs["inproc"]])
+    for mode in ("inproc", "served"):
+        for group in ("engine", "event_loop"):
+            rs = [r for r in runs[mode] if group in r.get("waits", {})]
+            if rs:
+                out[f"{mode}_{group}_wait_ms_per_1k_tokens"] = med([per_k(r, r["waits"][group]["wait_s"]) for r in rs])
+                out[f"{mode}_{group}_preemptions_per_1k_tokens"] = med(
+                    [1000 * r["waits"][group]["preemptions"] / r["output_tokens"] for r in rs])
     out["backend_messages_per_token"] = med([r["backend_messages"] / r["output_tokens"] for r in served
                                              if "backend_messages" in r])
     out["backend_bytes_per_token"] = med([r["backend_bytes"] / r["output_tokens"] for r in served
@@ -343,6 +371,14 @@ def print_time_split(splits: dict[str, dict]) -> None:
         cores = f"{_fmt(sp['inproc_cores_busy'], 2)}/{_fmt(sp['served_cores_busy'], 2)}"
         print(f"{name:>16} {_fmt(sp['inproc_cpu_ms_per_1k_tokens']):>8} | {cells} | {cores:>12} "
               f"{_fmt(sp['backend_messages_per_token'], 3):>8} {_fmt(sp['backend_bytes_per_token'], 0):>9}")
+    print("waiting for a core (ms per 1,000 output tokens, summed over the group's threads; preempted: times per "
+          "1,000 tokens): " + "; ".join(
+              f"{name}: engine in process {_fmt(sp.get('inproc_engine_wait_ms_per_1k_tokens'))} "
+              f"(preempted {_fmt(sp.get('inproc_engine_preemptions_per_1k_tokens'), 0)}), "
+              f"served {_fmt(sp.get('served_engine_wait_ms_per_1k_tokens'))} "
+              f"({_fmt(sp.get('served_engine_preemptions_per_1k_tokens'), 0)}), event loop "
+              f"{_fmt(sp.get('served_event_loop_wait_ms_per_1k_tokens'))}"
+              for name, sp in splits.items()))
     print("the frontend's share by JVM thread (CPU ms per 1,000 output tokens): "
           + "; ".join(f"{name}: " + ", ".join(f"{k[len('frontend_'):]} {_fmt(v)}" for k, v in
                                                sp["served_cpu_ms_per_1k_tokens"].items()

@@ -62,3 +62,42 @@ def grouped_thread_cpu_s(pid: int, group_of: Callable[[int], str]) -> dict[str, 
         group = group_of(tid)
         sums[group] = sums.get(group, 0.0) + cpu
     return sums
+
+
+def _thread_wait_s_and_preemptions(pid: int, tid: int) -> tuple[float, int] | None:
+    """(seconds runnable but waiting for a core, times preempted) of one thread so far, or None.
+
+    The wait is field 2 of /proc/<pid>/task/<tid>/schedstat (nanoseconds on a run queue); the
+    preemptions are ``nonvoluntary_ctxt_switches`` of its status file.
+    """
+    base = Path(f"/proc/{pid}/task/{tid}")
+    try:
+        wait_ns = int((base / "schedstat").read_text().split()[1])
+        status = (base / "status").read_text()
+    except (OSError, IndexError, ValueError):
+        return None
+    for line in status.splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return wait_ns / 1e9, int(line.split()[1])
+    return None
+
+
+def grouped_thread_waits(pid: int, group_of: Callable[[int], str]) -> dict[str, dict[str, float]]:
+    """Per group of ``pid``'s live threads: ``wait_s``, the seconds they sat runnable on a run queue
+    while another task held the core, and ``preemptions``, how often the scheduler took a core
+    from one of them. On two cores shared by an OpenMP engine and other processes these say how
+    much of the engine's time went to waiting for a core (a kernel without scheduler statistics
+    reports a zero wait)."""
+    sums: dict[str, dict[str, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return sums
+    for tid in tids:
+        reading = _thread_wait_s_and_preemptions(pid, int(tid))
+        if reading is None:
+            continue
+        group = sums.setdefault(group_of(int(tid)), {"wait_s": 0.0, "preemptions": 0})
+        group["wait_s"] += reading[0]
+        group["preemptions"] += reading[1]
+    return sums
