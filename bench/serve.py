@@ -18,9 +18,10 @@ and while serving, of TorchServe's Java frontend, of the Python worker (split by
 the engine thread with its OpenMP threads, the asyncio event loop that formats and frames the
 stream, TorchServe's socket and other threads) and of the client; and backend messages (worker ->
 frontend) per output token, from the worker's describe. The frontend's CPU is also split by JVM
-thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads); an untimed warm-up, the
-first workload's requests --warmup-rounds times (capped at --warmup-tokens tokens each), keeps
-most JIT compilation out of the timed runs: the figures are of a server in steady state. And how
+thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads). An untimed warm-up keeps
+JIT compilation out of the timed runs: the first workload's requests, round after round, until a
+round costs the frontend's JIT compiler threads under --warmup-jit-ms CPU ms per 1,000 tokens (at
+most --warmup-rounds rounds): the figures are of a server in steady state. And how
 long the engine's threads (and the event loop) sat runnable waiting for a core, with how often
 they were preempted (/proc schedstat and status), in process and served.
 
@@ -311,17 +312,33 @@ def start_server(args, work: Path):
     return ts
 
 
-def warm_served(ts, wl: Workload, max_tokens: int, rounds: int) -> None:
-    """Untimed traffic before the runs: every request of ``wl`` with at most ``max_tokens`` tokens,
-    ``rounds`` times.
+def warm_served(ts, wl: Workload, max_tokens: int, max_rounds: int, settled_jit_ms: float) -> list[dict]:
+    """Untimed traffic before the runs: every request of ``wl`` (at most ``max_tokens`` tokens each;
+    0: as the workload has them), round after round, until a round costs the frontend's JIT
+    compiler threads under ``settled_jit_ms`` CPU ms per 1,000 output tokens, or ``max_rounds``
+    rounds. Returns each round's output tokens/s and JIT CPU ms per 1,000 tokens.
 
-    The JVM compiles the frontend's hot paths after thousands of calls. After one round of 32-token
-    requests the frontend's JIT threads still took ~2 s of CPU in the first timed Alpaca-like run
-    (~0.4 s in the second, ~0.2 s in the third): compilation landed in the timed runs."""
+    The JVM keeps compiling the frontend's paths (Netty, the backend protocol, the metrics log
+    parser) for thousands of requests: on SmolLM2-135M the JIT took 150-330 ms per Alpaca-like round
+    of 11,598 tokens for the first 7 rounds, then 20-120 ms, while served throughput rose from
+    753-805 to 782-825 tokens/s. Two short rounds left that compilation in the timed runs."""
+    lens = wl.output_lens if max_tokens <= 0 else [min(L, max_tokens) for L in wl.output_lens]
     warm = Workload(name="warm", profile=wl.profile, scale=wl.scale, seed=wl.seed, vocab_size=wl.vocab_size,
-                    prompts=list(wl.prompts), output_lens=[min(L, max_tokens) for L in wl.output_lens])
-    for _ in range(rounds):
-        asyncio.run(_drive(ts.http, warm))
+                    prompts=list(wl.prompts), output_lens=list(lens))
+    tokens = sum(lens)
+    rounds = []
+    for _ in range(max_rounds):
+        before = _served_counters(ts)["frontend_threads"].get("jit")
+        res = asyncio.run(_drive(ts.http, warm))
+        after = _served_counters(ts)["frontend_threads"].get("jit")
+        jit_ms = None if before is None or after is None else 1e6 * (after - before) / tokens
+        rounds.append({"output_tokens_per_s": res["output_tokens_per_s"],
+                       "frontend_jit_ms_per_1k_tokens": None if jit_ms is None else round(jit_ms, 1)})
+        print(f"  warm-up round {len(rounds)}: {res['output_tokens_per_s']:.1f} out tok/s, frontend JIT "
+              f"{_fmt(jit_ms)} CPU ms per 1,000 tokens", flush=True)
+        if jit_ms is None or jit_ms < settled_jit_ms:
+            break
+    return rounds
 
 
 # ------------------------------------------------------------------------------------ the split
@@ -402,9 +419,12 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=1 << 30)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--warmup-tokens", type=int, default=64,
-                    help="untimed warm-up: the first workload's requests with at most this many tokens each")
-    ap.add_argument("--warmup-rounds", type=int, default=2, help="untimed warm-up: how many times")
+    ap.add_argument("--warmup-tokens", type=int, default=0,
+                    help="untimed warm-up: the first workload's requests with at most this many tokens each "
+                         "(0: as many as the workload asks)")
+    ap.add_argument("--warmup-rounds", type=int, default=16, help="untimed warm-up: at most this many rounds")
+    ap.add_argument("--warmup-jit-ms", type=float, default=10.0,
+                    help="untimed warm-up: stop after a round whose frontend JIT CPU per 1,000 tokens is below this")
     ap.add_argument("--stream-interval", type=int, default=1,
                     help="the handler's stream_interval: a chunk every N generated tokens (default 1: every step)")
     ap.add_argument("--per-layer", dest="fuse_decoder_layers", action="store_false",
@@ -436,7 +456,7 @@ def main() -> None:
     ts = start_server(args, work)
     runs: dict[str, dict[str, list]] = {wl.name: {"inproc": [], "served": []} for wl, _ in wls}
     try:
-        warm_served(ts, wls[0][0], args.warmup_tokens, args.warmup_rounds)
+        warmup = warm_served(ts, wls[0][0], args.warmup_tokens, args.warmup_rounds, args.warmup_jit_ms)
         for rep in range(args.repeats):
             for wl, path in wls:
                 for mode in (("inproc", "served") if rep % 2 == 0 else ("served", "inproc")):
@@ -481,7 +501,7 @@ def main() -> None:
     out = {"settings": engine_settings(args), "stream_interval": args.stream_interval,
            "threads": args.threads, "repeats": args.repeats,
            "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-           "engine_thread_probe": describe.get("engine_thread_probe"), "results": summary,
+           "engine_thread_probe": describe.get("engine_thread_probe"), "warmup_rounds": warmup, "results": summary,
            "note": "medians over repeats; TTFT/TPOT in ms; served = TorchServe + handler + client on the same cores"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
