@@ -319,7 +319,7 @@ def warm_served(ts, wl: Workload, max_tokens: int, max_rounds: int, settled_jit_
     rounds. Returns each round's output tokens/s and JIT CPU ms per 1,000 tokens.
 
     The JVM keeps compiling the frontend's paths (Netty, the backend protocol, the metrics log
-    parser) for thousands of requests: on SmolLM2-135M the JIT took 150-330 ms per Alpaca-like round
+    parser) for thousands of requests: on SmolLM2-135M the JIT took 150-680 ms per Alpaca-like round
     of 11,598 tokens for the first 7 rounds, then 20-120 ms, while served throughput rose from
     753-805 to 782-825 tokens/s. Two short rounds left that compilation in the timed runs."""
     lens = wl.output_lens if max_tokens <= 0 else [min(L, max_tokens) for L in wl.output_lens]
