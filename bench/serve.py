@@ -21,9 +21,9 @@ frontend) per output token, from the worker's describe. The frontend's CPU is al
 thread (JIT compilers, GC/VM, Netty I/O, the model's worker threads). An untimed warm-up keeps
 JIT compilation out of the timed runs: the first workload's requests, round after round, until a
 round costs the frontend's JIT compiler threads under --warmup-jit-ms CPU ms per 1,000 tokens (at
-most --warmup-rounds rounds): the figures are of a server in steady state. And how
-long the engine's threads (and the event loop) sat runnable waiting for a core, with how often
-they were preempted (/proc schedstat and status), in process and served.
+most --warmup-rounds rounds): the figures are of a server in steady state. It also reads how
+long the engine's threads (and the event loop) sat runnable waiting for a core, and how often they
+were preempted (/proc schedstat and status), in process and served.
 
 Same engine settings on both sides (fp32, block 16, prefix caching off, the same KV bytes,
 max_num_seqs, max_num_batched_tokens). Prints a table and writes JSON. The machine has 2 cores
@@ -245,6 +245,13 @@ def frontend_thread_group(comm: str) -> str:
     return "other"
 
 
+def _frontend_thread_cpu_s(java: int | None) -> dict[str, float]:
+    """CPU seconds of the Java frontend's live threads so far, per ``frontend_thread_group``."""
+    if not java:
+        return {}
+    return proc_cpu.grouped_thread_cpu_s(java, lambda tid: frontend_thread_group(proc_cpu.thread_name(java, tid)))
+
+
 def _served_counters(ts) -> dict:
     """CPU used so far by the frontend and per worker thread group, and backend messages written."""
     d = ts.describe()
@@ -258,8 +265,7 @@ def _served_counters(ts) -> dict:
 
     java = ts.java_pid
     return {"frontend_s": proc_cpu.process_cpu_s(java) if java else None,
-            "frontend_threads": proc_cpu.grouped_thread_cpu_s(
-                java, lambda tid: frontend_thread_group(proc_cpu.thread_name(java, tid))) if java else {},
+            "frontend_threads": _frontend_thread_cpu_s(java),
             "worker_s": proc_cpu.process_cpu_s(pid) if pid else None,
             "worker_threads": proc_cpu.grouped_thread_cpu_s(pid, group_of) if pid else {},
             "worker_waits": proc_cpu.grouped_thread_waits(pid, group_of) if pid else {},
@@ -328,9 +334,9 @@ def warm_served(ts, wl: Workload, max_tokens: int, max_rounds: int, settled_jit_
     tokens = sum(lens)
     rounds = []
     for _ in range(max_rounds):
-        before = _served_counters(ts)["frontend_threads"].get("jit")
+        before = _frontend_thread_cpu_s(ts.java_pid).get("jit")
         res = asyncio.run(_drive(ts.http, warm))
-        after = _served_counters(ts)["frontend_threads"].get("jit")
+        after = _frontend_thread_cpu_s(ts.java_pid).get("jit")
         jit_ms = None if before is None or after is None else 1e6 * (after - before) / tokens
         rounds.append({"output_tokens_per_s": res["output_tokens_per_s"],
                        "frontend_jit_ms_per_1k_tokens": None if jit_ms is None else round(jit_ms, 1)})

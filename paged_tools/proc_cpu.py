@@ -29,17 +29,21 @@ def process_cpu_s(pid: int) -> float | None:
     return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
+def _thread_ids(pid: int) -> list[int]:
+    """Native ids of ``pid``'s live threads ([] for a process that is gone)."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 def thread_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds used so far by each live thread of ``pid``, by native thread id."""
     out: dict[int, float] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
+    for tid in _thread_ids(pid):
         cpu = _stat_cpu_s(Path(f"/proc/{pid}/task/{tid}/stat"))
         if cpu is not None:
-            out[int(tid)] = cpu
+            out[tid] = cpu
     return out
 
 
@@ -89,15 +93,11 @@ def grouped_thread_waits(pid: int, group_of: Callable[[int], str]) -> dict[str, 
     much of the engine's time went to waiting for a core (a kernel without scheduler statistics
     reports a zero wait)."""
     sums: dict[str, dict[str, float]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return sums
-    for tid in tids:
-        reading = _thread_wait_s_and_preemptions(pid, int(tid))
+    for tid in _thread_ids(pid):
+        reading = _thread_wait_s_and_preemptions(pid, tid)
         if reading is None:
             continue
-        group = sums.setdefault(group_of(int(tid)), {"wait_s": 0.0, "preemptions": 0})
+        group = sums.setdefault(group_of(tid), {"wait_s": 0.0, "preemptions": 0})
         group["wait_s"] += reading[0]
         group["preemptions"] += reading[1]
     return sums

@@ -28,12 +28,29 @@ def test_thread_cpu_of_a_live_busy_thread_counts_its_time():
     assert after - before >= 0.1
 
 
-def test_grouped_waits_cover_every_live_thread_in_its_group():
-    me = threading.get_native_id()
-    waits = proc_cpu.grouped_thread_waits(os.getpid(), lambda tid: "me" if tid == me else "others")
-    assert set(waits["me"]) == {"wait_s", "preemptions"}
-    assert waits["me"]["wait_s"] >= 0.0 and waits["me"]["preemptions"] >= 0
-    assert sum(w["preemptions"] for w in waits.values()) >= waits["me"]["preemptions"]
+def test_grouped_waits_put_every_live_thread_in_its_group():
+    release, started = threading.Event(), threading.Event()
+    helper_id: list[int] = []
+
+    def wait_for_release():
+        helper_id.append(threading.get_native_id())
+        started.set()
+        release.wait()
+
+    helper = threading.Thread(target=wait_for_release)
+    helper.start()
+    started.wait()
+    try:
+        me = threading.get_native_id()
+        groups = {me: "me", helper_id[0]: "helper"}
+        waits = proc_cpu.grouped_thread_waits(os.getpid(), lambda tid: groups.get(tid, "others"))
+    finally:
+        release.set()
+        helper.join()
+    assert {"me", "helper"} <= set(waits)
+    for group in ("me", "helper"):
+        assert set(waits[group]) == {"wait_s", "preemptions"}
+        assert waits[group]["wait_s"] >= 0.0 and waits[group]["preemptions"] >= 0
 
 
 def test_grouped_waits_leave_out_threads_that_ended():
